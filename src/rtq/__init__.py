@@ -1,0 +1,44 @@
+"""rtq: run notebook work on remote (GPU) workers through Redis, and watch it live.
+
+Only the names in ``__all__`` are public. They load lazily, so ``import rtq`` stays light:
+IPython, ipywidgets and tqdm's notebook parts load only when a feature needs them.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+__version__ = "0.1.0"
+
+_EXPORTS = {
+    "RedisTaskQueue": "rtq.task_queue",
+    "RedisTask": "rtq.task",
+    "TaskExecutePolicy": "rtq.task",
+    "current_task": "rtq.task",
+    "connect": "rtq.connection",
+    "errors": "rtq.errors",
+}
+
+__all__ = ["__version__", *_EXPORTS]
+
+if TYPE_CHECKING:
+    from . import errors
+    from .connection import connect
+    from .task import RedisTask, TaskExecutePolicy, current_task
+    from .task_queue import RedisTaskQueue
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'rtq' has no attribute {name!r}")
+    value = importlib.import_module(module)
+    if name != "errors":
+        value = getattr(value, name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(__all__)

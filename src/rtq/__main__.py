@@ -1,0 +1,5 @@
+"""``python -m rtq`` is the ``rtq`` command."""
+
+from .cli import main
+
+raise SystemExit(main())

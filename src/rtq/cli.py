@@ -1,0 +1,154 @@
+"""The ``rtq`` command: ``rtq demo``, ``rtq worker``, ``rtq status``."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import os
+import signal
+import sys
+import threading
+from collections.abc import Callable, Sequence
+from typing import Any
+
+__all__ = ["main"]
+
+
+def load_function(spec: str) -> Callable[..., Any]:
+    """Import ``module:function`` (or ``module.function``)."""
+    module_name, sep, attr = spec.partition(":")
+    if not sep:
+        module_name, _, attr = spec.rpartition(".")
+    if not module_name or not attr:
+        raise SystemExit(f"rtq: --task-fn must look like module:function, not {spec!r}")
+    sys.path.insert(0, os.getcwd())
+    try:
+        obj: Any = importlib.import_module(module_name)
+        for part in attr.split("."):
+            obj = getattr(obj, part)
+    except (ImportError, AttributeError) as exc:
+        raise SystemExit(f"rtq: cannot load --task-fn {spec!r}: {exc}") from exc
+    if not callable(obj):
+        raise SystemExit(f"rtq: --task-fn {spec!r} is not callable")
+    return obj  # type: ignore[no-any-return]
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="rtq", description="Run notebook work on remote workers through Redis.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    demo = sub.add_parser("demo", help="run a demo on an embedded server with local workers")
+    demo.add_argument("--tasks", type=int, default=24, help="how many tasks to run (default 24)")
+    demo.add_argument("--workers", type=int, default=2, help="worker processes to start (default 2)")
+
+    worker = sub.add_parser("worker", help="serve one or more queues")
+    worker.add_argument("names", nargs="+", metavar="NAME", help="queue names to serve")
+    worker.add_argument("--url", help="Redis URL (default: RTQ_REDIS_URL)")
+    worker.add_argument("--prefix", default="rtq", help="key prefix (default: rtq)")
+    worker.add_argument("--suffix", default="task-queue", help="key suffix (default: task-queue)")
+    worker.add_argument("--workers", type=int, default=4, help="tasks run at once (default 4)")
+    worker.add_argument("--timeout", type=float, default=300, help="queue timeout in seconds (default 300)")
+    worker.add_argument("--interval", type=float, default=1.0, help="longest blocking wait in seconds (default 1)")
+    worker.add_argument("--task-fn", help="module:function to run plain seed tasks (default: shipped calls)")
+    worker.add_argument("--grace", type=float, default=30.0, help="seconds running tasks get on SIGTERM (default 30)")
+    worker.add_argument("--lease", type=float, default=10.0, help="heartbeat lease in seconds (default 10)")
+    worker.add_argument("--max-attempts", type=int, default=3, help="claims before a task fails (default 3)")
+    worker.add_argument("--insecure", action="store_true", help="run shipped calls from a remote Redis without a secret")
+    worker.add_argument("-v", "--verbose", action="store_true", help="log every task")
+
+    status = sub.add_parser("status", help="show workers, queues and running tasks")
+    status.add_argument("--url", help="Redis URL (default: RTQ_REDIS_URL)")
+    status.add_argument("--prefix", default="rtq")
+    status.add_argument("--suffix", default="task-queue")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    if args.command == "worker":
+        return worker_main(args)
+    if args.command == "status":
+        return status_main(args)
+    from .demo import run_demo
+
+    return run_demo(tasks=args.tasks, workers=args.workers)
+
+
+def _url_or_exit(url: str | None, what: str) -> str:
+    url = url or os.environ.get("RTQ_REDIS_URL")
+    if not url:
+        print(f"rtq {what}: no Redis configured: pass --url redis://HOST:PORT or set RTQ_REDIS_URL", file=sys.stderr)
+        raise SystemExit(2)
+    return url
+
+
+def worker_main(args: argparse.Namespace) -> int:
+    from .calls import run_call
+    from .connection import connect, is_local_url
+    from .errors import RtqError
+    from .keys import check_name
+    from .listener import Listener
+
+    logging.basicConfig(
+        level=logging.INFO if args.verbose else logging.WARNING,
+        format="%(asctime)s %(name)s %(levelname)s %(message)s",
+    )
+    url = _url_or_exit(args.url, "worker")
+    for name in args.names:
+        try:
+            check_name("queue name", name)
+        except ValueError as exc:
+            print(f"rtq worker: {exc}", file=sys.stderr)
+            return 2
+    task_fn = load_function(args.task_fn) if args.task_fn else run_call
+    try:
+        queue = connect(
+            url,
+            args.prefix,
+            suffix=args.suffix,
+            timeout=args.timeout,
+            interval=args.interval,
+            task_fn=task_fn,
+            max_attempts=args.max_attempts,
+        )
+    except RtqError as exc:
+        print(f"rtq worker: {exc}", file=sys.stderr)
+        return 1
+    if task_fn is run_call and not queue.signed and not args.insecure and not is_local_url(url):
+        print(
+            "rtq worker: refusing to run shipped code from a Redis that is not on this machine "
+            "without a secret: anyone who can write to that Redis could run code here. Set "
+            "RTQ_SECRET (the same on clients and workers) or pass --insecure.",
+            file=sys.stderr,
+        )
+        return 2
+    listener = Listener(queue, list(args.names), workers=args.workers, lease=args.lease, grace=args.grace)
+
+    def stop(signum: int, frame: Any) -> None:
+        logging.getLogger("rtq.worker").warning("%s: finishing running tasks, then exiting", signal.Signals(signum).name)
+        listener.stop()
+
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
+    print(f"rtq worker {listener.id} serving {', '.join(args.names)} with {args.workers} slot(s)", flush=True)
+    runner = threading.Thread(target=listener.run, name="rtq-listener")
+    runner.start()
+    while runner.is_alive():  # the main thread stays free to take signals
+        runner.join(0.5)
+    return 0
+
+
+def status_main(args: argparse.Namespace) -> int:
+    from .connection import connect
+    from .errors import RtqError
+    from .status import format_status, gather_status
+
+    url = _url_or_exit(args.url, "status")
+    try:
+        queue = connect(url, args.prefix, suffix=args.suffix)
+        print(format_status(gather_status(queue)))
+    except RtqError as exc:
+        print(f"rtq status: {exc}", file=sys.stderr)
+        return 1
+    return 0

@@ -1,0 +1,95 @@
+"""Every Redis key rtq uses, spelled in one place.
+
+All keys share the ``<prefix>|<suffix>|`` head, so one ACL pattern (``~<prefix>|*``) confines a
+client to its queue, and a prefix written as a hash tag (``{team}``) keeps every key of a queue in
+one Redis Cluster slot. The first three rows are the seed's layout and are fixed.
+
+=============================================  ========  ==========================================
+key                                            type      holds
+=============================================  ========  ==========================================
+``<p>|<s>|task-queue|<name>``                  list      ids of queued tasks (head is served first)
+``<p>|<s>|task-result:<id>``                   hash      the task: data, state, progress, result
+``<p>|<s>|task-listen|<name>``                 string    listener marker, expires after ``timeout``
+``<p>|<s>|task-done:<id>``                     list      one token pushed when the task ends
+``<p>|<s>|task-events:<id>``                   stream    progress and output events, in order
+``<p>|<s>|task-running|<worker>``              list      ids a worker has claimed (in progress)
+``<p>|<s>|worker:<worker>``                    string    worker heartbeat + info (JSON), expires
+``<p>|<s>|workers``                            zset      worker ids scored by last heartbeat time
+``<p>|<s>|task-dead``                          list      ids of tasks that failed for good
+``<p>|<s>|inbox:<client>``                     list      ids of a client's finished tasks
+=============================================  ========  ==========================================
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+SEPARATOR = "|"
+
+
+def check_name(kind: str, value: str) -> str:
+    """Return ``value`` if it can be part of a key, else raise ``ValueError`` naming the problem.
+
+    Names and ids end up inside key names: an empty one, or one holding the ``|`` separator,
+    would alias another queue's keys.
+    """
+    if not isinstance(value, str):
+        raise ValueError(f"{kind} must be a str, not {type(value).__name__}: {value!r}")
+    if not value:
+        raise ValueError(f"{kind} must not be empty")
+    if SEPARATOR in value:
+        raise ValueError(f"{kind} {value!r} must not contain the key separator {SEPARATOR!r}")
+    return value
+
+
+@dataclass(frozen=True)
+class Keys:
+    """Builds the key names of one queue namespace (``prefix`` and ``suffix``)."""
+
+    prefix: str
+    suffix: str
+
+    def __post_init__(self) -> None:
+        check_name("prefix", self.prefix)
+        check_name("suffix", self.suffix)
+
+    @property
+    def head(self) -> str:
+        return f"{self.prefix}{SEPARATOR}{self.suffix}{SEPARATOR}"
+
+    def queue(self, name: str) -> str:
+        return f"{self.head}task-queue{SEPARATOR}{name}"
+
+    def queue_pattern(self) -> str:
+        return f"{self.head}task-queue{SEPARATOR}*"
+
+    def queue_name(self, key: str) -> str:
+        """The queue name inside a key made by :meth:`queue`."""
+        return key[len(self.queue("")) :]
+
+    def task(self, task_id: str) -> str:
+        return f"{self.head}task-result:{task_id}"
+
+    def listen(self, name: str) -> str:
+        return f"{self.head}task-listen{SEPARATOR}{name}"
+
+    def done(self, task_id: str) -> str:
+        return f"{self.head}task-done:{task_id}"
+
+    def events(self, task_id: str) -> str:
+        return f"{self.head}task-events:{task_id}"
+
+    def running(self, worker_id: str) -> str:
+        return f"{self.head}task-running{SEPARATOR}{worker_id}"
+
+    def worker(self, worker_id: str) -> str:
+        return f"{self.head}worker:{worker_id}"
+
+    def workers(self) -> str:
+        return f"{self.head}workers"
+
+    def dead(self) -> str:
+        return f"{self.head}task-dead"
+
+    def inbox(self, client_id: str) -> str:
+        return f"{self.head}inbox:{client_id}"

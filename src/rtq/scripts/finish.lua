@@ -1,0 +1,29 @@
+-- Store a task's outcome, unless the caller of this script no longer owns the task (fencing).
+--
+-- KEYS[1]  hash  the task               <p>|<s>|task-result:<id>
+-- KEYS[2]  list  the worker's claims    <p>|<s>|task-running|<worker>
+-- KEYS[3]  list  where to announce the end (the task's done list or a client's inbox)
+-- ARGV[1]  the task id
+-- ARGV[2]  the worker id that claimed it
+-- ARGV[3]  the attempt number of that claim
+-- ARGV[4]  the final state: 'done' or 'failed'
+-- ARGV[5]  now, in seconds since the epoch
+-- ARGV[6]  milliseconds the outcome stays readable at least
+-- ARGV[7…] field, value, field, value … to store (result or error payload)
+--
+-- Returns 1 when stored; 0 when discarded because another attempt, a cancel or an expiry
+-- overtook this one (the id leaves the worker's list either way).
+redis.call('LREM', KEYS[2], -1, ARGV[1])
+local cur = redis.call('HMGET', KEYS[1], 'state', 'owner', 'attempt')
+if cur[1] ~= 'running' or cur[2] ~= ARGV[2] or cur[3] ~= ARGV[3] then
+  return 0
+end
+redis.call('HDEL', KEYS[1], 'result', 'result#', 'error', 'error#', 'error_text')
+redis.call('HSET', KEYS[1], 'state', ARGV[4], 'finished', ARGV[5], unpack(ARGV, 7))
+local keep = tonumber(ARGV[6])
+if redis.call('PTTL', KEYS[1]) < keep then
+  redis.call('PEXPIRE', KEYS[1], keep)
+end
+redis.call('RPUSH', KEYS[3], ARGV[1])
+redis.call('PEXPIRE', KEYS[3], keep)
+return 1

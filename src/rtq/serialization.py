@@ -1,0 +1,276 @@
+"""The envelope every payload rtq stores in Redis travels in.
+
+A payload is a Python object pickled with cloudpickle (protocol 5), so closures and classes
+defined in a notebook ship by value. Large buffers (numpy arrays, ``bytes``, anything that
+supports pickle protocol 5) go *out of band*: they are stored as raw frames next to the pickle
+stream instead of being copied into it, and frames over ``CHUNK`` bytes are split so no single
+Redis value comes near its 512 MB limit.
+
+Layout of the first frame (all integers big-endian)::
+
+    b"RTQ" | version:u8 | flags:u8 | n_buffers:u32 | n_buffers x size:u64 | [mac:32] | pickle
+
+With a secret, ``mac`` is an HMAC-SHA256 over the Redis key and field the payload is stored
+under and every byte that follows it, so a payload copied to another task is rejected, and it is
+checked in constant time *before* anything is unpickled.
+
+What this is NOT for: storage. A payload is meant to be read back by the same code, on the same
+Python major.minor and cloudpickle version, within a task's lifetime.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import io
+import pickle
+import struct
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+import cloudpickle
+
+from .errors import SerializationError, SignatureError
+
+MAGIC = b"RTQ"
+VERSION = 1
+FLAG_SIGNED = 0x01
+MAC_SIZE = hashlib.sha256().digest_size
+CHUNK = 64 * 1024 * 1024
+"""Largest single frame written to Redis; bigger buffers are split into several fields."""
+DEFAULT_MAX_PAYLOAD = 1024 * 1024 * 1024
+"""Refuse to ship more than this many bytes in one payload unless configured otherwise."""
+
+_HEAD = struct.Struct(">3sBBI")
+_SIZE = struct.Struct(">Q")
+
+Frames = list[bytes | memoryview]
+
+
+def normalize_secrets(secret: str | bytes | Sequence[str | bytes] | None) -> tuple[bytes, ...]:
+    """Turn ``secret`` into the tuple of accepted keys; the first one signs.
+
+    A comma-separated string (as in ``RTQ_SECRET=new,old``) lists several secrets for rotation.
+    """
+    if secret is None:
+        return ()
+    items: Iterable[str | bytes]
+    if isinstance(secret, str):
+        items = secret.split(",")
+    elif isinstance(secret, bytes):
+        items = [secret]
+    else:
+        items = secret
+    keys = tuple(s.encode() if isinstance(s, str) else bytes(s) for s in items)
+    keys = tuple(k for k in (k.strip() for k in keys) if k)
+    if not keys and secret:
+        raise ValueError("secret must not be empty")
+    return keys
+
+
+class Serializer:
+    """Pickles values into signed (or unsigned) envelopes and back.
+
+    Args:
+        secret: One secret, several (rotation: the first signs, all verify), or None for
+            unsigned payloads.
+        max_payload: Largest payload in bytes ``dumps`` accepts.
+    """
+
+    def __init__(
+        self,
+        secret: str | bytes | Sequence[str | bytes] | None = None,
+        *,
+        max_payload: int = DEFAULT_MAX_PAYLOAD,
+    ) -> None:
+        self.secrets = normalize_secrets(secret)
+        self.max_payload = max_payload
+
+    @property
+    def signed(self) -> bool:
+        return bool(self.secrets)
+
+    # -- writing ---------------------------------------------------------------------------
+    def dumps(self, obj: Any, *, key: str, field: str, what: str = "value") -> Frames:
+        """Envelope ``obj`` for storing at ``key``/``field``; returns the frames to store.
+
+        Raises:
+            SerializationError: ``obj`` cannot be pickled (the message names the culprit and
+                where it sits inside ``obj``), or it is larger than ``max_payload``.
+        """
+        buffers: list[pickle.PickleBuffer] = []
+        try:
+            body = cloudpickle.dumps(obj, protocol=5, buffer_callback=buffers.append)
+        except Exception as exc:
+            raise SerializationError(describe_unpicklable(obj, what, exc)) from exc
+        raws = [b.raw() for b in buffers]
+        total = len(body) + sum(r.nbytes for r in raws)
+        if total > self.max_payload:
+            raise SerializationError(
+                f"{what} is {total / 2**20:.1f} MiB, over the {self.max_payload / 2**20:.0f} MiB "
+                "payload limit (raise it with max_payload=...)"
+            )
+        flags = FLAG_SIGNED if self.secrets else 0
+        head = _HEAD.pack(MAGIC, VERSION, flags, len(raws)) + b"".join(
+            _SIZE.pack(r.nbytes) for r in raws
+        )
+        frames: Frames = []
+        for raw in raws:
+            frames.extend(raw[i : i + CHUNK] for i in range(0, max(raw.nbytes, 1), CHUNK))
+        if self.secrets:
+            mac = _mac(self.secrets[0], key, field, head, body, frames)
+            return [head + mac + body, *frames]
+        return [head + body, *frames]
+
+    # -- reading ---------------------------------------------------------------------------
+    @staticmethod
+    def frame_count(first: bytes) -> int:
+        """How many frames follow ``first`` (read it first, then fetch that many more)."""
+        _, _, sizes, _ = _parse_head(first)
+        return sum(max(1, -(-s // CHUNK)) for s in sizes)
+
+    def loads(self, frames: Sequence[bytes], *, key: str, field: str) -> Any:
+        """Verify and unpickle the frames stored at ``key``/``field``.
+
+        Raises:
+            SignatureError: a secret is configured and the payload is unsigned or its MAC does
+                not verify (nothing was unpickled).
+            SerializationError: the bytes are not an rtq envelope, have an unknown version, or
+                fail to unpickle.
+        """
+        if not frames or frames[0] is None:
+            raise SerializationError(f"no payload stored at {key} [{field}]")
+        first = frames[0]
+        flags, offset, sizes, _ = _parse_head(first)
+        rest = list(frames[1:])
+        if any(f is None for f in rest):
+            raise SerializationError(f"payload at {key} [{field}] is missing a frame")
+        if self.secrets:
+            if not flags & FLAG_SIGNED:
+                raise SignatureError(f"payload at {key} [{field}] is not signed")
+            mac = bytes(first[offset : offset + MAC_SIZE])
+            head, body = first[:offset], first[offset + MAC_SIZE :]
+            if len(mac) != MAC_SIZE or not any(
+                hmac.compare_digest(mac, _mac(s, key, field, head, body, rest)) for s in self.secrets
+            ):
+                raise SignatureError(f"payload at {key} [{field}] has a bad signature")
+        else:
+            body = first[offset + MAC_SIZE :] if flags & FLAG_SIGNED else first[offset:]
+        buffers = _join(rest, sizes, key, field)
+        try:
+            return pickle.loads(body, buffers=buffers)
+        except Exception as exc:
+            raise SerializationError(
+                f"payload at {key} [{field}] cannot be unpickled: {type(exc).__name__}: {exc}"
+            ) from exc
+
+
+def _parse_head(first: bytes) -> tuple[int, int, list[int], int]:
+    if not isinstance(first, (bytes, bytearray, memoryview)) or len(first) < _HEAD.size:
+        raise SerializationError("payload is not an rtq envelope (too short)")
+    magic, version, flags, count = _HEAD.unpack_from(first)
+    if magic != MAGIC:
+        raise SerializationError("payload is not an rtq envelope (bad magic)")
+    if version != VERSION:
+        raise SerializationError(
+            f"payload has envelope version {version}; this rtq reads version {VERSION} "
+            "(are client and worker running the same rtq?)"
+        )
+    offset = _HEAD.size + count * _SIZE.size
+    if count > 1_000_000 or len(first) < offset:
+        raise SerializationError("payload is not an rtq envelope (truncated header)")
+    sizes = [_SIZE.unpack_from(first, _HEAD.size + i * _SIZE.size)[0] for i in range(count)]
+    return flags, offset, sizes, count
+
+
+def _mac(secret: bytes, key: str, field: str, head: bytes, body: bytes, frames: Sequence[Any]) -> bytes:
+    mac = hmac.new(secret, digestmod=hashlib.sha256)
+    mac.update(key.encode() + b"\0" + field.encode() + b"\0")
+    mac.update(head)
+    mac.update(body)
+    for frame in frames:
+        mac.update(frame)
+    return mac.digest()
+
+
+def _join(chunks: list[bytes], sizes: list[int], key: str, field: str) -> list[bytes | bytearray]:
+    """Reassemble out-of-band buffers from their stored chunks."""
+    out: list[bytes | bytearray] = []
+    pos = 0
+    for size in sizes:
+        n = max(1, -(-size // CHUNK))
+        parts = chunks[pos : pos + n]
+        pos += n
+        if len(parts) != n:
+            raise SerializationError(f"payload at {key} [{field}] is missing a frame")
+        if n == 1:
+            buf: bytes | bytearray = parts[0]
+        else:
+            buf = bytearray(size)
+            at = 0
+            for part in parts:
+                buf[at : at + len(part)] = part
+                at += len(part)
+        if len(buf) != size:
+            raise SerializationError(f"payload at {key} [{field}] has a frame of the wrong size")
+        out.append(buf)
+    if pos != len(chunks):
+        raise SerializationError(f"payload at {key} [{field}] has extra frames")
+    return out
+
+
+def describe_unpicklable(obj: Any, what: str, exc: BaseException) -> str:
+    """Say which part of ``obj`` could not be pickled, e.g. ``args[0]: _thread.lock``."""
+    path, culprit = _find_culprit(obj, what, depth=0)
+    kind = f"{type(culprit).__module__}.{type(culprit).__qualname__}"
+    if kind.startswith("builtins."):
+        kind = kind[len("builtins.") :]
+    return f"cannot ship {path}: {kind} cannot be pickled ({type(exc).__name__}: {exc})"
+
+
+def _picklable(obj: Any) -> bool:
+    try:
+        cloudpickle.dump(obj, _NullWriter(), protocol=5, buffer_callback=lambda b: None)
+    except Exception:
+        return False
+    return True
+
+
+def _find_culprit(obj: Any, path: str, depth: int) -> tuple[str, Any]:
+    if depth > 8:
+        return path, obj
+    children: list[tuple[str, Any]] = []
+    if isinstance(obj, (list, tuple)):
+        children = [(f"{path}[{i}]", v) for i, v in enumerate(obj)]
+    elif isinstance(obj, dict):
+        for k, v in obj.items():
+            children.append((f"{path}[{k!r}]", v))
+    elif hasattr(obj, "__dict__") and not isinstance(obj, type) and not callable(obj):
+        children = [(f"{path}.{k}", v) for k, v in vars(obj).items()]
+    elif callable(obj) and getattr(obj, "__closure__", None):
+        names = obj.__code__.co_freevars
+        children = [
+            (f"{path} (captured {n!r})", c.cell_contents)
+            for n, c in zip(names, obj.__closure__)
+            if _cell_filled(c)
+        ]
+    for child_path, child in children:
+        if not _picklable(child):
+            return _find_culprit(child, child_path, depth + 1)
+    return path, obj
+
+
+def _cell_filled(cell: Any) -> bool:
+    try:
+        cell.cell_contents
+    except ValueError:
+        return False
+    return True
+
+
+class _NullWriter(io.RawIOBase):
+    def writable(self) -> bool:
+        return True
+
+    def write(self, b: Any) -> int:
+        return len(b)

@@ -1,0 +1,234 @@
+"""Reading and writing task records in Redis: the one place that knows the task hash's fields.
+
+A task lives in one hash, ``<p>|<s>|task-result:<id>``:
+
+============  ==========================================================================
+field         value
+============  ==========================================================================
+name          queue name
+expiry        absolute deadline (Unix seconds)
+token         random id of this submission; a reused task id gets a new one
+state         queued | running | done | failed | cancelled
+notify        list to push the id to when the task ends (done list or a client inbox)
+attempt       how many times a worker claimed it; owner / claimed: the current claim
+progress      "current total time"
+params        envelope of the parameters (``params#`` lists extra frames, see below)
+result        envelope of the return value, when done
+error         envelope of the exception, when failed; error_text: JSON fallback
+============  ==========================================================================
+
+A payload bigger than one frame stores its extra frames in fields ``<field>.<tag>.<i>`` and
+``<field>#`` = ``"<tag> <n>"``; the tag is the attempt that wrote them, so a fenced-out worker
+can never overwrite the frames of a newer attempt's result.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+import traceback
+from collections.abc import Sequence
+from typing import Any
+
+import redis as redis_py
+
+from . import scripts
+from .errors import RemoteTaskError, SerializationError, TaskLost
+from .keys import Keys
+from .serialization import Serializer
+from .task import RedisTask
+
+KEEP_S = 300.0
+"""Seconds a finished task's outcome stays readable at least, even past its deadline."""
+EVENTS_MAXLEN = 1000
+_OUTCOME_FIELDS = ("state", "result", "result#", "error", "error#", "error_text")
+
+
+def text(value: Any) -> str:
+    """A reply as ``str``, whether the client decodes responses or not."""
+    if isinstance(value, (bytes, bytearray, memoryview)):
+        return bytes(value).decode()
+    return "" if value is None else str(value)
+
+
+def raw_client(client: redis_py.Redis) -> redis_py.Redis:
+    """A client on the same server that returns bytes: payloads are binary.
+
+    A user's client made with ``decode_responses=True`` would try to decode pickles as UTF-8;
+    rtq then talks through a twin pool with decoding off, built from the same settings.
+    """
+    pool = client.connection_pool
+    if not pool.connection_kwargs.get("decode_responses"):
+        return client
+    kwargs = {**pool.connection_kwargs, "decode_responses": False}
+    twin = type(pool)(connection_class=pool.connection_class, max_connections=pool.max_connections, **kwargs)
+    return redis_py.Redis(connection_pool=twin)
+
+
+def block_cap(client: redis_py.Redis) -> float:
+    """Longest a blocking command may wait on ``client`` without its socket timing out."""
+    timeout = client.connection_pool.connection_kwargs.get("socket_timeout")
+    return math.inf if not timeout else max(0.05, timeout * 0.5)
+
+
+class TaskStore:
+    """The task-record operations of one queue namespace, over a bytes-returning client."""
+
+    def __init__(self, client: redis_py.Redis, keys: Keys, serializer: Serializer) -> None:
+        self.redis = raw_client(client)
+        self.keys = keys
+        self.serializer = serializer
+        self.scripts = scripts.load(self.redis)
+        self.cap = block_cap(self.redis)
+
+    # -- payload fields --------------------------------------------------------------------
+    def encode(self, key: str, name: str, value: Any, tag: str, what: str) -> dict[str, Any]:
+        frames = self.serializer.dumps(value, key=key, field=name, what=what)
+        fields: dict[str, Any] = {name: frames[0]}
+        if len(frames) > 1:
+            fields[f"{name}#"] = f"{tag} {len(frames) - 1}"
+            fields.update({f"{name}.{tag}.{i}": f for i, f in enumerate(frames[1:])})
+        return fields
+
+    def decode(self, key: str, name: str, first: bytes | None, extra: bytes | None) -> Any:
+        frames: list[Any] = [first]
+        if extra:
+            tag, n = text(extra).split()
+            frames += self.redis.hmget(key, [f"{name}.{tag}.{i}" for i in range(int(n))])
+        return self.serializer.loads(frames, key=key, field=name)
+
+    # -- caller side -----------------------------------------------------------------------
+    def record(self, task: RedisTask, *, token: str, state: str, notify: str | None) -> dict[str, Any]:
+        key = self.keys.task(task.id)
+        fields: dict[str, Any] = {
+            "name": task.name,
+            "expiry": repr(task.expiry),
+            "token": token,
+            "state": state,
+            "notify": notify or self.keys.done(task.id),
+            "progress": f"{task.current_progress!r} {task.total_progress!r} {task.update_progress_time!r}",
+        }
+        fields.update(self.encode(key, "params", task.params, token, "params"))
+        if task.error is not None:
+            fields.update(self.encode_error(key, task.error, token))
+        elif task.result is not None or state == "done":
+            fields.update(self.encode(key, "result", task.result, token, "result"))
+        return fields
+
+    def submit(self, tasks: Sequence[tuple[RedisTask, str, str | None]]) -> None:
+        """Store and enqueue tasks in one round trip: ``(task, token, notify)`` each.
+
+        A reused id starts clean: its old record, done list and events are replaced in the same
+        transaction, so no stale result or notification leaks into the new run.
+        """
+        records = [(t, self.record(t, token=tok, state="queued", notify=n)) for t, tok, n in tasks]
+        pipe = self.redis.pipeline(transaction=True)
+        for task, fields in records:
+            key = self.keys.task(task.id)
+            pipe.delete(key, self.keys.done(task.id), self.keys.events(task.id))
+            pipe.hset(key, mapping=fields)
+            pipe.pexpireat(key, int(task.expiry * 1000) + 1)
+            pipe.rpush(self.keys.queue(task.name), task.id)
+        pipe.execute()
+
+    def write(self, task: RedisTask, *, state: str | None = None) -> None:
+        """Store ``task`` as it is now (``RedisTask.save``), keeping its claim and token."""
+        key = self.keys.task(task.id)
+        old = self.redis.hmget(key, ["token", "state"])
+        token = text(old[0]) or "local"
+        if state is None:
+            state = "failed" if task.error is not None else ("done" if task.result is not None else text(old[1]) or "running")
+        fields = self.record(task, token=token, state=state, notify=None)
+        ttl_ms = max(int((task.expiry - time.time()) * 1000), int(KEEP_S * 1000) if state in ("done", "failed") else 1)
+        pipe = self.redis.pipeline(transaction=True)
+        pipe.hdel(key, *_OUTCOME_FIELDS[1:])
+        pipe.hset(key, mapping=fields)
+        pipe.pexpire(key, ttl_ms)
+        pipe.execute()
+
+    def read(self, task_id: str, *, once: bool = False) -> RedisTask | None:
+        """The whole task record as a :class:`RedisTask`, or None when there is none."""
+        key = self.keys.task(task_id)
+        pipe = self.redis.pipeline(transaction=True)
+        pipe.hgetall(key)
+        if once:
+            pipe.delete(key, self.keys.done(task_id), self.keys.events(task_id))
+        raw = {text(k): v for k, v in pipe.execute()[0].items()}
+        if not raw:
+            return None
+        params = self.decode(key, "params", raw.get("params"), raw.get("params#")) if "params" in raw else None
+        current, total, at = (text(raw.get("progress")) or "0 100 0").split()
+        task = RedisTask(
+            id=task_id,
+            name=text(raw.get("name")),
+            params=params,
+            expiry=float(text(raw.get("expiry")) or 0),
+            update_progress_time=float(at),
+            current_progress=float(current),
+            total_progress=float(total),
+        )
+        state = text(raw.get("state"))
+        if state == "done" or "result" in raw:
+            task.result = self.decode(key, "result", raw.get("result"), raw.get("result#"))
+        elif state == "failed":
+            task.error = self.error_of(key, raw)
+        return task
+
+    def outcome(self, task_id: str) -> tuple[str, Any]:
+        """``(state, value)`` of a task: its result when done, its exception when failed.
+
+        Raises:
+            TaskLost: the task's record is gone.
+        """
+        key = self.keys.task(task_id)
+        values = self.redis.hmget(key, list(_OUTCOME_FIELDS))
+        raw = {f: v for f, v in zip(_OUTCOME_FIELDS, values) if v is not None}
+        state = text(raw.get("state"))
+        if not state:
+            raise TaskLost(f"task {task_id}'s data vanished from Redis (restart, eviction or flush)")
+        if state == "done":
+            return state, self.decode(key, "result", raw.get("result"), raw.get("result#"))
+        if state == "failed":
+            return state, self.error_of(key, raw)
+        return state, None
+
+    def encode_error(self, key: str, exc: BaseException, tag: str) -> dict[str, Any]:
+        """The fields that carry ``exc``: its envelope, or a :class:`RemoteTaskError` if it cannot travel."""
+        tb = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
+        info = {"type": _qualname(type(exc)), "message": str(exc), "traceback": tb}
+        fields: dict[str, Any] = {"error_text": json.dumps(info)}
+        try:
+            fields.update(self.encode(key, "error", exc, tag, "exception"))
+        except SerializationError:
+            fields.update(self.encode(key, "error", RemoteTaskError(info["type"], info["message"], tb), tag, "exception"))
+        return fields
+
+    def error_of(self, key: str, raw: dict[str, Any]) -> BaseException:
+        info = json.loads(text(raw["error_text"])) if raw.get("error_text") else {}
+        try:
+            exc = self.decode(key, "error", raw.get("error"), raw.get("error#"))
+        except SerializationError:
+            if not info:
+                raise
+            return RemoteTaskError(info.get("type", "Exception"), info.get("message", ""), info.get("traceback", ""))
+        if not isinstance(exc, BaseException):
+            return RemoteTaskError(type(exc).__name__, repr(exc))
+        if info.get("traceback") and exc.__cause__ is None and not isinstance(exc, RemoteTaskError):
+            exc.__cause__ = _RemoteTraceback(info["traceback"])
+        return exc
+
+
+def _qualname(cls: type) -> str:
+    return cls.__qualname__ if cls.__module__ == "builtins" else f"{cls.__module__}.{cls.__qualname__}"
+
+
+class _RemoteTraceback(Exception):
+    """Carries the worker-side traceback as the ``__cause__`` of a re-raised task exception."""
+
+    def __init__(self, tb: str) -> None:
+        super().__init__(tb)
+        self.tb = tb
+
+    def __str__(self) -> str:
+        return "\n\nRemote traceback:\n" + self.tb.rstrip()

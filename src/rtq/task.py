@@ -1,0 +1,125 @@
+"""The task record (``RedisTask``), the execution policies, and the task running *here*.
+
+A :class:`RedisTask` is what a task function receives: its id, queue name, parameters and
+deadline, plus ``update()`` to report progress. ``current_task()`` returns it from anywhere in
+the code the task runs (``rtq.tqdm`` uses that), without passing it around.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import Any
+
+from .errors import TaskCancelled, TaskTimeout
+
+__all__ = ["RedisTask", "TaskExecutePolicy", "current_task"]
+
+PROGRESS_INTERVAL = 0.1
+"""Seconds between two progress writes of one task; updates in between are coalesced."""
+
+
+class TaskExecutePolicy(Enum):
+    """Where :meth:`RedisTaskQueue.query` runs a task.
+
+    Attributes:
+        Local: Run it here with the queue's ``task_fn``.
+        Remote: Push it to the queue for a listener.
+        LocalFirst: Run it here; if that raises, push it to the queue.
+        RemoteFirst: Push it to the queue; if that raises or times out, run it here.
+        Auto: Remote when a listener marks the queue as listened, else Local.
+    """
+
+    Local = 0x00
+    Remote = 0x01
+    LocalFirst = 0x02
+    RemoteFirst = 0x03
+    Auto = 0x04
+
+
+@dataclass
+class RedisTask:
+    """One task: what to run, until when, and how far it got.
+
+    Attributes:
+        id: Unique id of the task (also its key in Redis).
+        name: The queue it runs on.
+        params: The task's parameters, as given to ``query``.
+        expiry: Absolute Unix time after which the task is abandoned.
+        result: The value the task returned, once done.
+        error: The exception the task raised, once failed.
+        update_progress_time: When progress was last reported.
+        current_progress: Progress so far, in units of ``total_progress``.
+        total_progress: What ``current_progress`` counts up to.
+    """
+
+    id: str
+    name: str
+    params: Any
+    expiry: float
+    result: Any = None
+    error: Any = None
+    update_progress_time: float = 0.0
+    current_progress: float = 0.0
+    total_progress: float = 100.0
+    _save: Callable[[], None] | None = field(default=None, repr=False, compare=False)
+    # Set by whoever runs the task: writes progress, returns the task's state in Redis.
+    _report: Callable[[RedisTask], str | None] | None = field(
+        default=None, init=False, repr=False, compare=False
+    )
+    _reported_at: float = field(default=0.0, init=False, repr=False, compare=False)
+
+    def save(self) -> None:
+        """Persist the task's state to Redis (a no-op for a task not tied to a queue)."""
+        if self._save is not None:
+            self._save()
+
+    def update(self, current_progress: float, total_progress: float) -> None:
+        """Report progress; cheap enough to call on every step of a loop.
+
+        Writes reach Redis at most every ``PROGRESS_INTERVAL`` seconds, plus always the first
+        and the final (``current >= total``) one, so watchers see the bar move and finish.
+
+        Raises:
+            TimeoutError: The task's deadline has passed (an :class:`rtq.errors.TaskTimeout`).
+            rtq.errors.TaskCancelled: Its caller cancelled it, or another worker took it over.
+        """
+        now = time.time()
+        self.current_progress = current_progress
+        self.total_progress = total_progress
+        self.update_progress_time = now
+        if self.expiry < now:
+            raise TaskTimeout(f"Task {self.id} in {self.name} has expired")
+        final = current_progress >= total_progress
+        if not final and now - self._reported_at < PROGRESS_INTERVAL:
+            return
+        self._reported_at = now
+        if self._report is not None:
+            state = self._report(self)
+            if state in ("cancelled", "lost"):
+                reason = "was cancelled" if state == "cancelled" else "was taken over by another worker"
+                raise TaskCancelled(f"Task {self.id} in {self.name} {reason}")
+        else:
+            self.save()
+
+
+_current: contextvars.ContextVar[RedisTask | None] = contextvars.ContextVar("rtq_task", default=None)
+
+
+def current_task() -> RedisTask | None:
+    """The task running in this thread, or None outside a task."""
+    return _current.get()
+
+
+@contextmanager
+def running(task: RedisTask) -> Iterator[RedisTask]:
+    """Make ``task`` the :func:`current_task` while the block runs."""
+    token = _current.set(task)
+    try:
+        yield task
+    finally:
+        _current.reset(token)
