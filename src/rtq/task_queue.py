@@ -233,8 +233,12 @@ class RedisTaskQueue:
         except Exception:  # the timeout is the error to report, not a failed clean-up
             logger.debug("could not cancel expired task %s", id, exc_info=True)
 
-    def cancel(self, id: str) -> str | None:
+    def cancel(self, id: str, *, running: bool = True) -> str | None:
         """Cancel task ``id``: a queued task never runs; a running one stops at its next update.
+
+        Args:
+            id: The task id.
+            running: Also stop the task when it already runs (else only a queued one is cancelled).
 
         Returns the state it was in (``'queued'``, ``'running'``, a final state, or None when the
         task is unknown).
@@ -246,7 +250,7 @@ class RedisTaskQueue:
                 return None
             state = self.store.scripts["cancel"](
                 keys=[key, self.keys.queue(text(name)), text(notify) or self.keys.done(id)],
-                args=[id, repr(time.time()), int(KEEP_S * 1000)],
+                args=[id, repr(time.time()), int(KEEP_S * 1000), "0" if running else "1"],
             )
         return text(state) or None
 

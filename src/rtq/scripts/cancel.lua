@@ -6,11 +6,12 @@
 -- ARGV[1]  the task id
 -- ARGV[2]  now, in seconds since the epoch
 -- ARGV[3]  milliseconds the cancelled state stays readable at least
+-- ARGV[4]  '1' to cancel only a queued task (leave a running one alone, as Future.cancel does)
 --
 -- Returns the state the task was in: 'queued' (it will never run), 'running' (it was asked to
 -- stop), another final state (nothing to cancel), or nil when the task is unknown.
 local state = redis.call('HGET', KEYS[1], 'state')
-if state ~= 'queued' and state ~= 'running' then
+if state ~= 'queued' and (state ~= 'running' or ARGV[4] == '1') then
   return state
 end
 if state == 'queued' then
