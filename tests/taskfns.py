@@ -50,3 +50,33 @@ def echo_task(task: RedisTask) -> Any:
             time.sleep(0.02)
         return p.get("value", os.getpid())
     raise ValueError(f"unknown action {action!r}")
+
+
+def progress_wait_task(task: RedisTask) -> Any:
+    """Reports progress ``(current, total)`` from params once, then waits until ``path`` exists."""
+    p = task.params
+    task.update(p["current"], p["total"])
+    deadline = time.time() + p.get("max_seconds", 30)
+    while not os.path.exists(p["path"]) and time.time() < deadline:
+        time.sleep(0.02)
+    return "finished"
+
+
+def update_until_expired_task(task: RedisTask) -> Any:
+    """Calls ``task.update()`` until it raises; records ``type|is TimeoutError|seconds past expiry``
+    atomically in ``params['path']``, then re-raises."""
+    p = task.params
+    deadline = time.time() + p.get("max_seconds", 30)
+    i = 0
+    while time.time() < deadline:
+        i += 1
+        try:
+            task.update(i, 1_000_000)
+        except Exception as exc:
+            tmp = p["path"] + ".tmp"
+            with open(tmp, "w") as fh:
+                fh.write(f"{type(exc).__name__}|{isinstance(exc, TimeoutError)}|{time.time() - task.expiry}")
+            os.replace(tmp, p["path"])
+            raise
+        time.sleep(0.01)
+    return "never expired"

@@ -241,7 +241,13 @@ class Listener:
         def report(t: RedisTask) -> str | None:
             state = progress(
                 keys=[key, events],
-                args=[self.id, attempt, f"{t.current_progress!r} {t.total_progress!r} {t.update_progress_time!r}", EVENTS_MAXLEN],
+                args=[
+                    self.id,
+                    attempt,
+                    f"{t.current_progress!r} {t.total_progress!r} {t.update_progress_time!r}",
+                    EVENTS_MAXLEN,
+                    getattr(t, "_token", ""),
+                ],
             )
             return text(state) if state is not None else "lost"
 
@@ -280,7 +286,16 @@ class Listener:
             self.redis.hset(key, mapping=rest)
         stored = self.store.scripts["finish"](
             keys=[key, self.running_key, task._notify],  # type: ignore[attr-defined]
-            args=[task.id, self.id, attempt, state, repr(time.time()), int(KEEP_S * 1000), *_flatten(first)],
+            args=[
+                task.id,
+                self.id,
+                attempt,
+                state,
+                repr(time.time()),
+                int(KEEP_S * 1000),
+                getattr(task, "_token", ""),  # fences out a run of an earlier submission of this id
+                *_flatten(first),
+            ],
         )
         if not stored:
             logger.info("discarded the outcome of task %s: cancelled, expired or taken over", task.id)

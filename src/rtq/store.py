@@ -24,6 +24,7 @@ can never overwrite the frames of a newer attempt's result.
 
 from __future__ import annotations
 
+import inspect
 import json
 import math
 import time
@@ -68,8 +69,30 @@ def raw_client(client: redis_py.Redis) -> redis_py.Redis:
 
 def block_cap(client: redis_py.Redis) -> float:
     """Longest a blocking command may wait on ``client`` without its socket timing out."""
-    timeout = client.connection_pool.connection_kwargs.get("socket_timeout")
+    timeout = _socket_timeout(client.connection_pool)
     return math.inf if not timeout else max(0.05, timeout * 0.5)
+
+
+def _socket_timeout(pool: Any) -> float | None:
+    """The socket timeout ``pool``'s connections get, also when its kwargs leave it out.
+
+    ``redis.Redis.from_url()`` passes no ``socket_timeout``, so the connection class's own
+    default applies: 5 s in redis-py 8.
+    """
+    kwargs = pool.connection_kwargs
+    if "socket_timeout" in kwargs:
+        return kwargs["socket_timeout"]  # type: ignore[no-any-return]
+    for cls in getattr(pool, "connection_class", object).__mro__:
+        init = cls.__dict__.get("__init__")
+        if init is None:
+            continue
+        try:
+            param = inspect.signature(init).parameters.get("socket_timeout")
+        except (TypeError, ValueError):
+            continue
+        if param is not None and param.default is not inspect.Parameter.empty:
+            return param.default  # type: ignore[no-any-return]
+    return None
 
 
 class TaskStore:

@@ -9,17 +9,22 @@
 -- ARGV[4]  the final state: 'done' or 'failed'
 -- ARGV[5]  now, in seconds since the epoch
 -- ARGV[6]  milliseconds the outcome stays readable at least
--- ARGV[7…] field, value, field, value … to store (result or error payload)
+-- ARGV[7]  the submission token the claim saw ('' to skip that check): a reused task id gets a
+--          new token, so a run of the old submission can never finish the new one
+-- ARGV[8…] field, value, field, value … to store (result or error payload)
 --
 -- Returns 1 when stored; 0 when discarded because another attempt, a cancel or an expiry
 -- overtook this one (the id leaves the worker's list either way).
 redis.call('LREM', KEYS[2], -1, ARGV[1])
-local cur = redis.call('HMGET', KEYS[1], 'state', 'owner', 'attempt')
+local cur = redis.call('HMGET', KEYS[1], 'state', 'owner', 'attempt', 'token')
 if cur[1] ~= 'running' or cur[2] ~= ARGV[2] or cur[3] ~= ARGV[3] then
   return 0
 end
+if ARGV[7] ~= '' and cur[4] ~= ARGV[7] then
+  return 0
+end
 redis.call('HDEL', KEYS[1], 'result', 'result#', 'error', 'error#', 'error_text')
-redis.call('HSET', KEYS[1], 'state', ARGV[4], 'finished', ARGV[5], unpack(ARGV, 7))
+redis.call('HSET', KEYS[1], 'state', ARGV[4], 'finished', ARGV[5], unpack(ARGV, 8))
 local keep = tonumber(ARGV[6])
 if redis.call('PTTL', KEYS[1]) < keep then
   redis.call('PEXPIRE', KEYS[1], keep)

@@ -6,14 +6,19 @@
 -- ARGV[2]  the attempt number of that claim
 -- ARGV[3]  progress as "current total time"
 -- ARGV[4]  longest the events stream may grow (approximate MAXLEN)
+-- ARGV[5]  the submission token the claim saw ('' or absent: unchecked); a reused task id has
+--          a new one, and a run of the old submission is told it was taken over ('lost')
 --
 -- Returns the task's state, or 'lost' when another attempt owns it now, or nil when the task's
 -- data is gone. 'cancelled' and 'lost' tell the running task to stop.
-local cur = redis.call('HMGET', KEYS[1], 'state', 'owner', 'attempt')
+local cur = redis.call('HMGET', KEYS[1], 'state', 'owner', 'attempt', 'token')
 if not cur[1] then
   return nil
 end
 if ARGV[1] ~= '' and (cur[2] ~= ARGV[1] or cur[3] ~= ARGV[2]) then
+  return 'lost'
+end
+if ARGV[5] and ARGV[5] ~= '' and cur[4] ~= ARGV[5] then
   return 'lost'
 end
 if cur[1] == 'running' then
