@@ -17,6 +17,8 @@ _EXPORTS = {
     "TaskExecutePolicy": "rtq.task",
     "current_task": "rtq.task",
     "connect": "rtq.connection",
+    "Executor": "rtq.executor",
+    "TaskFuture": "rtq.executor",
     "errors": "rtq.errors",
 }
 
@@ -25,6 +27,7 @@ __all__ = ["__version__", *_EXPORTS]
 if TYPE_CHECKING:
     from . import errors
     from .connection import connect
+    from .executor import Executor, TaskFuture
     from .task import RedisTask, TaskExecutePolicy, current_task
     from .task_queue import RedisTaskQueue
 

@@ -1,0 +1,299 @@
+"""``rtq.Executor``: a ``concurrent.futures.Executor`` whose calls run on remote workers.
+
+``submit(fn, *args, **kwargs)`` stores a :class:`~rtq.calls.Call` as a seed task and returns a
+:class:`TaskFuture` at once. Every task of one executor announces its end by pushing its id on
+the executor's *inbox* list, so one collector thread wakes for all of them (no polling), reads
+the outcome and resolves the future. ``map`` submits in pipelined batches.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import itertools
+import logging
+import threading
+import time
+import uuid
+from collections.abc import Callable, Generator, Iterable, Iterator
+from typing import TYPE_CHECKING, Any
+
+import redis as redis_py
+
+from .calls import Call
+from .closures import check_worker_versions, ship_local_modules
+from .errors import TaskCancelled, TaskLost, TaskTimeout
+from .keys import check_name
+from .store import text
+from .task import RedisTask
+
+if TYPE_CHECKING:
+    from .task_queue import RedisTaskQueue
+
+__all__ = ["Executor", "TaskFuture"]
+
+logger = logging.getLogger(__name__)
+
+SUBMIT_BATCH = 500
+"""Tasks stored per round trip by ``map``."""
+
+
+class TaskFuture(concurrent.futures.Future):  # type: ignore[type-arg]
+    """The future of one remote call: a real ``concurrent.futures.Future``.
+
+    Works with ``concurrent.futures.wait``/``as_completed``, ``asyncio.wrap_future``, and can be
+    awaited directly.
+
+    Attributes:
+        task_id: The id of the task in Redis.
+    """
+
+    def __init__(self, executor: Executor, task: RedisTask) -> None:
+        super().__init__()
+        self.task_id = task.id
+        self.name = task.name
+        self.expiry = task.expiry
+        self._executor = executor
+        self._last_progress: tuple[float, float] = (0.0, 100.0)
+
+    def __repr__(self) -> str:
+        return f"<TaskFuture {self.task_id} on {self.name!r} {self._state.lower()}>"
+
+    @property
+    def progress(self) -> tuple[float, float]:
+        """``(current, total)`` as last reported by the task."""
+        if not self.done():
+            raw = self._executor.queue.store.redis.hget(self._executor.queue.keys.task(self.task_id), "progress")
+            if raw:
+                current, total, _ = text(raw).split()
+                self._last_progress = (float(current), float(total))
+        return self._last_progress
+
+    def cancel(self) -> bool:
+        """Cancel the call if it has not started; True only if it will not run."""
+        if self.done():
+            return self.cancelled()
+        state = self._executor.queue.cancel(self.task_id, running=False)
+        if state == "queued" or state == "cancelled":
+            self._executor._forget(self.task_id)
+            return super().cancel()
+        return False
+
+    def stop(self) -> bool:
+        """Stop the call even if it is running (the task gets ``TaskCancelled``); True if it was live."""
+        if self.done():
+            return False
+        state = self._executor.queue.cancel(self.task_id, running=True)
+        if state == "queued":
+            self._executor._forget(self.task_id)
+            return super().cancel()
+        return state == "running"
+
+    def __await__(self) -> Generator[Any, None, Any]:
+        return asyncio.wrap_future(self).__await__()
+
+
+class Executor(concurrent.futures.Executor):
+    """Runs calls on the workers listening on queue ``name``.
+
+    Args:
+        queue: The queue to submit to (e.g. from :func:`rtq.connect`).
+        name: The queue name workers listen on (``rtq worker NAME``).
+        timeout: Deadline of each call in seconds (default: the queue's ``timeout``).
+        check_versions: Refuse to ship to workers with another Python or cloudpickle.
+    """
+
+    def __init__(self, queue: RedisTaskQueue, name: str = "default", *, timeout: float | None = None,
+                 check_versions: bool = True) -> None:
+        check_name("queue name", name)
+        self.queue = queue
+        self.name = name
+        self.timeout = queue.timeout if timeout is None else timeout
+        self.check_versions = check_versions
+        self.client_id = uuid.uuid4().hex
+        self.inbox = queue.keys.inbox(self.client_id)
+        self._pending: dict[str, TaskFuture] = {}
+        self._lock = threading.Condition()
+        self._shutdown = False
+        self._collector: threading.Thread | None = None
+
+    def __repr__(self) -> str:
+        return f"<rtq.Executor {self.name!r} on {self.queue!r}, {len(self._pending)} pending>"
+
+    # -- submitting ------------------------------------------------------------------------
+    def submit(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> TaskFuture:
+        """Ship ``fn(*args, **kwargs)`` to a worker; returns its future at once.
+
+        Raises:
+            rtq.errors.SerializationError: an argument cannot be shipped (nothing is stored).
+            rtq.errors.VersionMismatch: the queue's workers run another Python/cloudpickle.
+        """
+        return self._submit_calls([Call(fn, args, kwargs)])[0]
+
+    def _submit_calls(self, calls: list[Call]) -> list[TaskFuture]:
+        with self._lock:
+            if self._shutdown:
+                raise RuntimeError("cannot submit after shutdown")
+        if self.check_versions:
+            check_worker_versions(self.queue, self.name)
+        ship_local_modules()
+        expiry = time.time() + self.timeout
+        tasks = [
+            RedisTask(id=uuid.uuid4().hex, name=self.name, params=call, expiry=expiry) for call in calls
+        ]
+        futures = [TaskFuture(self, t) for t in tasks]
+        with self._lock:
+            for fut in futures:
+                self._pending[fut.task_id] = fut
+            self._ensure_collector()
+            self._lock.notify_all()
+        try:
+            self.queue.store.submit([(t, uuid.uuid4().hex, self.inbox) for t in tasks])
+        except BaseException:
+            with self._lock:
+                for fut in futures:
+                    self._pending.pop(fut.task_id, None)
+            raise
+        return futures
+
+    def map(self, fn: Callable[..., Any], *iterables: Iterable[Any], timeout: float | None = None,
+            chunksize: int = 1) -> Iterator[Any]:
+        """Like ``concurrent.futures.Executor.map``: results in order, submitted in bulk.
+
+        ``chunksize`` > 1 runs that many calls per task, saving round trips on tiny calls.
+        """
+        if chunksize < 1:
+            raise ValueError("chunksize must be >= 1")
+        end = None if timeout is None else time.monotonic() + timeout
+        args = zip(*iterables)
+        if chunksize == 1:
+            calls = [Call(fn, a) for a in args]
+        else:
+            calls = [Call(_run_chunk, (fn, chunk)) for chunk in _chunks(args, chunksize)]
+        futures: list[TaskFuture] = []
+        for i in range(0, len(calls), SUBMIT_BATCH):
+            futures += self._submit_calls(calls[i : i + SUBMIT_BATCH])
+
+        def results() -> Iterator[Any]:
+            try:
+                for fut in futures:
+                    remaining = None if end is None else max(0.0, end - time.monotonic())
+                    value = fut.result(remaining)
+                    if chunksize == 1:
+                        yield value
+                    else:
+                        yield from value
+            finally:
+                for fut in futures:
+                    fut.cancel()
+
+        return results()
+
+    def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
+        """Stop accepting calls; optionally cancel queued ones and wait for the rest."""
+        with self._lock:
+            self._shutdown = True
+            pending = list(self._pending.values())
+            self._lock.notify_all()
+        if cancel_futures:
+            for fut in pending:
+                fut.cancel()
+        if wait:
+            concurrent.futures.wait(pending)
+            if self._collector is not None:
+                self._collector.join()
+
+    # -- collecting ------------------------------------------------------------------------
+    def _forget(self, task_id: str) -> None:
+        with self._lock:
+            self._pending.pop(task_id, None)
+
+    def _ensure_collector(self) -> None:
+        if self._collector is None or not self._collector.is_alive():
+            self._collector = threading.Thread(target=self._collect, name=f"rtq-collector-{self.name}", daemon=True)
+            self._collector.start()
+
+    def _collect(self) -> None:
+        store = self.queue.store
+        backoff = 0.0
+        while True:
+            with self._lock:
+                while not self._pending and not self._shutdown:
+                    self._lock.wait()
+                if not self._pending and self._shutdown:
+                    return
+                nearest = min(f.expiry for f in self._pending.values())
+            wait = max(0.01, min(self.queue.interval, store.cap, nearest - time.time() + 0.01))
+            try:
+                item = store.redis.blpop([self.inbox], timeout=wait)
+                if item is None:
+                    self._check_stragglers()
+                    continue
+                ids = [text(item[1])]
+                more = store.redis.lpop(self.inbox, 1000)
+                ids += [text(i) for i in more or []]
+                for task_id in ids:
+                    self._resolve(task_id)
+                backoff = 0.0
+            except (redis_py.ConnectionError, redis_py.TimeoutError) as exc:
+                backoff = min(max(backoff * 2, 0.1), 2.0)
+                logger.warning("lost Redis while collecting results (%s); retrying in %.1fs", exc, backoff)
+                time.sleep(backoff)
+            except Exception:  # a collector that dies would hang every future: log and go on
+                logger.exception("error while collecting results")
+
+    def _resolve(self, task_id: str) -> None:
+        with self._lock:
+            fut = self._pending.pop(task_id, None)
+        if fut is None or fut.done():
+            return
+        store, keys = self.queue.store, self.queue.keys
+        try:
+            state, value = store.outcome(task_id)
+        except Exception as exc:
+            fut.set_exception(exc)
+            return
+        store.redis.delete(keys.task(task_id), keys.events(task_id))
+        if state == "done":
+            fut.set_result(value)
+        elif state == "failed":
+            fut.set_exception(value)
+        elif state == "cancelled":
+            fut.set_exception(TaskCancelled(f"task {task_id} on {self.name!r} was cancelled"))
+
+    def _check_stragglers(self) -> None:
+        """No push came: time out expired calls, fail vanished ones, reap lapsed workers."""
+        now = time.time()
+        with self._lock:
+            futures = list(self._pending.values())
+        expired = [f for f in futures if f.expiry <= now]
+        for fut in expired:
+            self.queue._cancel_quietly(fut.task_id)
+            self._forget(fut.task_id)
+            fut.set_exception(TaskTimeout(f"task {fut.task_id} on {self.name!r} has expired"))
+        live = [f for f in futures if f.expiry > now]
+        if not live:
+            return
+        redis, keys = self.queue.store.redis, self.queue.keys
+        pipe = redis.pipeline(transaction=False)
+        for fut in live:
+            pipe.hget(keys.task(fut.task_id), "state")
+        states = pipe.execute()
+        for fut, state in zip(live, states):
+            if state is None:
+                self._forget(fut.task_id)
+                fut.set_exception(TaskLost(f"task {fut.task_id}'s data vanished from Redis (restart, eviction or flush)"))
+            elif text(state) not in ("queued", "running"):
+                self._resolve(fut.task_id)  # ended, but its push was lost (e.g. Redis restarted)
+        if any(text(s) == "running" for s in states if s is not None):
+            self.queue.reaper.reap()
+
+
+def _chunks(items: Iterable[Any], size: int) -> Iterator[list[Any]]:
+    it = iter(items)
+    while chunk := list(itertools.islice(it, size)):
+        yield chunk
+
+
+def _run_chunk(fn: Callable[..., Any], chunk: list[tuple[Any, ...]]) -> list[Any]:
+    return [fn(*args) for args in chunk]
