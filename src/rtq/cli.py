@@ -54,7 +54,7 @@ def _parser() -> argparse.ArgumentParser:
     worker.add_argument("--grace", type=float, default=30.0, help="seconds running tasks get on SIGTERM (default 30)")
     worker.add_argument("--lease", type=float, default=10.0, help="heartbeat lease in seconds (default 10)")
     worker.add_argument("--max-attempts", type=int, default=3, help="claims before a task fails (default 3)")
-    worker.add_argument("--insecure", action="store_true", help="run shipped calls from a remote Redis without a secret")
+    worker.add_argument("--insecure", action="store_true", help="serve a Redis on another machine without RTQ_SECRET (tasks are pickles)")
     worker.add_argument("-v", "--verbose", action="store_true", help="log every task")
 
     status = sub.add_parser("status", help="show workers, queues and running tasks")
@@ -85,7 +85,7 @@ def _url_or_exit(url: str | None, what: str) -> str:
 
 def worker_main(args: argparse.Namespace) -> int:
     from .calls import run_call
-    from .connection import connect, is_local_url
+    from .connection import connect, is_local_url, redact_url
     from .errors import RtqError
     from .keys import check_name
     from .listener import Listener
@@ -115,11 +115,13 @@ def worker_main(args: argparse.Namespace) -> int:
     except RtqError as exc:
         print(f"rtq worker: {exc}", file=sys.stderr)
         return 1
-    if task_fn is run_call and not queue.signed and not args.insecure and not is_local_url(url):
+    # Every task's params are a pickle, whatever the task_fn: unpickling one runs code.
+    if not queue.signed and not args.insecure and not is_local_url(url):
         print(
-            "rtq worker: refusing to run shipped code from a Redis that is not on this machine "
-            "without a secret: anyone who can write to that Redis could run code here. Set "
-            "RTQ_SECRET (the same on clients and workers) or pass --insecure.",
+            f"rtq worker: refusing to serve {redact_url(url)} without a secret: that Redis is not on "
+            "this machine, and tasks are pickles, so anyone who can write to it could run code "
+            "here. Set RTQ_SECRET (the same value on clients and workers) to sign and verify "
+            "every payload, or pass --insecure if you trust everyone who can reach that Redis.",
             file=sys.stderr,
         )
         return 2

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import inspect
+import ipaddress
 import os
 from collections.abc import Sequence
 from typing import Any
@@ -13,7 +14,7 @@ import redis as redis_py
 from .errors import ConfigurationError, RtqConnectionError
 from .task_queue import RedisTaskQueue
 
-__all__ = ["connect", "resolve_url", "is_local_url"]
+__all__ = ["connect", "resolve_url", "is_local_url", "redact_url"]
 
 _QUEUE_OPTIONS = set(inspect.signature(RedisTaskQueue).parameters) - {"redis", "prefix", "secret"}
 
@@ -35,8 +36,13 @@ def is_local_url(url: str) -> bool:
     parts = urlsplit(url)
     if parts.scheme == "unix":
         return True
-    host = (parts.hostname or "").lower()
-    return host in ("localhost", "::1") or host.startswith("127.")
+    host = (parts.hostname or "").lower().rstrip(".")
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:  # a host name other than localhost: it may resolve anywhere
+        return False
 
 
 def connect(
@@ -71,11 +77,12 @@ def connect(
     try:
         client.ping()
     except redis_py.RedisError as exc:
-        raise RtqConnectionError(f"cannot reach Redis at {_redact(resolved)}: {exc}") from exc
+        raise RtqConnectionError(f"cannot reach Redis at {redact_url(resolved)}: {exc}") from exc
     return RedisTaskQueue(client, prefix, secret=secret, **queue_kwargs)
 
 
-def _redact(url: str) -> str:
+def redact_url(url: str) -> str:
+    """``url`` with its password replaced by ``***``, fit for messages and logs."""
     parts = urlsplit(url)
     if parts.password:
         netloc = parts.netloc.replace(f":{parts.password}@", ":***@")

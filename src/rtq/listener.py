@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any
 import redis as redis_py
 
 from .errors import RtqError, SerializationError, SignatureError
+from .keys import check_name
 from .recovery import Reaper
 from .store import KEEP_S, EVENTS_MAXLEN, text
 from .task import RedisTask, running
@@ -66,6 +67,8 @@ class Listener:
     ) -> None:
         if not names:
             raise ValueError("listen() needs at least one queue name")
+        for name in names:  # all of them before any marker is written
+            check_name("queue name", name)
         if workers < 1:
             raise ValueError(f"workers must be at least 1, not {workers!r}")
         self.queue = queue
@@ -203,6 +206,8 @@ class Listener:
             except redis_py.RedisError as exc:
                 backoff = min(max(backoff * 2, 0.1), 5.0)
                 logger.warning("cannot claim from %s (%s); retrying in %.1fs", name, exc, backoff)
+            except Exception:  # hostile data must never end the claim loop: log, skip, go on
+                logger.exception("skipped a task in %s that could not be claimed", name)
             finally:
                 if not handed_over:
                     self.free.release()
@@ -216,13 +221,20 @@ class Listener:
             logger.info("skipped task %s: expired, cancelled or gone", task_id)
             return None
         attempt, token, expiry, first, extra = reply
-        task = RedisTask(id=task_id, name="", params=None, expiry=float(text(expiry)))
+        task = RedisTask(id=task_id, name="", params=None, expiry=0.0)
         task._attempt = int(attempt)  # type: ignore[attr-defined]
-        task._token = text(token)  # type: ignore[attr-defined]
-        name, notify = self.redis.hmget(key, ["name", "notify"])
-        task.name = text(name)
-        task._notify = text(notify) or self.keys.done(task_id)  # type: ignore[attr-defined]
+        task._notify = self.keys.done(task_id)  # type: ignore[attr-defined]
         try:
+            # Everything read here may have been written by anyone with access to the Redis:
+            # a malformed field fails this task, never the claim loop.
+            try:
+                task.expiry = float(text(expiry))
+                task._token = text(token)  # type: ignore[attr-defined]
+                name, notify = self.redis.hmget(key, ["name", "notify"])
+                task.name = text(name)
+                task._notify = text(notify) or self.keys.done(task_id)  # type: ignore[attr-defined]
+            except ValueError as exc:
+                raise SerializationError(f"task {task_id} has malformed fields: {exc}") from exc
             task.params = self.store.decode(key, "params", first, extra or None)
         except (SerializationError, SignatureError) as exc:
             level = logging.ERROR if isinstance(exc, SignatureError) else logging.WARNING

@@ -2,9 +2,10 @@
 
 A payload is a Python object pickled with cloudpickle (protocol 5), so closures and classes
 defined in a notebook ship by value. Large buffers (numpy arrays, ``bytes``, anything that
-supports pickle protocol 5) go *out of band*: they are stored as raw frames next to the pickle
-stream instead of being copied into it, and frames over ``CHUNK`` bytes are split so no single
-Redis value comes near its 512 MB limit.
+supports pickle protocol 5 out-of-band data: numpy arrays, ``pickle.PickleBuffer``) go *out of band*: they are stored as raw
+frames next to the pickle stream instead of being copied into it, and frames over ``CHUNK`` bytes
+are split so no single Redis value comes near its 512 MB limit. The pickle stream itself is one
+value, so it may not exceed ``MAX_VALUE``.
 
 Layout of the first frame (all integers big-endian)::
 
@@ -12,7 +13,9 @@ Layout of the first frame (all integers big-endian)::
 
 With a secret, ``mac`` is an HMAC-SHA256 over the Redis key and field the payload is stored
 under and every byte that follows it, so a payload copied to another task is rejected, and it is
-checked in constant time *before* anything is unpickled.
+checked in constant time *before* anything is unpickled. Every configured secret is tried, so a
+worker given ``"new,old"`` accepts payloads signed with either and signs its own with ``new``.
+Signing does not stop a payload from being stored again at its *own* key and field (a replay).
 
 What this is NOT for: storage. A payload is meant to be read back by the same code, on the same
 Python major.minor and cloudpickle version, within a task's lifetime.
@@ -25,6 +28,7 @@ import hmac
 import io
 import pickle
 import struct
+import types
 from collections.abc import Iterable, Sequence
 from typing import Any
 
@@ -38,13 +42,21 @@ FLAG_SIGNED = 0x01
 MAC_SIZE = hashlib.sha256().digest_size
 CHUNK = 64 * 1024 * 1024
 """Largest single frame written to Redis; bigger buffers are split into several fields."""
-DEFAULT_MAX_PAYLOAD = 1024 * 1024 * 1024
+DEFAULT_MAX_PAYLOAD = 256 * 1024 * 1024
 """Refuse to ship more than this many bytes in one payload unless configured otherwise."""
+MAX_VALUE = 500 * 1024 * 1024
+"""Largest pickle stream (the first frame): Redis refuses values over 512 MB by default."""
+MAX_FRAMES = 65536
+"""Most frames a payload may span; more is refused before anything is fetched or allocated."""
 
 _HEAD = struct.Struct(">3sBBI")
 _SIZE = struct.Struct(">Q")
 
 Frames = list[bytes | memoryview]
+
+
+class UnreadablePayload(SerializationError):
+    """Raised when a payload is a sound envelope (verified, when signed) but fails to unpickle."""
 
 
 def normalize_secrets(secret: str | bytes | Sequence[str | bytes] | None) -> tuple[bytes, ...]:
@@ -83,6 +95,8 @@ class Serializer:
         *,
         max_payload: int = DEFAULT_MAX_PAYLOAD,
     ) -> None:
+        if not isinstance(max_payload, int) or isinstance(max_payload, bool) or max_payload < 1:
+            raise ValueError(f"max_payload must be a positive number of bytes, not {max_payload!r}")
         self.secrets = normalize_secrets(secret)
         self.max_payload = max_payload
 
@@ -107,8 +121,13 @@ class Serializer:
         total = len(body) + sum(r.nbytes for r in raws)
         if total > self.max_payload:
             raise SerializationError(
-                f"{what} is {total / 2**20:.1f} MiB, over the {self.max_payload / 2**20:.0f} MiB "
-                "payload limit (raise it with max_payload=...)"
+                f"{what} is {_size(total)} pickled, over the {_size(self.max_payload)} payload limit "
+                "(raise it with max_payload=... on both sides, or ship less)"
+            )
+        if len(body) > MAX_VALUE:
+            raise SerializationError(
+                f"{what} pickles to a {_size(len(body))} stream, over the {_size(MAX_VALUE)} a single "
+                "Redis value can hold; only out-of-band buffers (numpy arrays) are split"
             )
         flags = FLAG_SIGNED if self.secrets else 0
         head = _HEAD.pack(MAGIC, VERSION, flags, len(raws)) + b"".join(
@@ -124,10 +143,17 @@ class Serializer:
 
     # -- reading ---------------------------------------------------------------------------
     @staticmethod
-    def frame_count(first: bytes) -> int:
-        """How many frames follow ``first`` (read it first, then fetch that many more)."""
-        _, _, sizes, _ = _parse_head(first)
-        return sum(max(1, -(-s // CHUNK)) for s in sizes)
+    def frame_count(first: bytes, where: str = "") -> int:
+        """How many frames follow ``first`` (read it first, then fetch that many more).
+
+        Raises:
+            SerializationError: ``first`` is not an envelope, or claims more than ``MAX_FRAMES``.
+        """
+        _, _, sizes, _ = _parse_head(first, where)
+        count = sum(max(1, -(-s // CHUNK)) for s in sizes)
+        if count > MAX_FRAMES:
+            raise SerializationError(f"payload{where} claims {count} frames, more than the {MAX_FRAMES} rtq writes")
+        return count
 
     def loads(self, frames: Sequence[bytes], *, key: str, field: str) -> Any:
         """Verify and unpickle the frames stored at ``key``/``field``.
@@ -141,44 +167,57 @@ class Serializer:
         if not frames or frames[0] is None:
             raise SerializationError(f"no payload stored at {key} [{field}]")
         first = frames[0]
-        flags, offset, sizes, _ = _parse_head(first)
+        flags, offset, sizes, _ = _parse_head(first, f" at {key} [{field}]")
         rest = list(frames[1:])
         if any(f is None for f in rest):
             raise SerializationError(f"payload at {key} [{field}] is missing a frame")
         if self.secrets:
             if not flags & FLAG_SIGNED:
-                raise SignatureError(f"payload at {key} [{field}] is not signed")
+                raise SignatureError(
+                    f"payload at {key} [{field}] is not signed, and this side requires signatures "
+                    "(a secret is set): was it written without RTQ_SECRET, or forged?"
+                )
             mac = bytes(first[offset : offset + MAC_SIZE])
             head, body = first[:offset], first[offset + MAC_SIZE :]
             if len(mac) != MAC_SIZE or not any(
                 hmac.compare_digest(mac, _mac(s, key, field, head, body, rest)) for s in self.secrets
             ):
-                raise SignatureError(f"payload at {key} [{field}] has a bad signature")
+                raise SignatureError(
+                    f"payload at {key} [{field}] has a bad signature: signed with another secret, "
+                    "tampered with, or copied from another key"
+                )
         else:
             body = first[offset + MAC_SIZE :] if flags & FLAG_SIGNED else first[offset:]
         buffers = _join(rest, sizes, key, field)
         try:
             return pickle.loads(body, buffers=buffers)
         except Exception as exc:
-            raise SerializationError(
-                f"payload at {key} [{field}] cannot be unpickled: {type(exc).__name__}: {exc}"
+            raise UnreadablePayload(
+                f"payload at {key} [{field}] cannot be unpickled here: {type(exc).__name__}: {exc}"
             ) from exc
 
 
-def _parse_head(first: bytes) -> tuple[int, int, list[int], int]:
+def _size(n: int) -> str:
+    for unit, scale in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if n >= scale:
+            return f"{n / scale:.1f} {unit}"
+    return f"{n} bytes"
+
+
+def _parse_head(first: bytes, where: str = "") -> tuple[int, int, list[int], int]:
     if not isinstance(first, (bytes, bytearray, memoryview)) or len(first) < _HEAD.size:
-        raise SerializationError("payload is not an rtq envelope (too short)")
+        raise SerializationError(f"payload{where} is not an rtq envelope (too short)")
     magic, version, flags, count = _HEAD.unpack_from(first)
     if magic != MAGIC:
-        raise SerializationError("payload is not an rtq envelope (bad magic)")
+        raise SerializationError(f"payload{where} is not an rtq envelope (bad magic)")
     if version != VERSION:
         raise SerializationError(
-            f"payload has envelope version {version}; this rtq reads version {VERSION} "
+            f"payload{where} has envelope version {version}; this rtq reads version {VERSION} "
             "(are client and worker running the same rtq?)"
         )
     offset = _HEAD.size + count * _SIZE.size
     if count > 1_000_000 or len(first) < offset:
-        raise SerializationError("payload is not an rtq envelope (truncated header)")
+        raise SerializationError(f"payload{where} is not an rtq envelope (truncated header)")
     sizes = [_SIZE.unpack_from(first, _HEAD.size + i * _SIZE.size)[0] for i in range(count)]
     return flags, offset, sizes, count
 
@@ -222,6 +261,7 @@ def _join(chunks: list[bytes], sizes: list[int], key: str, field: str) -> list[b
 def describe_unpicklable(obj: Any, what: str, exc: BaseException) -> str:
     """Say which part of ``obj`` could not be pickled, e.g. ``args[0]: _thread.lock``."""
     path, culprit = _find_culprit(obj, what, depth=0)
+    path = path or what
     kind = f"{type(culprit).__module__}.{type(culprit).__qualname__}"
     if kind.startswith("builtins."):
         kind = kind[len("builtins.") :]
@@ -239,25 +279,38 @@ def _picklable(obj: Any) -> bool:
 def _find_culprit(obj: Any, path: str, depth: int) -> tuple[str, Any]:
     if depth > 8:
         return path, obj
-    children: list[tuple[str, Any]] = []
-    if isinstance(obj, (list, tuple)):
-        children = [(f"{path}[{i}]", v) for i, v in enumerate(obj)]
-    elif isinstance(obj, dict):
-        for k, v in obj.items():
-            children.append((f"{path}[{k!r}]", v))
-    elif hasattr(obj, "__dict__") and not isinstance(obj, type) and not callable(obj):
-        children = [(f"{path}.{k}", v) for k, v in vars(obj).items()]
-    elif callable(obj) and getattr(obj, "__closure__", None):
-        names = obj.__code__.co_freevars
-        children = [
-            (f"{path} (captured {n!r})", c.cell_contents)
-            for n, c in zip(names, obj.__closure__)
-            if _cell_filled(c)
-        ]
-    for child_path, child in children:
+    for child_path, child in _parts(obj, path):
         if not _picklable(child):
             return _find_culprit(child, child_path, depth + 1)
     return path, obj
+
+
+def _parts(obj: Any, path: str) -> list[tuple[str, Any]]:
+    """The parts of ``obj`` pickling descends into, each with the path that names it."""
+    from .calls import Call
+
+    if isinstance(obj, Call):  # a shipped call reads best as the call the user wrote
+        name = getattr(obj.fn, "__qualname__", None) or type(obj.fn).__qualname__
+        return [
+            (f"function {name}", obj.fn),
+            *((f"args[{i}]", v) for i, v in enumerate(obj.args)),
+            *((f"kwargs[{k!r}]", v) for k, v in obj.kwargs.items()),
+        ]
+    if isinstance(obj, (list, tuple)):
+        return [(f"{path}[{i}]", v) for i, v in enumerate(obj)]
+    if isinstance(obj, dict):
+        return [(f"{path}[{k!r}]", v) for k, v in obj.items()]
+    if isinstance(obj, types.MethodType):
+        return [(f"{path}.__self__", obj.__self__)]
+    if isinstance(obj, types.FunctionType):
+        # A function shipped by value carries its captured cells and the globals it names.
+        names = obj.__code__.co_freevars
+        parts = [(f"{path} (captured {n!r})", c.cell_contents) for n, c in zip(names, obj.__closure__ or ()) if _cell_filled(c)]
+        parts += [(f"{path} (global {n!r})", obj.__globals__[n]) for n in obj.__code__.co_names if n in obj.__globals__]
+        return parts
+    if hasattr(obj, "__dict__") and not isinstance(obj, type) and not callable(obj):
+        return [(f"{path}.{k}", v) for k, v in vars(obj).items()]
+    return []
 
 
 def _cell_filled(cell: Any) -> bool:

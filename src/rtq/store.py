@@ -37,7 +37,7 @@ import redis as redis_py
 from . import scripts
 from .errors import RemoteTaskError, SerializationError, TaskLost
 from .keys import Keys
-from .serialization import Serializer
+from .serialization import Serializer, UnreadablePayload
 from .task import RedisTask
 
 KEEP_S = 300.0
@@ -116,9 +116,16 @@ class TaskStore:
 
     def decode(self, key: str, name: str, first: bytes | None, extra: bytes | None) -> Any:
         frames: list[Any] = [first]
-        if extra:
-            tag, n = text(extra).split()
-            frames += self.redis.hmget(key, [f"{name}.{tag}.{i}" for i in range(int(n))])
+        if extra and first is not None:
+            # The frame list comes from Redis: check it against the envelope before fetching.
+            try:
+                tag, n = text(extra).split()
+                count = int(n)
+            except ValueError as exc:
+                raise SerializationError(f"payload at {key} [{name}] has a malformed frame list {extra!r}") from exc
+            if count != self.serializer.frame_count(first, f" at {key} [{name}]"):
+                raise SerializationError(f"payload at {key} [{name}] lists {count} frames; its envelope says otherwise")
+            frames += self.redis.hmget(key, [f"{name}.{tag}.{i}" for i in range(count)])
         return self.serializer.loads(frames, key=key, field=name)
 
     # -- caller side -----------------------------------------------------------------------
@@ -218,8 +225,8 @@ class TaskStore:
 
     def encode_error(self, key: str, exc: BaseException, tag: str) -> dict[str, Any]:
         """The fields that carry ``exc``: its envelope, or a :class:`RemoteTaskError` if it cannot travel."""
-        tb = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
-        info = {"type": _qualname(type(exc)), "message": str(exc), "traceback": tb}
+        tb = _clip("".join(traceback.format_exception(type(exc), exc, exc.__traceback__)))
+        info = {"type": _qualname(type(exc)), "message": _clip(_safe_str(exc)), "traceback": tb}
         fields: dict[str, Any] = {"error_text": json.dumps(info)}
         try:
             fields.update(self.encode(key, "error", exc, tag, "exception"))
@@ -228,18 +235,47 @@ class TaskStore:
         return fields
 
     def error_of(self, key: str, raw: dict[str, Any]) -> BaseException:
-        info = json.loads(text(raw["error_text"])) if raw.get("error_text") else {}
+        info = _error_info(raw.get("error_text"))
         try:
             exc = self.decode(key, "error", raw.get("error"), raw.get("error#"))
-        except SerializationError:
-            if not info:
+        except SerializationError as err:
+            # The JSON text is unsigned: with a secret it only stands in for an exception whose
+            # envelope verified but cannot be rebuilt here (its type is missing on this side).
+            if not info or (self.serializer.signed and not isinstance(err, UnreadablePayload)):
                 raise
-            return RemoteTaskError(info.get("type", "Exception"), info.get("message", ""), info.get("traceback", ""))
+            return RemoteTaskError(info["type"], info["message"], info["traceback"])
         if not isinstance(exc, BaseException):
             return RemoteTaskError(type(exc).__name__, repr(exc))
         if info.get("traceback") and exc.__cause__ is None and not isinstance(exc, RemoteTaskError):
             exc.__cause__ = _RemoteTraceback(info["traceback"])
         return exc
+
+
+def _safe_str(exc: BaseException) -> str:
+    try:
+        return str(exc)
+    except Exception:  # a hostile or broken __str__ must not stop the outcome from being stored
+        return f"<{type(exc).__name__}: str() failed>"
+
+
+def _clip(value: str, limit: int = 100_000) -> str:
+    """Keep error text small enough to travel whatever the payload limit."""
+    return value if len(value) <= limit else value[: limit // 2] + "\n[... clipped ...]\n" + value[-limit // 2 :]
+
+
+def _error_info(value: Any) -> dict[str, str]:
+    """The ``error_text`` JSON as ``{type, message, traceback}``, or {} when absent or malformed."""
+    try:
+        info = json.loads(text(value)) if value else {}
+    except ValueError:
+        return {}
+    if not isinstance(info, dict):
+        return {}
+    return {
+        "type": str(info.get("type", "Exception")),
+        "message": str(info.get("message", "")),
+        "traceback": str(info.get("traceback", "")),
+    }
 
 
 def _qualname(cls: type) -> str:

@@ -10,7 +10,7 @@
 -- when it must be skipped (its data expired, it was cancelled or it already ended); a skipped id
 -- is dropped from the worker's list.
 local state = redis.call('HGET', KEYS[1], 'state')
-local expiry = tonumber(redis.call('HGET', KEYS[1], 'expiry') or '0')
+local expiry = tonumber(redis.call('HGET', KEYS[1], 'expiry') or '0') or 0  -- garbage: expired
 if state ~= 'queued' or expiry < tonumber(ARGV[3]) then
   redis.call('LREM', KEYS[2], -1, ARGV[1])
   return nil
