@@ -39,7 +39,7 @@ def _parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     demo = sub.add_parser("demo", help="run a demo on an embedded server with local workers")
-    demo.add_argument("--tasks", type=int, default=24, help="how many tasks to run (default 24)")
+    demo.add_argument("--tasks", type=int, default=0, help="run only the first N jobs (default: all)")
     demo.add_argument("--workers", type=int, default=2, help="worker processes to start (default 2)")
 
     worker = sub.add_parser("worker", help="serve one or more queues")
@@ -55,6 +55,7 @@ def _parser() -> argparse.ArgumentParser:
     worker.add_argument("--lease", type=float, default=10.0, help="heartbeat lease in seconds (default 10)")
     worker.add_argument("--max-attempts", type=int, default=3, help="claims before a task fails (default 3)")
     worker.add_argument("--insecure", action="store_true", help="serve a Redis on another machine without RTQ_SECRET (tasks are pickles)")
+    worker.add_argument("--gpus", help="one worker process per GPU: 'all' or indices like 0,1 (sets CUDA_VISIBLE_DEVICES)")
     worker.add_argument("-v", "--verbose", action="store_true", help="log every task")
 
     status = sub.add_parser("status", help="show workers, queues and running tasks")
@@ -65,7 +66,9 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = _parser().parse_args(argv)
+    args.argv = argv
     if args.command == "worker":
         return worker_main(args)
     if args.command == "status":
@@ -73,6 +76,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     from .demo import run_demo
 
     return run_demo(tasks=args.tasks, workers=args.workers)
+
+
+def _without_gpus(argv: list[str]) -> list[str]:
+    """The worker's own arguments minus ``--gpus``, for its per-GPU children."""
+    out: list[str] = []
+    skip = False
+    for arg in argv:
+        if skip:
+            skip = False
+        elif arg == "--gpus":
+            skip = True
+        elif not arg.startswith("--gpus="):
+            out.append(arg)
+    return out
 
 
 def _url_or_exit(url: str | None, what: str) -> str:
@@ -95,6 +112,15 @@ def worker_main(args: argparse.Namespace) -> int:
         format="%(asctime)s %(name)s %(levelname)s %(message)s",
     )
     url = _url_or_exit(args.url, "worker")
+    if args.gpus is not None:
+        from .gpus import parse_gpus, supervise
+
+        try:
+            gpus = parse_gpus(args.gpus)
+        except ValueError as exc:
+            print(f"rtq worker: {exc}", file=sys.stderr)
+            return 2
+        return supervise(_without_gpus(args.argv[1:]), gpus)
     for name in args.names:
         try:
             check_name("queue name", name)
@@ -125,7 +151,11 @@ def worker_main(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         return 2
-    listener = Listener(queue, list(args.names), workers=args.workers, lease=args.lease, grace=args.grace)
+    from .closures import runtime_versions
+    from .gpus import visible_gpus
+
+    info = {**runtime_versions(), "gpus": visible_gpus()}
+    listener = Listener(queue, list(args.names), workers=args.workers, lease=args.lease, grace=args.grace, info=info)
 
     def stop(signum: int, frame: Any) -> None:
         logging.getLogger("rtq.worker").warning("%s: finishing running tasks, then exiting", signal.Signals(signum).name)

@@ -75,8 +75,7 @@ class TaskFuture(concurrent.futures.Future):  # type: ignore[type-arg]
             return self.cancelled()
         state = self._executor.queue.cancel(self.task_id, running=False)
         if state == "queued" or state == "cancelled":
-            self._executor._forget(self.task_id)
-            return super().cancel()
+            return self._mark_cancelled()
         return False
 
     def stop(self) -> bool:
@@ -85,9 +84,17 @@ class TaskFuture(concurrent.futures.Future):  # type: ignore[type-arg]
             return False
         state = self._executor.queue.cancel(self.task_id, running=True)
         if state == "queued":
-            self._executor._forget(self.task_id)
-            return super().cancel()
+            return self._mark_cancelled()
         return state == "running"
+
+    def _mark_cancelled(self) -> bool:
+        self._executor._forget(self.task_id)
+        if not super().cancel():
+            return False
+        # What an executor does when it would have run a cancelled call: it moves the future to
+        # CANCELLED_AND_NOTIFIED, which concurrent.futures.wait/as_completed count as done.
+        self.set_running_or_notify_cancel()
+        return True
 
     def __await__(self) -> Generator[Any, None, Any]:
         return asyncio.wrap_future(self).__await__()
@@ -102,6 +109,9 @@ class Executor(concurrent.futures.Executor):
         timeout: Deadline of each call in seconds (default: the queue's ``timeout``).
         check_versions: Refuse to ship to workers with another Python or cloudpickle.
     """
+
+    future_class: type[TaskFuture] = TaskFuture
+    """The future ``submit`` returns; a subclass may return richer ones (``%%rtq``'s cell futures)."""
 
     def __init__(self, queue: RedisTaskQueue, name: str = "default", *, timeout: float | None = None,
                  check_versions: bool = True) -> None:
@@ -141,7 +151,7 @@ class Executor(concurrent.futures.Executor):
         tasks = [
             RedisTask(id=uuid.uuid4().hex, name=self.name, params=call, expiry=expiry) for call in calls
         ]
-        futures = [TaskFuture(self, t) for t in tasks]
+        futures = [self.future_class(self, t) for t in tasks]
         with self._lock:
             for fut in futures:
                 self._pending[fut.task_id] = fut

@@ -25,7 +25,9 @@ def gather_status(queue: RedisTaskQueue) -> dict[str, Any]:
         queues[keys.queue_name(text(key))] = redis.llen(key)
     running: list[dict[str, Any]] = []
     for worker in workers:
-        for task_id in worker.get("running", []):
+        # The worker's in-progress list is the truth; its record's copy is a heartbeat old.
+        worker["running"] = [text(i) for i in redis.lrange(keys.running(worker["id"]), 0, -1)]
+        for task_id in worker["running"]:
             name, progress = redis.hmget(keys.task(task_id), ["name", "progress"])
             current, total, _ = (text(progress) or "0 100 0").split()
             running.append({"id": task_id, "queue": text(name), "worker": worker["id"], "current": float(current), "total": float(total)})
