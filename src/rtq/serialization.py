@@ -42,7 +42,7 @@ FLAG_SIGNED = 0x01
 MAC_SIZE = hashlib.sha256().digest_size
 CHUNK = 64 * 1024 * 1024
 """Largest single frame written to Redis; bigger buffers are split into several fields."""
-DEFAULT_MAX_PAYLOAD = 256 * 1024 * 1024
+DEFAULT_MAX_PAYLOAD = 400 * 1024 * 1024
 """Refuse to ship more than this many bytes in one payload unless configured otherwise."""
 MAX_VALUE = 500 * 1024 * 1024
 """Largest pickle stream (the first frame): Redis refuses values over 512 MB by default."""
