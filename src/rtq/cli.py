@@ -58,6 +58,9 @@ def _parser() -> argparse.ArgumentParser:
     worker.add_argument("--gpus", help="one worker process per GPU: 'all' or indices like 0,1 (sets CUDA_VISIBLE_DEVICES)")
     worker.add_argument("-v", "--verbose", action="store_true", help="log every task")
 
+    server = sub.add_parser("server", help="run the embedded server in the foreground (for a machine without Redis)")
+    server.add_argument("--port", type=int, default=None, help="TCP port on 127.0.0.1 (default: a free one)")
+
     status = sub.add_parser("status", help="show workers, queues and running tasks")
     status.add_argument("--url", help="Redis URL (default: RTQ_REDIS_URL)")
     status.add_argument("--prefix", default="rtq")
@@ -73,6 +76,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return worker_main(args)
     if args.command == "status":
         return status_main(args)
+    if args.command == "server":
+        return server_main(args)
     from .demo import run_demo
 
     return run_demo(tasks=args.tasks, workers=args.workers)
@@ -183,4 +188,26 @@ def status_main(args: argparse.Namespace) -> int:
     except RtqError as exc:
         print(f"rtq status: {exc}", file=sys.stderr)
         return 1
+    return 0
+
+
+def server_main(args: argparse.Namespace) -> int:
+    """Run the embedded server until SIGTERM/SIGINT; prints its URL first."""
+    from .errors import RtqError
+    from .server import EmbeddedServer
+
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    signal.signal(signal.SIGINT, lambda *_: stop.set())
+    try:
+        server = EmbeddedServer(port=args.port).start()
+    except RtqError as exc:
+        print(f"rtq server: {exc}", file=sys.stderr)
+        return 1
+    print(f"rtq server: {server.url}  (export RTQ_REDIS_URL={server.url})", flush=True)
+    try:
+        while not stop.wait(1.0) and server.running:
+            pass
+    finally:
+        server.stop()
     return 0
