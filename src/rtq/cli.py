@@ -173,6 +173,13 @@ def worker_main(args: argparse.Namespace) -> int:
     runner.start()
     while runner.is_alive():  # the main thread stays free to take signals
         runner.join(0.5)
+    if listener.abandoned:
+        # Tasks stuck in a C call ignored the stop after the grace period; they were requeued,
+        # and waiting for them would keep this process alive: leave now, with a clean status.
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)
     return 0
 
 

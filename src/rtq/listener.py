@@ -2,8 +2,10 @@
 
 One claim thread per queue takes a task only while a slot is free, and moves its id atomically
 (BLMOVE) from the queue into this listener's in-progress list, so an id is never held only in
-memory. A heartbeat thread keeps the listener markers and this worker's lease fresh whatever the
-tasks do, and gives back the tasks of workers whose lease lapsed.
+memory. A heartbeat thread keeps the listener markers and this worker's lease fresh, gives back
+the tasks of workers whose lease lapsed, and stops running tasks nobody wants any more
+(:mod:`rtq.stopper`). Because a task holding the GIL freezes that thread too, a separate helper
+process (:mod:`rtq.heartbeat`) keeps the lease and markers alive as well.
 """
 
 from __future__ import annotations
@@ -20,10 +22,12 @@ from typing import TYPE_CHECKING, Any
 
 import redis as redis_py
 
-from .errors import RtqError, SerializationError, SignatureError
+from .errors import RtqError, SerializationError, SignatureError, TaskCancelled, TaskTimeout
+from .heartbeat import HeartbeatConfig, HeartbeatHelper, connection_settings
 from .keys import check_name
 from .recovery import Reaper
-from .store import KEEP_S, EVENTS_MAXLEN, text
+from .stopper import Stopper
+from .store import EVENTS_MAXLEN, KEEP_S, text
 from .task import RedisTask, running
 
 if TYPE_CHECKING:
@@ -51,6 +55,8 @@ class Listener:
         grace: On stop, seconds running tasks get to finish before they are requeued
             (None: wait for them).
         info: Extra fields announced in this worker's heartbeat record.
+        heartbeat_process: Also keep the lease alive from a helper process, which a task holding
+            the GIL cannot starve (see :mod:`rtq.heartbeat`).
     """
 
     def __init__(
@@ -64,6 +70,7 @@ class Listener:
         grace: float | None = None,
         info: dict[str, Any] | None = None,
         worker_id: str | None = None,
+        heartbeat_process: bool = True,
     ) -> None:
         if not names:
             raise ValueError("listen() needs at least one queue name")
@@ -98,6 +105,18 @@ class Listener:
         self.reaper = Reaper(queue)
         self.stopped = threading.Event()
         self.tasks_done = 0
+        self.heartbeat_process = heartbeat_process
+        self.helper: HeartbeatHelper | None = None
+        self.claiming: set[str] = set()  # ids moved into our list, not yet in ``active``
+        self.suspects: dict[str, float] = {}  # ids in our list we do not hold, and since when
+        self.abandoned: list[str] = []  # tasks still running after shutdown requeued them
+        # Test hook: pause right after BLMOVE, before claim.lua, writing the id to this file.
+        self.pause_after_move = os.environ.get("RTQ_TEST_PAUSE_AFTER_MOVE")
+
+    @property
+    def period(self) -> float:
+        """Seconds between heartbeats: several per lease and several per marker lifetime."""
+        return max(0.05, min(self.lease / 5, self.queue.interval, self.queue.timeout / 3))
 
     # -- lifecycle -------------------------------------------------------------------------
     def run(self) -> None:
@@ -105,6 +124,7 @@ class Listener:
         for name in self.names:
             self.queue.set_queue_listened(name)
         self.beat()
+        self._start_helper()
         beat = threading.Thread(target=self._beat_loop, name=f"rtq-heartbeat-{self.id}", daemon=True)
         beat.start()
         pool = ThreadPoolExecutor(self.workers, thread_name_prefix="rtq-task")
@@ -119,12 +139,18 @@ class Listener:
             self.event.wait()
         finally:
             self.event.set()
-            for thread in claimers:
-                thread.join()
-            self._drain(pool)
-            self.stopped.set()
-            beat.join()
-            self._retire()
+            try:
+                if self.helper is not None:
+                    self.helper.drain()
+                for thread in claimers:
+                    thread.join()
+                self._drain(pool)
+                self.stopped.set()
+                beat.join()
+            finally:
+                if self.helper is not None:
+                    self.helper.close()
+                self._retire()
 
     def stop(self) -> None:
         self.event.set()
@@ -135,8 +161,38 @@ class Listener:
             ids = list(self.active)
         if not finished:
             logger.warning("grace period over: requeueing %d running task(s): %s", len(ids), ", ".join(ids))
-            self.reaper.give_back(self.id, refund=True)
+            try:
+                self.reaper.give_back(self.id, refund=True)
+            except redis_py.RedisError as exc:  # they stay in our list: any worker requeues them
+                logger.warning("could not requeue %s (%s); they return when this lease lapses", ids, exc)
+            with self.idle:
+                for task in self.active.values():
+                    _stopper(task).stop(TaskCancelled, "was requeued: its worker shut down")
+                # A task inside a long C call cannot be stopped; the caller exits without it.
+                if not self.idle.wait_for(lambda: not self.active, timeout=max(1.0, self.period)):
+                    self.abandoned = list(self.active)
         pool.shutdown(wait=finished, cancel_futures=True)
+
+    def _start_helper(self) -> None:
+        if not self.heartbeat_process:
+            return
+        connection_class, connection_kwargs = connection_settings(self.redis)
+        config = HeartbeatConfig(
+            connection_class=connection_class,
+            connection_kwargs=connection_kwargs,
+            prefix=self.keys.prefix,
+            suffix=self.keys.suffix,
+            worker_id=self.id,
+            names=list(self.names),
+            lease=self.lease,
+            marker_ttl=self.queue.timeout,
+            period=self.period,
+            parent_pid=os.getpid(),
+            record=dict(self.info),
+        )
+        self.helper = HeartbeatHelper(config)
+        if self.helper.start():
+            self.info["heartbeat_pid"] = self.helper.pid
 
     def _retire(self) -> None:
         try:
@@ -156,7 +212,9 @@ class Listener:
         now = time.time()
         with self.lock:
             running_ids = list(self.active)
-        record = json.dumps({**self.info, "beat": now, "running": running_ids, "done": self.tasks_done})
+        record = json.dumps(
+            {**self.info, "beat": now, "running": running_ids, "done": self.tasks_done, "stopping": self.event.is_set()}
+        )
         pipe = self.redis.pipeline(transaction=False)
         pipe.set(self.keys.worker(self.id), record, px=int(self.lease * 1000))
         pipe.zadd(self.keys.workers(), {self.id: now + self.lease})
@@ -166,16 +224,85 @@ class Listener:
         pipe.execute()
 
     def _beat_loop(self) -> None:
-        period = max(0.05, min(self.lease / 5, self.queue.interval, self.queue.timeout / 3))
+        period = self.period
+        # Never back off past a third of the lease: once Redis is back, the lease must be too.
+        longest = max(period, min(5.0, self.lease / 3))
         backoff = period
         while not self.stopped.wait(backoff):
+            if self.helper is not None:
+                self.helper.ensure()
             try:
                 self.beat()
                 self.reaper.reap(exclude=self.id)
+                self._watch()
+                self._audit()
                 backoff = period
             except redis_py.RedisError as exc:
-                backoff = min(backoff * 2, 5.0)
+                backoff = min(backoff * 2, longest)
                 logger.warning("heartbeat failed (%s); retrying in %.1fs", exc, backoff)
+
+    def _watch(self) -> None:
+        """Stop running tasks nobody wants any more: cancelled, taken over, vanished or expired.
+
+        A task that calls ``update()`` learns it there; this reaches the ones that never do
+        (see :mod:`rtq.stopper` for what it can and cannot interrupt).
+        """
+        with self.lock:
+            tasks = list(self.active.values())
+        if not tasks:
+            return
+        pipe = self.redis.pipeline(transaction=False)
+        for task in tasks:
+            pipe.hmget(self.keys.task(task.id), ["state", "owner", "attempt", "token"])
+        now = time.time()
+        for task, (state, owner, attempt, token) in zip(tasks, pipe.execute(), strict=True):
+            exc_type: type[BaseException] = TaskCancelled
+            mine = text(owner) == self.id and text(attempt) == str(task._attempt)  # type: ignore[attr-defined]
+            if getattr(task, "_token", "") and token is not None and text(token) != task._token:  # type: ignore[attr-defined]
+                mine = False
+            if state is None:
+                reason = "lost its data in Redis (restart, eviction or flush)"
+            elif text(state) == "cancelled":
+                reason = "was cancelled"
+            elif text(state) != "running" or not mine:
+                reason = "was taken over by another worker"
+            elif task.expiry < now:
+                reason, exc_type = "ran past its deadline", TaskTimeout
+            else:
+                continue
+            stopper = _stopper(task)
+            if stopper.noticed is None:
+                stopper.noticed = now
+            window = max(1.0, 2 * self.period)
+            if exc_type is TaskCancelled and now - task._reported_at < window and now - stopper.noticed < window:
+                continue  # it calls update(), which raises at a point of its own choosing
+            if not stopper.requested:
+                logger.warning("stopping task %s in %s: it %s", task.id, task.name, reason)
+                if state is None:  # wake its caller now, who then finds the data gone
+                    pipe = self.redis.pipeline(transaction=False)
+                    pipe.rpush(task._notify, task.id)  # type: ignore[attr-defined]
+                    pipe.pexpire(task._notify, int(KEEP_S * 1000))  # type: ignore[attr-defined]
+                    pipe.execute()
+            stopper.stop(exc_type, reason)
+
+    def _audit(self) -> None:
+        """Give back ids sitting in this worker's list that it does not hold.
+
+        BLMOVE can move an id whose reply never arrives (a connection dropped mid-call, a Redis
+        restart with persistence): the id would sit in a live worker's list forever. One seen
+        there, unheld, for a whole lease goes back to its queue.
+        """
+        listed = {text(i) for i in self.redis.lrange(self.running_key, 0, -1)}
+        with self.lock:
+            held = set(self.active) | self.claiming
+        now = time.monotonic()
+        self.suspects = {i: self.suspects.get(i, now) for i in listed - held}
+        due = [i for i, since in self.suspects.items() if now - since >= max(self.lease, 3 * self.period)]
+        if due:
+            logger.warning("giving back task(s) this worker lost track of: %s", ", ".join(due))
+            self.reaper.give_back(self.id, refund=True, only=due)
+            for task_id in due:
+                self.suspects.pop(task_id, None)
 
     # -- claiming --------------------------------------------------------------------------
     def _claim_loop(self, name: str, pool: ThreadPoolExecutor) -> None:
@@ -188,19 +315,34 @@ class Listener:
                 continue
             handed_over = False
             try:
+                if self.event.is_set():  # stopped while waiting for a slot
+                    break
                 if backoff:
                     self.event.wait(backoff)
                     if self.event.is_set():
                         break
-                task_id = self.redis.blmove(queue_key, self.running_key, max(0.01, wait_cap), "LEFT", "RIGHT")
+                moved = self.redis.blmove(queue_key, self.running_key, max(0.01, wait_cap), "LEFT", "RIGHT")
                 backoff = 0.0
-                if task_id is None:
+                if moved is None:
                     continue
-                task = self._claim(text(task_id))
-                if task is None:
-                    continue
+                task_id = text(moved)
                 with self.lock:
-                    self.active[task.id] = task
+                    self.claiming.add(task_id)
+                try:
+                    if self.event.is_set():  # stopped during the blocking move: put it back
+                        self.reaper.give_back(self.id, refund=True, only=[task_id])
+                        continue
+                    if self.pause_after_move:
+                        self._pause_for_tests(task_id)
+                    task = self._claim(task_id)
+                    if task is None:
+                        continue
+                    task._stopper = Stopper()  # type: ignore[attr-defined]
+                    with self.lock:
+                        self.active[task.id] = task
+                finally:
+                    with self.lock:
+                        self.claiming.discard(task_id)
                 pool.submit(self._execute, task)
                 handed_over = True
             except redis_py.RedisError as exc:
@@ -211,6 +353,12 @@ class Listener:
             finally:
                 if not handed_over:
                     self.free.release()
+
+    def _pause_for_tests(self, task_id: str) -> None:
+        """Hold a moved-but-unclaimed id until stopped, so a test can kill the worker right here."""
+        with open(self.pause_after_move, "a") as fh:  # type: ignore[arg-type]
+            fh.write(f"{task_id}\n")
+        self.event.wait()
 
     def _claim(self, task_id: str) -> RedisTask | None:
         key = self.keys.task(task_id)
@@ -250,26 +398,38 @@ class Listener:
         progress = self.store.scripts["progress"]
         key, events = self.keys.task(task.id), self.keys.events(task.id)
 
+        stopper = _stopper(task)
+
         def report(t: RedisTask) -> str | None:
-            state = progress(
-                keys=[key, events],
-                args=[
-                    self.id,
-                    attempt,
-                    f"{t.current_progress!r} {t.total_progress!r} {t.update_progress_time!r}",
-                    EVENTS_MAXLEN,
-                    getattr(t, "_token", ""),
-                ],
-            )
+            try:
+                # Shielded: a stop landing mid-call would leave a shared connection with an
+                # unread reply; the state returned here stops the task just as well.
+                with stopper.shielded():
+                    state = progress(
+                        keys=[key, events],
+                        args=[
+                            self.id,
+                            attempt,
+                            f"{t.current_progress!r} {t.total_progress!r} {t.update_progress_time!r}",
+                            EVENTS_MAXLEN,
+                            getattr(t, "_token", ""),
+                        ],
+                    )
+            except (redis_py.ConnectionError, redis_py.TimeoutError) as exc:
+                # Redis away for a moment: the task goes on; its outcome is stored once it is back.
+                logger.warning("could not report the progress of task %s (%s)", task.id, exc)
+                return "running"
             return text(state) if state is not None else "lost"
 
         task._report = report
         task._save = lambda: report(task) and None
         try:
             try:
-                with running(task):
+                with running(task), stopper.armed():
                     result = self.queue.task_fn(task)  # type: ignore[misc]
             except BaseException as exc:  # a task must never take its worker down
+                if stopper.exc_type is not None and isinstance(exc, stopper.exc_type) and not str(exc):
+                    exc = stopper.exc_type(f"Task {task.id} in {task.name} {stopper.reason}")  # raised bare
                 self._finish(task, "failed", exc)
             else:
                 self._finish(task, "done", result)
@@ -294,6 +454,28 @@ class Listener:
         if state == "failed":
             fields = self.store.encode_error(key, value, tag)
         first, rest = _split_frames(fields, ("result", "error", "error_text"))
+        # Redis away (restarting): keep the outcome and retry with backoff, rather than leave
+        # the task running forever in a live worker's list.
+        give_up = max(task.expiry, time.time() + 60)
+        backoff = 0.1
+        while True:
+            try:
+                stored = self._store_outcome(task, key, attempt, state, first, rest)
+                break
+            except (redis_py.ConnectionError, redis_py.TimeoutError) as exc:
+                if time.time() + backoff > give_up:
+                    raise
+                logger.warning("cannot store the outcome of task %s (%s); retrying in %.1fs", task.id, exc, backoff)
+                time.sleep(backoff)
+                backoff = min(backoff * 2, 5.0)
+        if not stored:
+            logger.info("discarded the outcome of task %s: cancelled, expired or taken over", task.id)
+        elif state == "failed":
+            logger.info("task %s in %s failed: %s", task.id, task.name, _short(value))
+
+    def _store_outcome(
+        self, task: RedisTask, key: str, attempt: str, state: str, first: dict[str, Any], rest: dict[str, Any]
+    ) -> bool:
         if rest:  # big frames go in plain writes; their attempt tag keeps them fenced
             self.redis.hset(key, mapping=rest)
         stored = self.store.scripts["finish"](
@@ -309,10 +491,14 @@ class Listener:
                 *_flatten(first),
             ],
         )
-        if not stored:
-            logger.info("discarded the outcome of task %s: cancelled, expired or taken over", task.id)
-        elif state == "failed":
-            logger.info("task %s in %s failed: %s", task.id, task.name, _short(value))
+        return bool(stored)
+
+
+def _stopper(task: RedisTask) -> Stopper:
+    stopper: Stopper | None = getattr(task, "_stopper", None)
+    if stopper is None:
+        stopper = task._stopper = Stopper()  # type: ignore[attr-defined]
+    return stopper
 
 
 def _split_frames(fields: dict[str, Any], small: tuple[str, ...]) -> tuple[dict[str, Any], dict[str, Any]]:

@@ -58,14 +58,15 @@ class Reaper:
             return False
         return not self.redis.exists(self.keys.worker(text(owner)))
 
-    def give_back(self, worker: str, *, refund: bool = False) -> int:
+    def give_back(self, worker: str, *, refund: bool = False, only: list[str] | None = None) -> int:
         """Requeue (or fail) each task ``worker`` claimed; ``refund`` keeps its attempt count.
 
+        ``only`` limits it to those ids (a live worker giving back ids it does not hold).
         Returns how many tasks were requeued or failed.
         """
         running = self.keys.running(worker)
         moved = 0
-        for raw_id in self.redis.lrange(running, 0, -1):
+        for raw_id in self.redis.lrange(running, 0, -1) if only is None else only:
             task_id = text(raw_id)
             key = self.keys.task(task_id)
             name, notify, attempt = (text(v) for v in self.redis.hmget(key, ["name", "notify", "attempt"]))
@@ -99,7 +100,7 @@ class Reaper:
             if outcome != "skipped":
                 moved += 1
                 logger.warning("task %s of worker %s: %s", task_id, worker, outcome)
-        if not refund and not self.redis.llen(running):
+        if not refund and only is None and not self.redis.llen(running):
             pipe = self.redis.pipeline(transaction=False)
             pipe.zrem(self.keys.workers(), worker)
             pipe.delete(running)

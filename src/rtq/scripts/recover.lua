@@ -22,6 +22,12 @@ if redis.call('LREM', KEYS[2], -1, ARGV[1]) == 0 then
   return 'skipped'
 end
 local cur = redis.call('HMGET', KEYS[1], 'state', 'owner', 'attempt')
+if cur[1] == 'queued' then
+  -- Moved into the worker's list but never claimed (the worker died between BLMOVE and
+  -- claim.lua): it left the queue, so it must go back; it used no attempt.
+  redis.call('LPUSH', KEYS[3], ARGV[1])
+  return 'requeued'
+end
 if cur[1] ~= 'running' or cur[2] ~= ARGV[2] then
   return 'skipped'
 end

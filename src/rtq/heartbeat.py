@@ -1,0 +1,324 @@
+"""A worker's heartbeat helper: a small separate process that task code cannot starve.
+
+A task that holds the GIL in C code (a long numpy call, a C extension loop) freezes every thread
+of its worker, the in-process heartbeat thread included; with only that thread, such a worker
+would look dead after one lease and its task would be run a second time elsewhere. So each
+listener also starts this helper process, which refreshes the worker's
+lease, its ``workers`` score and the listener markers on its own clock, as long as the worker
+process is alive and not stopped:
+
+* parent stopped (SIGSTOP, state ``T`` in ``/proc/<pid>/stat``): the helper skips its beats, so
+  the lease lapses and the worker's tasks are requeued — a frozen worker must not hold tasks, and
+  fencing then discards whatever it produces when it resumes;
+* parent gone (the control pipe hits EOF, or ``getppid()`` changes): the helper ends the lease at
+  once (``heartbeat.lua`` ``dead``), so a crashed worker's tasks are requeued within one reaping
+  period instead of one lease, then exits;
+* Redis unreachable: it retries with backoff (never more than a third of the lease apart) and
+  logs once per outage.
+
+The parent talks to the helper over the helper's stdin: the first line carries the settings
+(pickled, base64; never on the command line, where other users could read a password), then
+``drain`` (keep the lease, stop marking queues as listened) and ``exit`` (stop beating, the
+worker retires its own record).
+
+What this is NOT: a watchdog for a task that hangs while holding no GIL. A live, running worker
+keeps its lease however long its tasks take; deadlines (``expiry``) and cancellation stop those.
+Without ``/proc`` (macOS, Windows) a stopped parent cannot be told from a busy one, so only the
+death of the parent ends the lease early.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import logging
+import os
+import pickle
+import queue
+import signal
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO, Any
+
+import redis as redis_py
+from redis.backoff import NoBackoff
+from redis.retry import Retry
+
+from . import scripts
+from .keys import Keys
+
+logger = logging.getLogger("rtq.heartbeat")
+
+__all__ = ["HeartbeatConfig", "HeartbeatHelper", "parent_state"]
+
+# Connection settings that travel to the helper; pools and handlers the client built for itself
+# (locks, registries) cannot, and the helper chooses its own timeouts and retries.
+_CONNECTION_SETTINGS = {
+    "host",
+    "port",
+    "db",
+    "username",
+    "password",
+    "path",
+    "socket_keepalive",
+    "socket_keepalive_options",
+    "socket_type",
+    "client_name",
+    "credential_provider",
+    "protocol",
+    "encoding",
+}
+
+_EOF = "<eof>"
+# Run through an import (not ``-m``), so the pickled settings name the very module that runs.
+_ENTRY = "import sys; from rtq.heartbeat import main; sys.exit(main())"
+
+
+@dataclass
+class HeartbeatConfig:
+    """What the helper needs to beat for one worker (sent to it pickled, through its stdin)."""
+
+    connection_class: type
+    connection_kwargs: dict[str, Any]
+    prefix: str
+    suffix: str
+    worker_id: str
+    names: list[str]
+    lease: float
+    marker_ttl: float
+    period: float
+    parent_pid: int
+    record: dict[str, Any] = field(default_factory=dict)
+
+
+def connection_settings(client: redis_py.Redis) -> tuple[type, dict[str, Any]]:
+    """The connection class and the picklable settings that reach the same server as ``client``."""
+    pool = client.connection_pool
+    kwargs: dict[str, Any] = {}
+    for key, value in pool.connection_kwargs.items():
+        if key not in _CONNECTION_SETTINGS and not key.startswith("ssl"):
+            continue
+        try:
+            pickle.dumps(value)
+        except Exception:
+            logger.debug("heartbeat helper: connection setting %s cannot travel; left out", key)
+            continue
+        kwargs[key] = value
+    return pool.connection_class, kwargs
+
+
+def parent_state(pid: int) -> str | None:
+    """The scheduler state letter of process ``pid`` (``R``, ``S``, ``T``, ``Z``…), or None.
+
+    None means unknown: no ``/proc`` (not Linux) or the process is gone.
+    """
+    try:
+        raw = Path(f"/proc/{pid}/stat").read_bytes()
+    except OSError:
+        return None
+    # The command name (field 2) sits in parentheses and may itself hold spaces or parentheses.
+    rest = raw[raw.rfind(b")") + 2 :]
+    return rest[:1].decode() or None
+
+
+# -- parent side -------------------------------------------------------------------------------
+class HeartbeatHelper:
+    """Starts and commands the heartbeat helper process of one listener."""
+
+    def __init__(self, config: HeartbeatConfig) -> None:
+        self.config = config
+        self.process: subprocess.Popen[bytes] | None = None
+        self.closed = False
+        self.mode = "serve"
+
+    @property
+    def pid(self) -> int | None:
+        return self.process.pid if self.process is not None else None
+
+    def alive(self) -> bool:
+        return self.process is not None and self.process.poll() is None
+
+    def start(self) -> bool:
+        """Start the helper; returns False (and logs) when it cannot run here."""
+        root = str(Path(__file__).resolve().parent.parent)
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p)}
+        payload = base64.b64encode(pickle.dumps(self.config)) + b"\n" + self.mode.encode() + b"\n"
+        try:
+            self.process = subprocess.Popen(
+                # The trailing arguments only make the helper recognisable in ps/top.
+                [sys.executable, "-c", _ENTRY, "rtq-heartbeat", self.config.worker_id],
+                stdin=subprocess.PIPE,
+                stdout=subprocess.DEVNULL,
+                env=env,
+                close_fds=True,
+            )
+            assert self.process.stdin is not None
+            self.process.stdin.write(payload)
+            self.process.stdin.flush()
+        except Exception as exc:
+            logger.warning(
+                "cannot start the heartbeat helper (%s): a task holding the GIL may now make this worker look dead",
+                exc,
+            )
+            self.process = None
+            return False
+        return True
+
+    def ensure(self) -> None:
+        """Restart the helper if it died while the listener still runs."""
+        if self.closed or self.alive():
+            return
+        if self.process is not None:
+            logger.warning("heartbeat helper exited (code %s); restarting it", self.process.returncode)
+            self._close_pipe()
+        self.start()
+
+    def drain(self) -> None:
+        """Keep the lease, but stop marking the queues as listened."""
+        self.mode = "drain"
+        self._send("drain")
+
+    def close(self, timeout: float = 5.0) -> None:
+        """Stop the helper (the listener then removes its own record)."""
+        self.closed = True
+        process = self.process
+        if process is None:
+            return
+        self._send("exit")
+        self._close_pipe()
+        try:
+            process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+    def _send(self, command: str) -> None:
+        process = self.process
+        if process is None or process.stdin is None or process.stdin.closed:
+            return
+        try:
+            process.stdin.write(command.encode() + b"\n")
+            process.stdin.flush()
+        except (OSError, ValueError):  # the helper is gone; ensure() restarts it
+            pass
+
+    def _close_pipe(self) -> None:
+        if self.process is not None and self.process.stdin is not None:
+            try:
+                self.process.stdin.close()
+            except OSError:
+                pass
+
+
+# -- helper side -------------------------------------------------------------------------------
+class _Beater:
+    """The helper's loop: beat every ``period`` while the parent runs, end the lease when it dies."""
+
+    def __init__(self, config: HeartbeatConfig) -> None:
+        self.config = config
+        # Short socket timeouts and no hidden retries: a beat that hangs is a beat that is late.
+        timeout = max(0.5, min(config.lease / 3, 5.0))
+        pool = redis_py.ConnectionPool(
+            connection_class=config.connection_class,
+            socket_timeout=timeout,
+            socket_connect_timeout=timeout,
+            retry=Retry(NoBackoff(), 0),
+            **config.connection_kwargs,
+        )
+        self.redis = redis_py.Redis(connection_pool=pool)
+        keys = Keys(config.prefix, config.suffix)
+        self.script = scripts.load(self.redis)["heartbeat"]
+        self.keys = [keys.worker(config.worker_id), keys.workers(), *(keys.listen(n) for n in config.names)]
+        self.record = {**config.record, "heartbeat_pid": os.getpid()}
+        self.failing = False
+
+    def beat(self, mode: str) -> None:
+        c = self.config
+        now = time.time()
+        self.script(
+            keys=self.keys,
+            args=[
+                c.worker_id,
+                mode,
+                max(1, int(c.lease * 1000)),
+                repr(now + c.lease),
+                max(1, int(c.marker_ttl * 1000)),
+                json.dumps({**self.record, "beat": now}),
+            ],
+        )
+
+    def parent_gone(self) -> bool:
+        return os.getppid() != self.config.parent_pid or parent_state(self.config.parent_pid) in ("Z", "X")
+
+    def run(self, commands: queue.Queue[str]) -> None:
+        c = self.config
+        mode = "serve"
+        backoff = c.period
+        next_beat = time.monotonic()
+        while True:
+            try:
+                command = commands.get(timeout=max(0.0, next_beat - time.monotonic()))
+            except queue.Empty:
+                command = ""
+            if command == "exit":
+                return
+            if command in ("serve", "drain"):
+                mode = command
+                continue
+            if command == _EOF or self.parent_gone():
+                self.declare_dead()
+                return
+            next_beat = time.monotonic() + backoff
+            if parent_state(c.parent_pid) in ("T", "t"):
+                continue  # stopped (SIGSTOP, a debugger): let the lease lapse on purpose
+            try:
+                self.beat(mode)
+            except redis_py.RedisError as exc:
+                if not self.failing:
+                    logger.warning("worker %s: heartbeat failed (%s); retrying with backoff", c.worker_id, exc)
+                self.failing = True
+                backoff = min(max(backoff * 2, c.period), max(c.period, c.lease / 3))
+                next_beat = time.monotonic() + backoff
+                continue
+            if self.failing:
+                logger.warning("worker %s: heartbeat restored", c.worker_id)
+            self.failing = False
+            backoff = c.period
+
+    def declare_dead(self) -> None:
+        """End the dead parent's lease now, so its tasks are requeued without waiting it out."""
+        deadline = time.monotonic() + min(self.config.lease, 3.0)
+        while time.monotonic() < deadline:
+            try:
+                self.beat("dead")
+                return
+            except redis_py.RedisError:
+                time.sleep(min(self.config.period, 1.0))  # Redis away: the lease lapses anyway
+
+
+def _read_commands(stream: IO[bytes], commands: queue.Queue[str]) -> None:
+    for line in stream:
+        commands.put(line.decode().strip())
+    commands.put(_EOF)
+
+
+def main() -> int:
+    """Entry point of the helper process (started by a listener, not by people)."""
+    # Ctrl-C and a group-wide SIGTERM are meant for the worker, which then drains its tasks:
+    # the helper must keep the lease alive meanwhile, and it exits when the worker does.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    stdin = sys.stdin.buffer
+    line = stdin.readline()
+    if not line.strip():
+        return 0
+    config: HeartbeatConfig = pickle.loads(base64.b64decode(line))
+    commands: queue.Queue[str] = queue.Queue()
+    threading.Thread(target=_read_commands, args=(stdin, commands), daemon=True).start()
+    _Beater(config).run(commands)
+    return 0

@@ -1,0 +1,455 @@
+"""Reliable delivery (issue 3): real server, real worker subprocesses, real signals.
+
+Workers run with a short lease (``--lease 1.5``) so that lapses are detected in about two
+seconds; every wait is a condition with a deadline, never a fixed sleep.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import statistics
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+import redis
+
+from conftest import Workers, wait_for
+from relfns import pids
+from rtq.errors import RtqError, TaskCancelled, TaskLost, WorkerLost
+from rtq.keys import Keys
+from rtq.server import EmbeddedServer
+from rtq.task import RedisTask
+from rtq.task_queue import RedisTaskQueue
+
+FN = "relfns:task"
+LEASE = "1.5"
+K = Keys("test", "task-queue")
+Q = "rel"
+
+
+def start(workers: Workers, *args: str, env: dict[str, str] | None = None) -> Any:
+    return workers.start(Q, task_fn=FN, args=("--lease", LEASE, *args), env=env)
+
+
+def make_queue(r: redis.Redis, **kwargs: Any) -> RedisTaskQueue:
+    kwargs = {"timeout": 30, "interval": 0.5, **kwargs}
+    return RedisTaskQueue(r, "test", task_fn=None, **kwargs)
+
+
+def submit(queue: RedisTaskQueue, task_id: str, params: dict[str, Any], name: str = Q) -> RedisTask:
+    task = queue.build_task(task_id, name, params)
+    queue.submit(task)
+    return task
+
+
+def field(r: redis.Redis, task_id: str, name: str) -> str | None:
+    value = r.hget(K.task(task_id), name)
+    return value.decode() if value is not None else None
+
+
+def record_of(r: redis.Redis, pid: int) -> dict[str, Any] | None:
+    """The heartbeat record of the worker process ``pid``, if it has one now."""
+    for wid in r.zrange(K.workers(), 0, -1):
+        raw = r.get(K.worker(wid.decode()))
+        if raw:
+            rec = json.loads(raw)
+            if rec.get("pid") == pid:
+                return rec  # type: ignore[no-any-return]
+    return None
+
+
+def wait_in_thread(queue: RedisTaskQueue, task: RedisTask) -> dict[str, Any]:
+    """Wait for ``task`` in a thread; the dict gets ``result`` or ``error``, and ``at``."""
+    box: dict[str, Any] = {}
+
+    def run() -> None:
+        try:
+            box["result"] = queue.wait(task)
+        except BaseException as exc:
+            box["error"] = exc
+        box["at"] = time.monotonic()
+
+    box["thread"] = threading.Thread(target=run, daemon=True)
+    box["thread"].start()
+    return box
+
+
+def cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+# -- worker death ----------------------------------------------------------------------------
+def test_sigkill_mid_task_a_replacement_delivers(r, workers, tmp_path):
+    queue = make_queue(r)
+    started, release = tmp_path / "started", tmp_path / "release"
+    a = start(workers)
+    task = submit(queue, "k1", {"action": "wait", "started": str(started), "release": str(release)})
+    wait_for(lambda: pids(started) == [a.pid], what="worker A to start the task")
+    a.kill()
+    a.wait(10)
+    release.touch()
+    b = start(workers)
+    assert queue.wait(task) == b.pid
+    assert pids(started) == [a.pid, b.pid]
+    assert field(r, "k1", "attempt") == "2"
+    assert r.llen(K.dead()) == 0
+
+
+def test_a_killed_workers_helper_ends_its_lease_at_once(r, workers, tmp_path):
+    # A's lease is 60 s: B can only take over this fast because A's helper saw A die.
+    queue = make_queue(r)
+    started, release = tmp_path / "started", tmp_path / "release"
+    a = workers.start(Q, task_fn=FN, args=("--lease", "60"))
+    wait_for(lambda: (record_of(r, a.pid) or {}).get("heartbeat_pid"), what="A's helper")
+    task = submit(queue, "h1", {"action": "wait", "started": str(started), "release": str(release)})
+    wait_for(lambda: pids(started) == [a.pid], what="worker A to start the task")
+    b = start(workers)
+    release.touch()
+    a.kill()
+    a.wait(10)
+    wait_for(lambda: pids(started) == [a.pid, b.pid], 15, "worker B to take the task over")
+    assert queue.wait(task) == b.pid
+
+
+def test_kill_between_move_and_claim_requeues_without_using_an_attempt(r, workers, tmp_path):
+    # max_attempts=1: had the lost claim counted (or been dropped), the task could never succeed.
+    queue = make_queue(r, max_attempts=1)
+    moved = tmp_path / "moved"
+    a = start(workers, "--max-attempts", "1", env={"RTQ_TEST_PAUSE_AFTER_MOVE": str(moved)})
+    task = submit(queue, "m1", {"action": "echo", "value": "delivered"})
+    wait_for(lambda: moved.exists() and moved.read_text().split() == ["m1"], what="the id to be moved")
+    # The window: the id left the queue for A's list, but A has not claimed it.
+    assert field(r, "m1", "state") == "queued"
+    assert r.llen(K.queue(Q)) == 0
+    a.kill()
+    a.wait(10)
+    start(workers, "--max-attempts", "1")
+    assert queue.wait(task) == "delivered"
+    assert field(r, "m1", "attempt") == "1"
+    assert r.llen(K.dead()) == 0
+
+
+def test_sigstop_past_the_lease_keeps_only_the_newer_result(r, workers, tmp_path):
+    queue = make_queue(r)
+    started, release = tmp_path / "started", tmp_path / "release"
+    a = start(workers)
+    task = submit(queue, "f1", {"action": "wait", "started": str(started), "release": str(release)})
+    wait_for(lambda: pids(started) == [a.pid], what="worker A to start the task")
+    a.send_signal(signal.SIGSTOP)
+    try:
+        box = wait_in_thread(queue, task)  # a waiting caller also reaps lapsed workers
+        b = start(workers)
+        wait_for(lambda: pids(started) == [a.pid, b.pid], 20, "worker B to take the task over")
+        release.touch()
+        box["thread"].join(20)
+        assert box.get("result") == b.pid, box
+    finally:
+        a.send_signal(signal.SIGCONT)
+    # A resumes with a stale claim: its outcome must be discarded, not overwrite B's.
+    wait_for(lambda: (record_of(r, a.pid) or {}).get("done", 0) >= 1, 20, "worker A to end its stale run")
+    assert queue.get_task("f1").result == b.pid
+    assert field(r, "f1", "attempt") == "2"
+    assert r.llen(K.done("f1")) == 0  # no second notification
+    assert a.poll() is None  # and A lives on
+
+
+# -- graceful shutdown -----------------------------------------------------------------------
+def test_sigterm_lets_running_tasks_finish_and_exits_0(r, workers, tmp_path):
+    queue = make_queue(r)
+    started, release = tmp_path / "started", tmp_path / "release"
+    a = start(workers, "--workers", "2", "--grace", "60")
+    params = {"action": "wait", "started": str(started), "release": str(release)}
+    t1, t2 = submit(queue, "g1", params), submit(queue, "g2", params)
+    wait_for(lambda: len(pids(started)) == 2, what="both tasks to start")
+    a.send_signal(signal.SIGTERM)
+    wait_for(lambda: (record_of(r, a.pid) or {}).get("stopping"), what="the worker to start draining")
+    t3 = submit(queue, "g3", {"action": "echo", "value": 3})
+    release.touch()
+    assert queue.wait(t1) == a.pid
+    assert queue.wait(t2) == a.pid
+    assert a.wait(20) == 0
+    assert field(r, t3.id, "state") == "queued"  # taken by no one: the worker stopped claiming
+    assert r.lrange(K.queue(Q), 0, -1) == [b"g3"]
+    assert not r.exists(K.listen(Q))
+
+
+@pytest.mark.parametrize("action", ["wait", "sleep"])
+def test_sigterm_past_grace_requeues_the_task_and_exits_0(r, workers, tmp_path, action):
+    # "wait" runs Python code (stopped by an async exception); "sleep" sits in one C call
+    # that cannot be interrupted, so the worker must exit without waiting for it.
+    queue = make_queue(r)
+    started, release = tmp_path / "started", tmp_path / "release"
+    a = start(workers, "--grace", "1")
+    params = {"action": action, "started": str(started), "release": str(release), "seconds": 90}
+    task = submit(queue, "s1", params)
+    wait_for(lambda: pids(started) == [a.pid], what="the task to start")
+    a.send_signal(signal.SIGTERM)
+    assert a.wait(20) == 0
+    assert field(r, "s1", "state") == "queued"
+    assert field(r, "s1", "attempt") == "0"  # the shutdown did not use up an attempt
+    assert r.lrange(K.queue(Q), 0, -1) == [b"s1"]
+    release.touch()
+    b = start(workers)
+    if action == "sleep":  # nobody wants to wait 90 s: enough that B took it over
+        wait_for(lambda: pids(started) == [a.pid, b.pid], what="worker B to take it over")
+        assert field(r, "s1", "attempt") == "1"
+    else:
+        assert queue.wait(task) == b.pid
+
+
+# -- attempts and the dead-letter list -------------------------------------------------------
+def test_attempts_exhausted_fail_with_worker_lost_and_a_dead_letter(r, workers, tmp_path):
+    queue = make_queue(r, max_attempts=2)
+    started, release = tmp_path / "started", tmp_path / "release"
+    task = submit(queue, "x1", {"action": "wait", "started": str(started), "release": str(release)})
+    box = wait_in_thread(queue, task)
+    for n in (1, 2):
+        w = start(workers, "--max-attempts", "2")
+        wait_for(lambda w=w: pids(started)[-1:] == [w.pid], what=f"attempt {n} to start")
+        w.kill()
+        w.wait(10)
+    box["thread"].join(20)
+    assert isinstance(box.get("error"), WorkerLost), box
+    assert "2 attempt(s)" in str(box["error"])
+    dead = [json.loads(e) for e in r.lrange(K.dead(), 0, -1)]
+    assert [d["id"] for d in dead] == ["x1"]
+    assert "WorkerLost" in dead[0]["error"]
+    assert field(r, "x1", "state") == "failed"
+
+
+# -- cancellation ----------------------------------------------------------------------------
+def test_cancel_a_queued_task_it_never_runs(r, workers, tmp_path):
+    queue = make_queue(r)
+    started, release, started2 = tmp_path / "started", tmp_path / "release", tmp_path / "started2"
+    start(workers, "--workers", "1")
+    t1 = submit(queue, "c1", {"action": "wait", "started": str(started), "release": str(release)})
+    wait_for(lambda: pids(started), what="the slot to be taken")
+    t2 = submit(queue, "c2", {"action": "wait", "started": str(started2), "release": str(release)})
+    assert queue.cancel("c2") == "queued"
+    with pytest.raises(TaskCancelled):
+        queue.wait(t2)
+    release.touch()
+    queue.wait(t1)
+    assert queue.wait(submit(queue, "c3", {"action": "echo", "value": 3})) == 3  # the queue moved past c2
+    assert not started2.exists()
+    assert field(r, "c2", "attempt") is None
+
+
+def test_cancel_a_running_task_makes_update_raise(r, workers, tmp_path):
+    queue = make_queue(r)
+    started, release, ended = tmp_path / "started", tmp_path / "release", tmp_path / "ended"
+    start(workers, "--workers", "1")
+    params = {"action": "wait", "update": True, "started": str(started), "release": str(release), "ended": str(ended)}
+    t1 = submit(queue, "u1", params)
+    wait_for(lambda: pids(started), what="the task to start")
+    assert queue.cancel("u1") == "running"
+    with pytest.raises(TaskCancelled):
+        queue.wait(t1)
+    # The slot frees although the task was never released.
+    assert queue.wait(submit(queue, "u2", {"action": "echo", "value": 2})) == 2
+    assert ended.read_text().splitlines()[0] == "update raised TaskCancelled"
+    assert not release.exists()
+
+
+def test_cancel_stops_a_running_task_that_never_calls_update(r, workers, tmp_path):
+    queue = make_queue(r)
+    started, release, ended = tmp_path / "started", tmp_path / "release", tmp_path / "ended"
+    start(workers, "--workers", "1")
+    params = {"action": "wait", "started": str(started), "release": str(release), "ended": str(ended)}
+    t1 = submit(queue, "n1", params)
+    wait_for(lambda: pids(started), what="the task to start")
+    assert queue.cancel("n1") == "running"
+    with pytest.raises(TaskCancelled):
+        queue.wait(t1)
+    assert queue.wait(submit(queue, "n2", {"action": "echo", "value": 2})) == 2
+    assert ended.read_text().splitlines() == ["stopped: TaskCancelled"]
+
+
+# -- Redis outages ---------------------------------------------------------------------------
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def test_worker_survives_a_redis_restart_and_serves_after(tmp_path):
+    port = _free_port()
+    server = EmbeddedServer(port=port).start()
+    pool = Workers(server.url)
+    client = redis.Redis.from_url(server.url)
+    try:
+        queue = make_queue(client)
+        started, release = tmp_path / "started", tmp_path / "release"
+        a = pool.start(Q, task_fn=FN, args=("--lease", LEASE, "--workers", "2"))
+        helper = wait_for(lambda: (record_of(client, a.pid) or {}).get("heartbeat_pid"), what="the helper")
+        assert queue.wait(submit(queue, "r1", {"action": "echo", "value": 1})) == 1
+        task = submit(queue, "r2", {"action": "wait", "started": str(started), "release": str(release)})
+        wait_for(lambda: pids(started), what="the task to start")
+        box = wait_in_thread(queue, task)
+
+        server.stop()
+        before = cpu_seconds(a.pid) + cpu_seconds(helper)
+        window = time.monotonic()
+        with pytest.raises(Exception, match="timed out"):  # alive all along while Redis is away
+            a.wait(3)
+        used = cpu_seconds(a.pid) + cpu_seconds(helper) - before
+        assert used < 0.3 * (time.monotonic() - window), f"busy loop: {used:.2f}s CPU while Redis was down"
+        assert box["thread"].is_alive()  # the caller waits through the outage too
+
+        server = EmbeddedServer(port=port).start()  # no persistence: everything is gone
+        restarted = time.monotonic()
+        box["thread"].join(30)
+        assert isinstance(box.get("error"), TaskLost), box  # an RtqError, seconds after the restart
+        assert box["at"] - restarted < 15
+        wait_for(lambda: client.exists(K.listen(Q)), 30, "the worker to mark its queue again")
+        assert queue.wait(submit(queue, "r3", {"action": "echo", "value": 3})) == 3
+        assert a.poll() is None
+    finally:
+        pool.kill_all()
+        client.close()
+        server.stop()
+
+
+def test_flushdb_under_a_waiting_caller_raises_rtq_error_fast(r, workers, tmp_path):
+    # The queue's default interval (5 s) bounds how long a caller waits without news.
+    queue = make_queue(r, interval=5, timeout=120)
+    started, release = tmp_path / "started", tmp_path / "release"
+    start(workers)
+    running = submit(queue, "v1", {"action": "wait", "started": str(started), "release": str(release)})
+    queued = submit(queue, "v2", {"action": "echo", "value": 2}, name="nobody-serves-this")
+    wait_for(lambda: pids(started), what="the task to start")
+    boxes = [wait_in_thread(queue, running), wait_in_thread(queue, queued)]
+    r.flushdb()
+    flushed = time.monotonic()
+    for box in boxes:
+        box["thread"].join(15)
+        assert isinstance(box.get("error"), RtqError), box
+        assert box["at"] - flushed < 8
+    # A worker running the task learns it vanished and wakes its caller at once.
+    assert boxes[0]["at"] - flushed < 4
+
+
+# -- liveness under load ---------------------------------------------------------------------
+def test_busy_past_timeout_with_the_gil_held_keeps_marker_and_lease(r, workers):
+    """A task holding the GIL for longer than the marker's lifetime and the lease."""
+    queue = make_queue(r)
+    a = workers.start(Q, task_fn=FN, args=("--lease", LEASE, "--workers", "1"), timeout=2)
+    wid = wait_for(lambda: (record_of(r, a.pid) or {}).get("id"), what="the worker's record")
+    task = submit(queue, "b1", {"action": "hold_gil", "seconds": 5})
+    box = wait_in_thread(queue, task)
+    wait_for(lambda: field(r, "b1", "state") == "running", what="the task to start")
+    gaps = []
+    while box["thread"].is_alive():
+        if not r.exists(K.listen(Q)):
+            gaps.append("marker")
+        if not r.exists(K.worker(wid)):
+            gaps.append("lease")
+        box["thread"].join(0.05)
+    assert box.get("result") == a.pid, box
+    assert gaps == []
+    assert field(r, "b1", "attempt") == "1"  # never taken for dead and rerun
+
+
+# -- soak ------------------------------------------------------------------------------------
+@pytest.mark.soak
+@pytest.mark.timeout(1200)
+def test_soak_random_sigkills_lose_nothing(r, workers, tmp_path):
+    """Tasks over 3 workers, one SIGKILLed after every few dozen executions; nothing may be lost.
+
+    Half the kills take the heartbeat helper down too (only the lease can tell); the other half
+    leave it to see its worker die. Recovery time: from the kill until none of the dead worker's
+    tasks is still running under its name.
+    """
+    import random
+    import subprocess
+    import sys
+
+    from conftest import ROOT, TESTS
+
+    rng = random.Random(int(os.environ.get("RTQ_SOAK_SEED", "3")))
+    n_tasks = int(os.environ.get("RTQ_SOAK_TASKS", "2000"))
+    log = tmp_path / "executions"
+    log.touch()
+    queue = make_queue(r, timeout=900, max_attempts=100)
+    cmd = [sys.executable, "-m", "rtq", "worker", Q, "--url", workers.url, "--prefix", "test", "--task-fn", FN]
+    cmd += ["--interval", "0.5", "--timeout", "30", "--lease", LEASE, "--workers", "4", "--max-attempts", "100"]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(TESTS), str(ROOT / "src")])}
+
+    def spawn() -> subprocess.Popen[str]:
+        # Output goes to a file: a full pipe nobody reads would block a worker mid-log.
+        with open(tmp_path / "workers.log", "a") as out:
+            proc = subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT, text=True)
+        workers.procs.append(proc)
+        return proc
+
+    def executions() -> list[str]:
+        return [line.split()[0] for line in log.read_text().splitlines()]
+
+    ids = [f"s{i}" for i in range(n_tasks)]
+    for task_id in ids:
+        submit(queue, task_id, {"action": "log", "log": str(log), "seconds": rng.uniform(0.05, 0.2)})
+    live = [spawn() for _ in range(3)]
+    kills, recoveries = 0, {"helper saw it": [], "lease lapsed": []}
+    pending: list[tuple[list[str], str, str, float]] = []  # held ids, dead worker, how, killed at
+
+    def settle() -> bool:
+        """Record the recoveries that completed; True when none is pending."""
+        for item in list(pending):
+            held, dead, how, killed_at = item
+            if all(field(r, t, "state") != "running" or field(r, t, "owner") != dead for t in held):
+                recoveries[how].append(time.monotonic() - killed_at)
+                pending.remove(item)
+        return not pending
+
+    while r.llen(K.queue(Q)) > 0:
+        target = len(executions()) + rng.randint(10, 60)
+        wait_for(lambda t=target: (settle() or True) and (len(executions()) >= t or not r.llen(K.queue(Q))), 120)
+        ready = [(p, rec) for p in live if (rec := record_of(r, p.pid)) and rec.get("heartbeat_pid")]
+        if not ready:
+            continue
+        victim, rec = rng.choice(ready)
+        how = rng.choice(list(recoveries))
+        if how == "lease lapsed":  # stop it first, so the helper stops beating, then kill both
+            victim.send_signal(signal.SIGSTOP)
+            os.kill(rec["heartbeat_pid"], signal.SIGKILL)
+        held = [t.decode() for t in r.lrange(K.running(rec["id"]), 0, -1)]
+        victim.kill()
+        killed_at = time.monotonic()
+        victim.wait(10)
+        kills += 1
+        if held:
+            pending.append((held, rec["id"], how, killed_at))
+        live.remove(victim)
+        live.append(spawn())
+    wait_for(settle, 60, "the killed workers' tasks to be given back")
+
+    def all_ended() -> bool:
+        if len(set(executions())) < n_tasks:
+            return False
+        pipe = r.pipeline(transaction=False)
+        for task_id in ids:
+            pipe.hget(K.task(task_id), "state")
+        return all(state == b"done" for state in pipe.execute())
+
+    wait_for(all_ended, 300, "every task to end")
+    lost = [t for t in ids if queue.get_task(t).result != t]
+    runs = executions()
+    every = recoveries["helper saw it"] + recoveries["lease lapsed"]
+
+    def figures(values: list[float]) -> str:
+        return f"median {statistics.median(values):.2f}s max {max(values):.2f}s (n={len(values)})" if values else "n=0"
+
+    print(
+        f"\nsoak: tasks={n_tasks} kills={kills} lost={len(lost)} duplicate_executions={len(runs) - len(set(runs))}"
+        f"\n  recovery, all kills holding tasks: {figures(every)}"
+        + "".join(f"\n  recovery, {how}: {figures(values)}" for how, values in recoveries.items())
+    )
+    assert lost == []
+    assert set(runs) == set(ids)
