@@ -42,7 +42,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
 import redis as redis_py
 from redis.backoff import NoBackoff
@@ -300,9 +300,36 @@ class _Beater:
                 time.sleep(min(self.config.period, 1.0))  # Redis away: the lease lapses anyway
 
 
-def _read_commands(stream: IO[bytes], commands: queue.Queue[str]) -> None:
-    for line in stream:
-        commands.put(line.decode().strip())
+class _Lines:
+    """Lines from a raw file descriptor.
+
+    Raw ``os.read`` rather than ``sys.stdin``: a daemon thread blocked inside the buffered
+    reader holds its lock, and the interpreter then aborts at exit trying to take it.
+    """
+
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+        self.buffer = b""
+        self.eof = False
+
+    def readline(self) -> bytes:
+        """The next line, without its newline; ``b""`` with ``eof`` set at the end."""
+        while b"\n" not in self.buffer:
+            chunk = os.read(self.fd, 65536)
+            if not chunk:
+                line, self.buffer = self.buffer, b""
+                self.eof = True
+                return line
+            self.buffer += chunk
+        line, _, self.buffer = self.buffer.partition(b"\n")
+        return line
+
+
+def _read_commands(lines: _Lines, commands: queue.Queue[str]) -> None:
+    while not lines.eof:
+        line = lines.readline().decode().strip()
+        if line:
+            commands.put(line)
     commands.put(_EOF)
 
 
@@ -313,12 +340,12 @@ def main() -> int:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    stdin = sys.stdin.buffer
-    line = stdin.readline()
+    lines = _Lines(sys.stdin.fileno())
+    line = lines.readline()
     if not line.strip():
         return 0
     config: HeartbeatConfig = pickle.loads(base64.b64decode(line))
     commands: queue.Queue[str] = queue.Queue()
-    threading.Thread(target=_read_commands, args=(stdin, commands), daemon=True).start()
+    threading.Thread(target=_read_commands, args=(lines, commands), daemon=True).start()
     _Beater(config).run(commands)
     return 0

@@ -228,6 +228,7 @@ class Listener:
         # Never back off past a third of the lease: once Redis is back, the lease must be too.
         longest = max(period, min(5.0, self.lease / 3))
         backoff = period
+        failing = False
         while not self.stopped.wait(backoff):
             if self.helper is not None:
                 self.helper.ensure()
@@ -236,10 +237,15 @@ class Listener:
                 self.reaper.reap(exclude=self.id)
                 self._watch()
                 self._audit()
-                backoff = period
             except redis_py.RedisError as exc:
                 backoff = min(backoff * 2, longest)
-                logger.warning("heartbeat failed (%s); retrying in %.1fs", exc, backoff)
+                # Once per outage: a Redis restart must not flood the worker's log.
+                logger.log(logging.DEBUG if failing else logging.WARNING, "heartbeat failed (%s); retrying", exc)
+                failing = True
+                continue
+            if failing:
+                logger.warning("heartbeat restored")
+            failing, backoff = False, period
 
     def _watch(self) -> None:
         """Stop running tasks nobody wants any more: cancelled, taken over, vanished or expired.
@@ -476,7 +482,9 @@ class Listener:
     def _store_outcome(
         self, task: RedisTask, key: str, attempt: str, state: str, first: dict[str, Any], rest: dict[str, Any]
     ) -> bool:
-        if rest:  # big frames go in plain writes; their attempt tag keeps them fenced
+        # Big frames go in plain writes; their attempt tag keeps them fenced. A record that
+        # vanished (flush, restart) gets none: they would sit there without an expiry.
+        if rest and self.redis.exists(key):
             self.redis.hset(key, mapping=rest)
         stored = self.store.scripts["finish"](
             keys=[key, self.running_key, task._notify],  # type: ignore[attr-defined]
