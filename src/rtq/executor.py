@@ -261,15 +261,15 @@ class Executor(concurrent.futures.Executor):
         try:
             state, value = store.outcome(task_id)
         except Exception as exc:
-            fut.set_exception(exc)
+            _settle(fut, fut.set_exception, exc)
             return
         store.redis.delete(keys.task(task_id), keys.events(task_id))
         if state == "done":
-            fut.set_result(value)
+            _settle(fut, fut.set_result, value)
         elif state == "failed":
-            fut.set_exception(value)
+            _settle(fut, fut.set_exception, value)
         elif state == "cancelled":
-            fut.set_exception(TaskCancelled(f"task {task_id} on {self.name!r} was cancelled"))
+            _settle(fut, fut.set_exception, TaskCancelled(f"task {task_id} on {self.name!r} was cancelled"))
 
     def _check_stragglers(self) -> None:
         """No push came: time out expired calls, fail vanished ones, reap lapsed workers."""
@@ -280,7 +280,7 @@ class Executor(concurrent.futures.Executor):
         for fut in expired:
             self.queue._cancel_quietly(fut.task_id)
             self._forget(fut.task_id)
-            fut.set_exception(TaskTimeout(f"task {fut.task_id} on {self.name!r} has expired"))
+            _settle(fut, fut.set_exception, TaskTimeout(f"task {fut.task_id} on {self.name!r} has expired"))
         live = [f for f in futures if f.expiry > now]
         if not live:
             return
@@ -292,11 +292,19 @@ class Executor(concurrent.futures.Executor):
         for fut, state in zip(live, states):
             if state is None:
                 self._forget(fut.task_id)
-                fut.set_exception(TaskLost(f"task {fut.task_id}'s data vanished from Redis (restart, eviction or flush)"))
+                _settle(fut, fut.set_exception, TaskLost(f"task {fut.task_id}'s data vanished from Redis (restart, eviction or flush)"))
             elif text(state) not in ("queued", "running"):
                 self._resolve(fut.task_id)  # ended, but its push was lost (e.g. Redis restarted)
         if any(text(s) == "running" for s in states if s is not None):
             self.queue.reaper.reap()
+
+
+def _settle(fut: TaskFuture, setter: Callable[[Any], None], value: Any) -> None:
+    """Resolve ``fut`` unless the user cancelled it meanwhile (a race no lock can close)."""
+    try:
+        setter(value)
+    except concurrent.futures.InvalidStateError:
+        pass
 
 
 def _chunks(items: Iterable[Any], size: int) -> Iterator[list[Any]]:
