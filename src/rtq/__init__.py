@@ -45,3 +45,17 @@ def __getattr__(name: str) -> Any:
 
 def __dir__() -> list[str]:
     return sorted(__all__)
+
+
+def load_ipython_extension(ipython: Any) -> None:
+    """``%load_ext rtq``: register the ``%rtq`` and ``%%rtq`` magics (imports IPython only now)."""
+    from .notebook.magic import load_ipython_extension as load
+
+    load(ipython)
+
+
+def unload_ipython_extension(ipython: Any) -> None:
+    """``%unload_ext rtq``: stop what ``%rtq connect`` started."""
+    from .notebook.magic import unload_ipython_extension as unload
+
+    unload(ipython)

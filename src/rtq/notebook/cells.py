@@ -1,0 +1,458 @@
+"""What a ``%%rtq`` cell needs and makes (client side), and running it on a worker.
+
+Two halves, one module, because they must agree on the :class:`CellSpec` / :class:`CellResult`
+shapes and on how a cell's source is compiled:
+
+* :func:`analyze` reads a cell's source (never runs it) and finds the names it reads before
+  assigning them — what must be shipped — and the names it assigns — what comes back. Top-level
+  statements are followed in order, so ``df = load(); df.describe()`` does not ship the
+  notebook's old ``df``; nested scopes (functions, lambdas, classes, comprehensions) are read
+  with :mod:`symtable`, the compiler's own scoping rules. When in doubt (a name assigned in only
+  one branch of an ``if``) a name counts as read: shipping a value the cell then overwrites is
+  harmless, missing one is a ``NameError`` on the worker.
+* :func:`run_cell` is the function a worker runs: the cell's code in a fresh namespace holding
+  the shipped values, returning the values to bring back and the last expression's value. The
+  cell is compiled under the same file name the notebook registered its source under, and the
+  source is put into :mod:`linecache` on the worker too, so tracebacks on both sides show the
+  cell's own lines.
+
+This module imports no IPython: workers need only rtq.
+"""
+
+from __future__ import annotations
+
+import ast
+import builtins
+import collections
+import importlib
+import io
+import linecache
+import os
+import pickle
+import socket
+import symtable
+import traceback
+import types
+from dataclasses import dataclass, field
+from typing import Any
+
+import cloudpickle
+
+__all__ = ["CellAnalysis", "CellResult", "CellSpec", "RemoteDisplay", "analyze", "pickled_size", "run_cell"]
+
+
+# -- reading a cell ----------------------------------------------------------------------------
+@dataclass(frozen=True)
+class CellAnalysis:
+    """What a cell reads from and writes to the notebook's namespace.
+
+    Attributes:
+        reads: Names read before the cell assigns them (builtins included), in order.
+        assigns: Names the cell binds at its top level, in order.
+        last_expr: Whether the cell ends with a bare expression (its value is displayed).
+    """
+
+    reads: tuple[str, ...]
+    assigns: tuple[str, ...]
+    last_expr: bool
+
+
+def parse(source: str, filename: str, first_line: int = 1) -> ast.Module:
+    """Parse a cell body whose first line is line ``first_line`` of the file ``filename``.
+
+    Raises:
+        SyntaxError: with the line number as the notebook shows it.
+    """
+    return ast.parse("\n" * (first_line - 1) + source, filename, "exec")
+
+
+def analyze(source: str, filename: str = "<cell>", first_line: int = 1) -> CellAnalysis:
+    """Find the names ``source`` reads from outside and the names it assigns.
+
+    Raises:
+        SyntaxError: the cell does not parse (line numbers count from ``first_line``).
+    """
+    tree = parse(source, filename, first_line)
+    walker = _Walker()
+    walker.block(tree.body, set())
+    return CellAnalysis(
+        reads=tuple(walker.reads),
+        assigns=tuple(walker.assigns),
+        last_expr=bool(tree.body) and isinstance(tree.body[-1], ast.Expr),
+    )
+
+
+def _scan(node: ast.AST, mode: str) -> tuple[set[str], set[str]]:
+    """Global names read, and module names bound, by one statement or expression.
+
+    Python's own symbol tables decide scoping (class bodies, closures, comprehensions).
+    """
+    table = symtable.symtable(ast.unparse(node), "<rtq-cell>", mode)
+    reads: set[str] = set()
+    binds = {s.get_name() for s in table.get_symbols() if s.is_assigned() or s.is_imported()}
+    pending = [table]
+    while pending:
+        current = pending.pop()
+        for sym in current.get_symbols():
+            if sym.is_referenced() and sym.is_global():
+                reads.add(sym.get_name())
+            if current is not table and sym.is_assigned() and sym.is_global():
+                binds.add(sym.get_name())  # `global x; x = ...` in a function, or a walrus in a comprehension
+        pending.extend(current.get_children())
+    return reads, binds
+
+
+class _Walker:
+    """Follows a cell's top-level statements in order, tracking names surely assigned so far."""
+
+    def __init__(self) -> None:
+        self.reads: dict[str, None] = {}  # ordered sets
+        self.assigns: dict[str, None] = {}
+
+    def read(self, names: set[str] | list[str], definite: set[str]) -> None:
+        for name in sorted(names):
+            if name not in definite:
+                self.reads.setdefault(name)
+
+    def expr(self, node: ast.expr | None, definite: set[str]) -> None:
+        if node is None:
+            return
+        reads, binds = _scan(node, "eval")
+        self.read(reads, definite)
+        for name in sorted(binds):  # a walrus: maybe evaluated, so not surely assigned
+            self.assigns.setdefault(name)
+
+    def target(self, node: ast.expr, definite: set[str]) -> set[str]:
+        """Names bound by an assignment target; attribute and subscript targets are reads."""
+        if isinstance(node, ast.Name):
+            self.assigns.setdefault(node.id)
+            return {node.id}
+        if isinstance(node, (ast.Tuple, ast.List)):
+            return set().union(*(self.target(e, definite) for e in node.elts)) if node.elts else set()
+        if isinstance(node, ast.Starred):
+            return self.target(node.value, definite)
+        self.expr(node, definite)  # obj.attr = ... / obj[k] = ... reads obj (and k)
+        return set()
+
+    def block(self, body: list[ast.stmt], definite: set[str]) -> set[str]:
+        definite = set(definite)
+        for stmt in body:
+            definite = self.stmt(stmt, definite)
+        return definite
+
+    def stmt(self, node: ast.stmt, d: set[str]) -> set[str]:
+        if isinstance(node, ast.Assign):
+            self.expr(node.value, d)
+            for t in node.targets:
+                d = d | self.target(t, d)
+            return d
+        if isinstance(node, ast.AugAssign):
+            if isinstance(node.target, ast.Name):
+                self.read([node.target.id], d)
+            self.expr(node.value, d)
+            return d | self.target(node.target, d)
+        if isinstance(node, ast.AnnAssign):
+            self.expr(node.annotation, d)
+            if node.value is None:
+                return d
+            self.expr(node.value, d)
+            return d | self.target(node.target, d)
+        if isinstance(node, ast.Delete):
+            for t in node.targets:
+                if isinstance(t, ast.Name):
+                    self.read([t.id], d)
+                    d = d - {t.id}
+                else:
+                    self.expr(t, d)
+            return d
+        if isinstance(node, ast.If):
+            self.expr(node.test, d)
+            return self.block(node.body, d) & self.block(node.orelse, d)
+        if isinstance(node, (ast.For, ast.AsyncFor)):
+            self.expr(node.iter, d)
+            self.block(node.body, d | self.target(node.target, d))
+            self.block(node.orelse, d)
+            return d  # the loop may run zero times
+        if isinstance(node, ast.While):
+            self.expr(node.test, d)
+            self.block(node.body, d)
+            self.block(node.orelse, d)
+            return d
+        if isinstance(node, (ast.With, ast.AsyncWith)):
+            for item in node.items:
+                self.expr(item.context_expr, d)
+                if item.optional_vars is not None:
+                    d = d | self.target(item.optional_vars, d)
+            return self.block(node.body, d)
+        if isinstance(node, (ast.Try, getattr(ast, "TryStar", ast.Try))):
+            tried: Any = node  # ast.Try or ast.TryStar (3.11+): the same fields
+            after_body = self.block(tried.body, d)
+            for handler in tried.handlers:
+                self.expr(handler.type, d)
+                self.block(handler.body, d | ({handler.name} if handler.name else set()))
+            self.block(tried.orelse, after_body)
+            return self.block(tried.finalbody, d)
+        if isinstance(node, getattr(ast, "Match", ())):
+            self.expr(node.subject, d)  # type: ignore[attr-defined]
+            for case in node.cases:  # type: ignore[attr-defined]
+                bound = self._pattern(case.pattern, d)
+                for name in sorted(bound):
+                    self.assigns.setdefault(name)
+                self.expr(case.guard, d | bound)
+                self.block(case.body, d | bound)
+            return d
+        # Everything else (expressions, imports, def, class, raise, assert, ...) in one piece.
+        reads, binds = _scan(node, "exec")
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+            reads.discard(node.name)  # a recursive call resolves after the def has bound the name
+        self.read(reads, d)
+        for name in sorted(binds):
+            self.assigns.setdefault(name)
+        sure = (ast.Import, ast.ImportFrom, ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)
+        return d | binds if isinstance(node, sure) else d
+
+    def _pattern(self, pattern: ast.AST, d: set[str]) -> set[str]:
+        """Names a ``case`` pattern captures; the values and classes it names are reads."""
+        bound: set[str] = set()
+        for sub in ast.walk(pattern):
+            for attr in ("name", "rest"):
+                value = getattr(sub, attr, None)
+                if isinstance(value, str):
+                    bound.add(value)
+            if type(sub).__name__ == "MatchValue":
+                self.expr(sub.value, d)  # type: ignore[attr-defined]
+            elif type(sub).__name__ == "MatchClass":
+                self.expr(sub.cls, d)  # type: ignore[attr-defined]
+        return bound
+
+
+def pickled_size(value: Any) -> int:
+    """Bytes ``value`` takes once pickled the way rtq ships it (out-of-band buffers included).
+
+    Pickles into a counting sink, so large buffers (numpy arrays) are measured, not copied.
+
+    Raises:
+        Exception: whatever pickling ``value`` raises.
+    """
+    sink = _CountingSink()
+    sizes: list[int] = []
+
+    def buffer(buf: pickle.PickleBuffer) -> None:
+        sizes.append(buf.raw().nbytes)
+
+    cloudpickle.dump(value, sink, protocol=5, buffer_callback=buffer)
+    return sink.count + sum(sizes)
+
+
+class _CountingSink(io.RawIOBase):
+    def __init__(self) -> None:
+        super().__init__()
+        self.count = 0
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, b: Any) -> int:
+        n = memoryview(b).nbytes
+        self.count += n
+        return n
+
+
+# -- running a cell (on the worker) ------------------------------------------------------------
+@dataclass
+class CellSpec:
+    """A cell as shipped to a worker.
+
+    Attributes:
+        source: The cell's body (without the ``%%rtq`` line).
+        text: The whole cell as the notebook shows it, registered in ``linecache`` under
+            ``filename`` so traceback lines match the notebook's.
+        filename: The name the notebook compiled the cell under.
+        first_line: The line of ``text`` that ``source`` starts on.
+        values: Variables shipped by value.
+        modules: Variables that are modules: variable name -> module name to import.
+        pull: Names to bring back (those present when the cell ends).
+        display: Whether to return the value of a last bare expression.
+    """
+
+    source: str
+    text: str
+    filename: str
+    first_line: int = 2
+    values: dict[str, Any] = field(default_factory=dict)
+    modules: dict[str, str] = field(default_factory=dict)
+    pull: tuple[str, ...] = ()
+    display: bool = True
+
+
+@dataclass
+class CellResult:
+    """What a cell run sends back.
+
+    Attributes:
+        values: The pulled variables that could be shipped back.
+        modules: Pulled variables that are modules: name -> module name.
+        skipped: Pulled variables that could not come back: name -> why.
+        has_value: Whether the cell ended with an expression whose value is in ``value``.
+        value: That value (a :class:`RemoteDisplay` when the object itself cannot travel).
+        host: The worker host that ran the cell.
+    """
+
+    values: dict[str, Any] = field(default_factory=dict)
+    modules: dict[str, str] = field(default_factory=dict)
+    skipped: dict[str, str] = field(default_factory=dict)
+    has_value: bool = False
+    value: Any = None
+    host: str = ""
+
+
+class RemoteDisplay:
+    """The display of a value that could not travel back: its reprs, made on the worker.
+
+    IPython shows it through ``_repr_mimebundle_`` exactly as it would the object itself.
+    """
+
+    def __init__(self, data: dict[str, Any], type_name: str) -> None:
+        self.data = data
+        self.type_name = type_name
+
+    def __repr__(self) -> str:
+        return str(self.data.get("text/plain", f"<{self.type_name}>"))
+
+    def _repr_mimebundle_(self, include: Any = None, exclude: Any = None) -> dict[str, Any]:
+        return dict(self.data)
+
+
+_REPR_METHODS = {
+    "text/html": "_repr_html_",
+    "text/markdown": "_repr_markdown_",
+    "text/latex": "_repr_latex_",
+    "image/svg+xml": "_repr_svg_",
+    "image/png": "_repr_png_",
+    "image/jpeg": "_repr_jpeg_",
+    "application/json": "_repr_json_",
+}
+
+
+def _display_of(value: Any) -> RemoteDisplay:
+    data: dict[str, Any] = {}
+    bundle = getattr(value, "_repr_mimebundle_", None)
+    if callable(bundle):
+        try:
+            got = bundle()
+            data.update(got[0] if isinstance(got, tuple) else got or {})
+        except Exception:
+            pass
+    for mime, method in _REPR_METHODS.items():
+        fn = getattr(value, method, None)
+        if mime not in data and callable(fn):
+            try:
+                out = fn()
+            except Exception:
+                continue
+            if out is not None:
+                data[mime] = out[0] if isinstance(out, tuple) else out
+    try:
+        data.setdefault("text/plain", repr(value))
+    except Exception:
+        data.setdefault("text/plain", f"<{type(value).__qualname__} object>")
+    return RemoteDisplay(data, type(value).__qualname__)
+
+
+_cached_files: collections.deque[str] = collections.deque()
+MAX_CACHED_CELLS = 256
+"""Cell sources a worker keeps in ``linecache`` for tracebacks; older ones are dropped."""
+
+
+def register_source(filename: str, text: str) -> None:
+    """Put ``text`` into ``linecache`` under ``filename`` (never checked against the disk)."""
+    linecache.cache[filename] = (len(text), None, [line + "\n" for line in text.splitlines()], filename)
+    if filename in _cached_files:
+        return
+    _cached_files.append(filename)
+    while len(_cached_files) > MAX_CACHED_CELLS:
+        linecache.cache.pop(_cached_files.popleft(), None)
+
+
+def compile_cell(spec: CellSpec) -> tuple[types.CodeType, types.CodeType | None]:
+    """The cell's statements, and its last bare expression apart (when ``spec.display``)."""
+    tree = parse(spec.source, spec.filename, spec.first_line)
+    last = None
+    if spec.display and tree.body and isinstance(tree.body[-1], ast.Expr):
+        last = ast.Expression(tree.body.pop().value)  # type: ignore[attr-defined]
+    # dont_inherit: this module's `from __future__ import annotations` must not leak into the cell.
+    body = compile(tree, spec.filename, "exec", dont_inherit=True)
+    return body, (compile(last, spec.filename, "eval", dont_inherit=True) if last else None)
+
+
+def _is_picklable(value: Any) -> str | None:
+    """None when ``value`` can be shipped back, else why not."""
+    try:
+        pickled_size(value)
+    except Exception as exc:
+        return f"{type(value).__module__}.{type(value).__qualname__} cannot be pickled ({type(exc).__name__}: {exc})"
+    return None
+
+
+def run_cell(spec: CellSpec) -> CellResult:
+    """Run a ``%%rtq`` cell here (on a worker) and return what the notebook gets back.
+
+    Raises:
+        Exception: whatever the cell raised, with ``_rtq_cell_frames`` (the traceback frames
+            from the cell on) and a note naming this host, so the notebook can show the
+            traceback against the cell's own lines.
+    """
+    host = socket.gethostname()
+    register_source(spec.filename, spec.text)
+    namespace: dict[str, Any] = {"__name__": "__main__", "__builtins__": builtins}
+    try:
+        for var, module in spec.modules.items():
+            namespace[var] = _import(module, var, host)
+        namespace.update(spec.values)
+        body, last = compile_cell(spec)
+        exec(body, namespace)
+        value = eval(last, namespace) if last is not None else None
+    except BaseException as exc:
+        _annotate(exc, host)
+        raise
+    result = CellResult(host=host, has_value=last is not None and value is not None)
+    if result.has_value:
+        result.value = value if _is_picklable(value) is None else _display_of(value)
+    for name in spec.pull:
+        if name not in namespace:
+            continue
+        obj = namespace[name]
+        if isinstance(obj, types.ModuleType):
+            result.modules[name] = obj.__name__
+            continue
+        problem = _is_picklable(obj)
+        if problem is None:
+            result.values[name] = obj
+        else:
+            result.skipped[name] = problem
+    return result
+
+
+def _import(module: str, var: str, host: str) -> types.ModuleType:
+    try:
+        return importlib.import_module(module)
+    except ImportError as exc:
+        shown = module if var == module else f"{module} (as {var})"
+        raise ModuleNotFoundError(
+            f"the cell uses module {shown}, which cannot be imported on worker {host}: {exc}", name=module
+        ) from None
+
+
+def _annotate(exc: BaseException, host: str) -> None:
+    """Record where the cell failed, in attributes that travel with the pickled exception."""
+    here = os.path.normcase(__file__)
+    frames = traceback.extract_tb(exc.__traceback__)
+    while frames and os.path.normcase(frames[0].filename) == here:
+        frames.pop(0)
+    try:
+        exc._rtq_cell_frames = [(f.filename, f.lineno or 0, f.name) for f in frames]  # type: ignore[attr-defined]
+        exc._rtq_host = host  # type: ignore[attr-defined]
+        if hasattr(exc, "add_note"):
+            exc.add_note(f"(raised in the %%rtq cell on worker {host}, pid {os.getpid()})")
+    except (AttributeError, TypeError):  # an exception type without a __dict__: it travels bare
+        pass

@@ -1,0 +1,420 @@
+"""The ``%rtq`` line magic and the ``%%rtq`` cell magic (``%load_ext rtq``).
+
+``%%rtq [NAME]`` runs a cell on a worker listening on queue NAME, as one shipped call of
+:func:`rtq.notebook.cells.run_cell`: the cell's free variables travel with it, the variables it
+assigns come back into the notebook, and its last expression is displayed here. The cell's
+source is registered in IPython's compiler cache, so a remote traceback points at the cell's
+own lines. A ``--no-wait`` cell returns its :class:`CellFuture` at once; its variables arrive
+when the notebook waits on it (``%rtq wait NAME`` or ``NAME.result()``), never behind the
+user's back while other cells run.
+
+User mistakes (an unknown option, no connection, a queue no worker serves, an undefined
+``--push`` name) raise IPython's ``UsageError``, which the notebook shows as one line.
+"""
+
+from __future__ import annotations
+
+import atexit
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import time
+import types
+from typing import Any
+
+from IPython.core import magic as _ipython_magic
+from IPython.core.displayhook import DisplayHook
+from IPython.core.error import UsageError
+from IPython.core.magic import Magics, cell_magic, line_magic, magics_class, no_var_expand
+from IPython.core.magic_arguments import argument, magic_arguments, parse_argstring
+
+from ..connection import connect, redact_url
+from ..errors import RtqError, SerializationError
+from ..keys import check_name
+from ..serialization import describe_unpicklable
+from ..store import text
+from .cells import CellSpec, analyze, pickled_size, run_cell
+from .tracebacks import short_error
+from .waiting import CellContext, CellExecutor, CellFuture, RemoteModule, deferred_interrupts, wait_cell
+
+# IPython < 8.12 lacks it: a trailing `;` then silences nothing.
+output_can_be_silenced: Any = getattr(_ipython_magic, "output_can_be_silenced", lambda fn: fn)
+
+
+__all__ = ["CellFuture", "RemoteModule", "RtqMagics", "load_ipython_extension", "unload_ipython_extension"]
+
+DEFAULT_QUEUE = "default"
+WORKER_START_TIMEOUT = 60.0
+
+
+class _Session:
+    """One ``%rtq connect``: the queue, the executors per (queue name, timeout), a local worker."""
+
+    def __init__(self, queue: Any, url: str, default: str) -> None:
+        self.queue = queue
+        self.url = url
+        self.default = default
+        self.executors: dict[tuple[str, float | None], CellExecutor] = {}
+        self.worker: subprocess.Popen[bytes] | None = None
+
+    def executor(self, name: str, timeout: float | None) -> CellExecutor:
+        key = (name, timeout)
+        if key not in self.executors:
+            self.executors[key] = CellExecutor(self.queue, name, timeout=timeout)
+        return self.executors[key]
+
+    def served_queues(self) -> set[str]:
+        """Queue names live workers serve (from their heartbeat records)."""
+        import json
+
+        redis, keys = self.queue.store.redis, self.queue.keys
+        ids = [text(w) for w in redis.zrangebyscore(keys.workers(), time.time(), "+inf")]
+        served: set[str] = set()
+        for raw in redis.mget([keys.worker(w) for w in ids]) if ids else []:
+            if raw:
+                served.update(json.loads(text(raw)).get("queues", []))
+        return served
+
+    def close(self) -> None:
+        """Stop submitting; cells already sent still finish and can still be waited on."""
+        for ex in self.executors.values():
+            ex.shutdown(wait=False)
+        self.executors.clear()
+        stop_worker(self.worker)
+        self.worker = None
+
+
+def stop_worker(proc: subprocess.Popen[bytes] | None) -> None:
+    """Stop a worker this kernel started (SIGTERM lets it finish, then SIGKILL)."""
+    if proc is None or proc.poll() is not None:
+        return
+    proc.terminate()
+    try:
+        proc.wait(10)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
+def _names(value: str | None) -> tuple[str, ...]:
+    return tuple(n for n in re.split(r"[\s,]+", value or "") if n)
+
+
+_UNITS = {
+    "": 1,
+    "b": 1,
+    "k": 10**3,
+    "kb": 10**3,
+    "m": 10**6,
+    "mb": 10**6,
+    "g": 10**9,
+    "gb": 10**9,
+    "kib": 2**10,
+    "mib": 2**20,
+    "gib": 2**30,
+}
+
+
+def parse_size(value: str) -> int:
+    """``"100MB"`` -> 100_000_000; accepts B, KB, MB, GB, KiB, MiB, GiB (or none: bytes)."""
+    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", value)
+    if not m or m.group(2).lower() not in _UNITS:
+        raise UsageError(f"--size-warn {value!r}: give a size like 100MB, 2GB or 500000 (bytes)")
+    return int(float(m.group(1)) * _UNITS[m.group(2).lower()])
+
+
+def _size_text(n: int) -> str:
+    for unit, scale in (("GB", 10**9), ("MB", 10**6), ("kB", 10**3)):
+        if n >= scale:
+            return f"{n / scale:.1f} {unit}"
+    return f"{n} bytes"
+
+
+def _parse(fn: Any, line: str) -> Any:
+    """``parse_argstring`` whose errors also show the usage line."""
+    try:
+        return parse_argstring(fn, line)
+    except UsageError as exc:
+        usage = " ".join(fn.parser.format_usage().replace("::", "").split())
+        raise UsageError(f"{exc}; usage: {usage}") from None
+
+
+@magic_arguments(name="rtq connect")
+@argument("url", nargs="?", help="redis://HOST:PORT[/DB] (default: RTQ_REDIS_URL, else embedded + local worker)")
+@argument("--prefix", default="rtq", help="key prefix the workers use (default: rtq)")
+@argument("--queue", default=DEFAULT_QUEUE, help="queue %%%%rtq uses when given no NAME (default: default)")
+@argument("--secret", help="sign payloads with this secret (default: RTQ_SECRET)")
+def _connect_args(line: str) -> None:
+    """%rtq connect [URL] [--prefix P] [--queue NAME]: connect the magics to Redis."""
+
+
+@magic_arguments(name="rtq wait")
+@argument("name", help="the variable holding the cell's handle (from %%%%rtq --no-wait -o NAME)")
+def _wait_args(line: str) -> None:
+    """%rtq wait NAME: wait for a --no-wait cell; its variables arrive and its value shows."""
+
+
+@magics_class
+class RtqMagics(Magics):
+    """``%rtq connect|status|wait`` and ``%%rtq``."""
+
+    def __init__(self, shell: Any) -> None:
+        super().__init__(shell)
+        self.session: _Session | None = None
+
+    @property
+    def ip(self) -> Any:
+        """The shell these magics are registered with (always set once loaded)."""
+        return self.shell
+
+    # -- %rtq ------------------------------------------------------------------------------
+    @no_var_expand
+    @line_magic("rtq")  # type: ignore[arg-type]  # IPython's annotations are stricter than its use
+    def rtq_line(self, line: str) -> Any:
+        """%rtq connect [URL] [--prefix P] [--queue NAME] | %rtq status | %rtq wait NAME
+
+        connect: connect the magics to Redis at URL (default: RTQ_REDIS_URL; else an embedded
+            server and a local worker that stops with this kernel).
+        status:  show workers, queues and running tasks.
+        wait:    wait for a cell started with %%rtq --no-wait -o NAME; bring its variables back.
+
+        Run a cell remotely with %%rtq [NAME] (see %%rtq?).
+        """
+        command, _, rest = line.strip().partition(" ")
+        if command == "connect":
+            return self._connect(_parse(_connect_args, rest))
+        if command == "status":
+            return self._status()
+        if command == "wait":
+            return self._wait_cmd(_parse(_wait_args, rest))
+        raise UsageError(
+            (f"%rtq: unknown command {command!r}" if command else "%rtq: missing command")
+            + "; use %rtq connect [URL] [--prefix P], %rtq status or %rtq wait NAME (and %%rtq [NAME] for cells)"
+        )
+
+    def _connect(self, args: Any) -> None:
+        url: str = args.url or os.environ.get("RTQ_REDIS_URL") or ""
+        embedded = not url
+        try:
+            check_name("queue name", args.queue)
+            if embedded:
+                from ..server import default_server
+
+                url = default_server().url
+            queue = connect(url, args.prefix, secret=args.secret)
+        except (RtqError, ValueError) as exc:
+            raise UsageError(f"%rtq connect: {exc}") from None
+        session = _Session(queue, url, args.queue)
+        old, self.session = self.session, session
+        if old is not None:  # reconnecting: keep a local worker that still serves this server
+            if old.url == url and old.worker is not None and old.worker.poll() is None:
+                session.worker, old.worker = old.worker, None
+            old.close()
+        where = redact_url(url)
+        if embedded and not queue.is_listened(args.queue):
+            proc = self._start_local_worker(session, args.prefix, args.queue)
+            print(
+                f"rtq: no Redis configured (no URL, RTQ_REDIS_URL unset): started an embedded server at {where} "
+                f"and a local worker (pid {proc.pid}) on queue {args.queue!r}; both stop when this kernel exits."
+            )
+        elif embedded:
+            print(
+                f"rtq: connected to the embedded server at {where}; workers serve: "
+                f"{', '.join(sorted(session.served_queues())) or 'none'}"
+            )
+        else:
+            served = ", ".join(repr(q) for q in sorted(session.served_queues())) or "none yet"
+            print(
+                f"rtq: connected to {where} (prefix {args.prefix!r}); live workers serve {served}; "
+                f"%%rtq without a NAME runs on {args.queue!r}"
+            )
+
+    def _start_local_worker(self, session: _Session, prefix: str, name: str) -> subprocess.Popen[bytes]:
+        log = tempfile.TemporaryFile()
+        cmd = [sys.executable, "-m", "rtq", "worker", name, "--url", session.url, "--prefix", prefix]
+        from ..server import _die_with_parent
+
+        proc = subprocess.Popen(
+            cmd,
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            preexec_fn=_die_with_parent if sys.platform.startswith("linux") else None,
+        )
+        atexit.register(stop_worker, proc)
+        session.worker = proc
+        deadline = time.monotonic() + WORKER_START_TIMEOUT
+        # Waiting for another process to come up: there is nothing to block on but its marker.
+        while not session.queue.is_listened(name):
+            if proc.poll() is not None or time.monotonic() > deadline:
+                stop_worker(proc)
+                log.seek(0)
+                output = log.read().decode(errors="replace")[-2000:]
+                raise UsageError(f"%rtq connect: the local worker did not start:\n{output}")
+            time.sleep(0.05)
+        return proc
+
+    def _require(self) -> _Session:
+        if self.session is None:
+            raise UsageError(
+                "rtq is not connected: run %rtq connect redis://HOST:PORT first "
+                "(or %rtq connect with no URL for an embedded server and a local worker)"
+            )
+        return self.session
+
+    def _status(self) -> None:
+        from ..status import format_status, gather_status
+
+        session = self._require()
+        print(
+            f"connected to {redact_url(session.url)} prefix={session.queue.prefix!r}; "
+            f"%%rtq default queue: {session.default!r}"
+        )
+        print(format_status(gather_status(session.queue)))
+
+    def _wait_cmd(self, args: Any) -> Any:
+        fut = self.ip.user_ns.get(args.name)
+        if not isinstance(fut, CellFuture):
+            raise UsageError(
+                f"%rtq wait: {args.name!r} is not a cell handle; store one with %%rtq --no-wait -o {args.name}"
+            )
+        return wait_cell(fut, progress_after=None, stop_on_interrupt=False, label=args.name)
+
+    # -- %%rtq -----------------------------------------------------------------------------
+    @magic_arguments(name="%rtq")
+    @argument("name", nargs="?", help="queue to run on (default: the --queue of %%rtq connect)")
+    @argument("--push", metavar="A,B", help="ship exactly these variables (default: the ones the cell reads)")
+    @argument("--pull", metavar="C,D", help="bring back exactly these variables (default: the ones it assigns)")
+    @argument("--no-wait", action="store_true", help="return a handle at once; variables arrive when you wait on it")
+    @argument("-o", "--out", metavar="VAR", help="store the cell's handle (a TaskFuture) in VAR")
+    @argument("--timeout", type=float, default=None, help="stop the cell after S seconds")
+    @argument("--size-warn", default="100MB", help="warn about variables bigger than this (default 100MB)")
+    @argument("--progress-after", type=float, default=2.0, help="show a progress bar after S seconds (default 2)")
+    @output_can_be_silenced
+    @no_var_expand
+    @cell_magic("rtq")  # type: ignore[arg-type]
+    def rtq_cell(self, line: str, cell: str) -> Any:
+        """Run this cell on a worker: what it reads is shipped, what it assigns comes back."""
+        args = _parse(self.rtq_cell, line)
+        session = self._require()
+        name = args.name or session.default
+        try:
+            check_name("queue name", name)
+        except ValueError as exc:
+            raise UsageError(f"%%rtq: {exc}") from None
+        if args.timeout is not None and args.timeout <= 0:
+            raise UsageError(f"%%rtq: --timeout must be positive, not {args.timeout:g}")
+        self._check_served(session, name)
+        spec, explicit_pull = self._spec(args, line, cell)
+        ex = session.executor(name, args.timeout)
+        with deferred_interrupts() as interrupt:
+            try:
+                fut = ex.submit(run_cell, spec)
+            except SerializationError as exc:
+                raise short_error(exc, str(exc)) from None
+            assert isinstance(fut, CellFuture)
+            fut._cell = CellContext(self.ip, spec.pull, explicit_pull)
+            if args.out:
+                self.ip.user_ns[args.out] = fut
+        if args.no_wait and not interrupt.hit:
+            how = f"%rtq wait {args.out} or {args.out}.result()" if args.out else "the handle's .result()"
+            print(f"rtq: cell running on {name!r} as task {fut.task_id}; {how} brings its variables back")
+            return fut
+        return wait_cell(fut, progress_after=args.progress_after, stop_on_interrupt=True, interrupted=interrupt.hit)
+
+    def _check_served(self, session: _Session, name: str) -> None:
+        if session.queue.is_listened(name):
+            return
+        served = session.served_queues()
+        if name in served:
+            return
+        known = ", ".join(sorted(served)) or "none"
+        raise UsageError(
+            f"%%rtq: no worker listens on queue {name!r} (live workers serve: {known}); start one with "
+            f"`rtq worker {name} --url {redact_url(session.url)} --prefix {session.queue.prefix}`"
+        )
+
+    def _spec(self, args: Any, line: str, cell: str) -> tuple[CellSpec, bool]:
+        shell = self.ip
+        text_ = f"%%rtq {line}".rstrip() + "\n" + cell
+        compiler = getattr(shell, "compile", None)
+        if compiler is not None and hasattr(compiler, "cache"):
+            filename = compiler.cache(text_, shell.execution_count, raw_code=text_)
+        else:
+            filename = f"<rtq-cell-{shell.execution_count}>"
+        try:
+            analysis = analyze(cell, filename, first_line=2)
+        except SyntaxError as exc:
+            raise short_error_syntax(exc, shell) from None
+        ns = shell.user_ns
+        hidden = getattr(shell, "user_ns_hidden", {})
+        if args.push is not None:
+            push = _names(args.push)
+            missing = [n for n in push if n not in ns]
+            if missing:
+                raise UsageError(f"%%rtq --push: not defined in the notebook: {', '.join(missing)}")
+        else:
+            push = tuple(n for n in analysis.reads if n in ns and not (n in hidden and hidden[n] is ns[n]))
+        values: dict[str, Any] = {}
+        modules: dict[str, str] = {}
+        threshold = parse_size(args.size_warn)
+        for n in push:
+            value = ns[n]
+            if isinstance(value, (types.ModuleType, RemoteModule)) and not _by_value(value):
+                modules[n] = value.__name__
+                continue
+            try:
+                size = pickled_size(value)
+            except Exception as exc:
+                err = SerializationError(describe_unpicklable(value, f"variable {n!r}", exc))
+                raise short_error(err, str(err)) from None
+            if size > threshold:
+                print(
+                    f"rtq: variable {n!r} is {_size_text(size)} pickled, over --size-warn {args.size_warn}; "
+                    "shipping it anyway (pass --push to choose what goes)",
+                    file=sys.stderr,
+                )
+            values[n] = value
+        explicit_pull = args.pull is not None
+        pull = _names(args.pull) if explicit_pull else analysis.assigns
+        display = analysis.last_expr and not DisplayHook.semicolon_at_end_of_expression(cell)
+        spec = CellSpec(
+            source=cell,
+            text=text_,
+            filename=filename,
+            first_line=2,
+            values=values,
+            modules=modules,
+            pull=tuple(pull),
+            display=display,
+        )
+        return spec, explicit_pull
+
+
+def _by_value(module: Any) -> bool:
+    """Whether a module is local code that cloudpickle ships by value (not importable remotely)."""
+    from ..closures import ship_local_modules
+
+    return isinstance(module, types.ModuleType) and module.__name__ in ship_local_modules()
+
+
+def short_error_syntax(exc: SyntaxError, shell: Any) -> SyntaxError:
+    """Show a cell's syntax error the way IPython shows one in a normal cell."""
+    try:
+        exc._render_traceback_ = lambda: list(shell.SyntaxTB.structured_traceback(SyntaxError, exc, []))  # type: ignore[attr-defined]
+    except AttributeError:
+        pass
+    return exc
+
+
+def load_ipython_extension(ipython: Any) -> None:
+    ipython.register_magics(RtqMagics)
+
+
+def unload_ipython_extension(ipython: Any) -> None:
+    magics = ipython.magics_manager.registry.get("RtqMagics")
+    if magics is not None and magics.session is not None:
+        magics.session.close()
+        magics.session = None

@@ -1,0 +1,255 @@
+"""Waiting on a ``%%rtq`` cell: live output, a progress bar, its variables, its interruption.
+
+A cell's :class:`CellFuture` resolves to a :class:`~rtq.notebook.cells.CellResult`. Reading it
+(``result()``, which ``%%rtq`` and ``%rtq wait`` do) is what assigns the cell's variables into
+the notebook, so a ``--no-wait`` cell never changes the namespace while other cells run.
+
+While the kernel waits, :func:`wait_cell` follows the task's events (:func:`rtq.watch.watch`)
+in the kernel's main thread, so what the cell prints lands in the cell that is running, and a
+progress bar appears once the cell has run for ``progress_after`` seconds and reported
+progress. A ``KeyboardInterrupt`` (the kernel's interrupt button) stops the remote cell.
+"""
+
+from __future__ import annotations
+
+import importlib
+import signal
+import sys
+import threading
+import time
+from typing import Any
+
+from ..errors import RtqError, TaskTimeout
+from ..executor import Executor, TaskFuture
+from .cells import CellResult
+from .tracebacks import prepare, short_error
+
+__all__ = ["CellExecutor", "CellFuture", "RemoteModule", "deferred_interrupts", "wait_cell"]
+
+
+class RemoteModule:
+    """Stands in for a module a remote cell imported that this kernel cannot import.
+
+    A later ``%%rtq`` cell that reads the name imports the module on the worker again.
+    """
+
+    def __init__(self, name: str) -> None:
+        self.__name__ = name
+
+    def __repr__(self) -> str:
+        return f"<module {self.__name__!r} (imported on the worker; not installed in this kernel)>"
+
+    def __getattr__(self, attr: str) -> Any:
+        raise AttributeError(f"module {self.__name__!r} is only installed on the workers: use it in %%rtq cells")
+
+
+class CellFuture(TaskFuture):
+    """The future of a ``%%rtq`` cell: ``result()`` brings the cell's variables into the notebook.
+
+    ``result()`` returns the value of the cell's last expression (None when there is none),
+    assigns the variables the cell made (once, however often it is called), and raises the
+    cell's exception shown against the cell's own lines.
+    """
+
+    _cell: CellContext | None = None
+
+    def result(self, timeout: float | None = None) -> Any:
+        try:
+            outcome = super().result(timeout)
+        except BaseException as exc:
+            if self._cell is not None and self.done() and not self.cancelled():
+                prepare(exc, self._cell.shell)
+            raise
+        if self._cell is None or not isinstance(outcome, CellResult):
+            return outcome
+        return self._cell.apply(outcome)
+
+    def __repr__(self) -> str:
+        if not self.done():
+            state = "running"
+        elif self.cancelled():
+            state = "cancelled"
+        else:
+            state = "failed" if self.exception() else "done"
+        return f"<rtq cell {self.task_id} on {self.name!r}: {state}>"
+
+
+class CellExecutor(Executor):
+    """An executor whose futures are :class:`CellFuture` objects."""
+
+    future_class = CellFuture
+
+
+class CellContext:
+    """Where a cell's variables go when its future's result is read."""
+
+    def __init__(self, shell: Any, pull: tuple[str, ...], explicit: bool) -> None:
+        self.shell = shell
+        self.pull = pull
+        self.explicit = explicit
+        self._lock = threading.Lock()
+        self._applied = False
+
+    def apply(self, outcome: CellResult) -> Any:
+        with self._lock:
+            if not self._applied:
+                self._applied = True
+                self._assign(outcome)
+        return outcome.value if outcome.has_value else None
+
+    def _assign(self, outcome: CellResult) -> None:
+        ns = self.shell.user_ns
+        ns.update(outcome.values)
+        for name, module in outcome.modules.items():
+            try:
+                ns[name] = importlib.import_module(module)
+            except ImportError:
+                ns[name] = RemoteModule(module)
+        for name, why in outcome.skipped.items():
+            print(f"rtq: {name!r} stays on the worker: {why}", file=sys.stderr)
+        if self.explicit:
+            got = set(outcome.values) | set(outcome.modules) | set(outcome.skipped)
+            missing = [n for n in self.pull if n not in got]
+            if missing:
+                print(f"rtq: --pull {', '.join(missing)}: not defined when the cell ended", file=sys.stderr)
+
+
+class ProgressDisplay:
+    """A text progress bar in the cell's output, shown once the cell has run ``after`` seconds."""
+
+    MIN_GAP = 0.1
+
+    def __init__(self, after: float) -> None:
+        self.after = after
+        self.started = time.monotonic()
+        self.handle: Any = None
+        self.last: tuple[float, float | None, str | None] | None = None
+        self.drawn_at = 0.0
+
+    def update(self, current: float, total: float | None, desc: str | None) -> None:
+        self.last = (current, total, desc)
+        now = time.monotonic()
+        if now - self.started < self.after:
+            return
+        final = total is not None and current >= total
+        if self.handle is not None and not final and now - self.drawn_at < self.MIN_GAP:
+            return
+        self.draw()
+
+    def draw(self) -> None:
+        if self.last is None:
+            return
+        from IPython.display import display
+        from tqdm.std import tqdm
+
+        current, total = (_whole(v) for v in self.last[:2])
+        desc = self.last[2]
+        line = tqdm.format_meter(current, total, time.monotonic() - self.started, prefix=desc or "")
+        bundle = {"text/plain": line}
+        if self.handle is None:
+            self.handle = display(bundle, raw=True, display_id=True)
+        else:
+            self.handle.update(bundle, raw=True)
+        self.drawn_at = time.monotonic()
+
+    def close(self) -> None:
+        if self.handle is not None:
+            self.draw()  # the last state, even if it came within MIN_GAP of the previous one
+
+
+def _whole(value: float | None) -> Any:
+    """3.0 -> 3, so a bar reads 3/10 and not 3.0/10.0."""
+    return int(value) if isinstance(value, float) and value.is_integer() else value
+
+
+class deferred_interrupts:
+    """Hold a ``KeyboardInterrupt`` back while the block runs (main thread only); ``hit`` tells.
+
+    Submitting a cell is a Redis transaction: interrupted halfway, the cell may be queued (even
+    running) with no future to stop it by. Deferring the interrupt until the future exists
+    lets the caller stop the cell it just sent.
+    """
+
+    def __init__(self) -> None:
+        self.hit = False
+        self._old: Any = None
+
+    def __enter__(self) -> deferred_interrupts:
+        if threading.current_thread() is threading.main_thread():
+            self._old = signal.signal(signal.SIGINT, self._note)
+        return self
+
+    def _note(self, signum: int, frame: Any) -> None:
+        self.hit = True
+
+    def __exit__(self, *exc: object) -> None:
+        if self._old is not None:
+            signal.signal(signal.SIGINT, self._old)
+
+
+def _follow(fut: CellFuture, bar: ProgressDisplay | None) -> None:
+    """Stream the cell's output (and progress) here until it ends; a no-op without rtq.watch."""
+    try:
+        from ..watch import watch
+    except ImportError:  # streaming not available: the outcome still arrives through the future
+        return
+
+    def on_output(stream: str, text: str) -> None:
+        out = sys.stderr if stream == "stderr" else sys.stdout
+        out.write(text)
+        out.flush()
+
+    watch(fut, on_output=on_output, on_progress=bar.update if bar is not None else None)
+
+
+def wait_cell(
+    fut: CellFuture,
+    *,
+    progress_after: float | None,
+    stop_on_interrupt: bool,
+    label: str = "",
+    interrupted: bool = False,
+) -> Any:
+    """Wait for a cell in the kernel, showing what it prints; returns its last expression's value.
+
+    Args:
+        fut: The cell's future.
+        progress_after: Show a progress bar after this many seconds (None: never).
+        stop_on_interrupt: On ``KeyboardInterrupt`` stop the remote cell (a ``%%rtq`` cell);
+            else only stop waiting (``%rtq wait`` on a ``--no-wait`` cell).
+        label: How the user refers to the handle, for messages.
+        interrupted: An interrupt already came (while submitting): handle it at once.
+    """
+    bar = ProgressDisplay(progress_after) if progress_after is not None else None
+    try:
+        if interrupted:
+            raise KeyboardInterrupt
+        try:
+            _follow(fut, bar)
+        except (RtqError, OSError, ValueError):  # following is a nicety; the outcome is what counts
+            pass
+        finally:
+            if bar is not None:
+                bar.close()
+        return fut.result()
+    except KeyboardInterrupt:
+        if not stop_on_interrupt:
+            raise short_error(
+                KeyboardInterrupt(),
+                f"stopped waiting; the cell still runs (task {fut.task_id}): {label or 'its handle'}.stop() stops it",
+            ) from None
+        fut.stop()
+        raise short_error(
+            KeyboardInterrupt(), f"stopped the remote cell (task {fut.task_id} on {fut.name!r})"
+        ) from None
+    except TaskTimeout as exc:
+        if getattr(exc, "_rtq_cell_frames", None) is not None:  # raised by the cell's own code
+            raise
+        limit = getattr(fut._executor, "timeout", None)
+        raise short_error(
+            exc, f"the cell ran past its {limit:g} s timeout on {fut.name!r} and was stopped (task {fut.task_id})"
+        ) from None
+    except RtqError as exc:
+        if getattr(exc, "_render_traceback_", None) is None:
+            short_error(exc, str(exc))
+        raise

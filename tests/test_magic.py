@@ -1,0 +1,312 @@
+"""The ``%%rtq`` cell magic and ``%rtq`` line magic, in a real IPython kernel driven by nbclient.
+
+One kernel serves the module (starting one costs seconds); each test starts its own worker
+subprocess on queue ``cells`` against the session's Redis and connects the kernel to it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import re
+import threading
+from collections.abc import Iterator
+from typing import Any
+
+import nbformat
+import pytest
+import redis
+from jupyter_core.utils import run_sync
+from nbclient import NotebookClient
+
+from conftest import Workers, wait_for
+
+pytestmark = pytest.mark.timeout(120)
+
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
+
+
+class Kernel:
+    """A live kernel: run cells, read what they showed."""
+
+    def __init__(self, client: NotebookClient) -> None:
+        self.client = client
+        self.nb = client.nb
+
+    def run(self, source: str) -> Any:
+        cell = nbformat.v4.new_code_cell(source)
+        self.nb.cells.append(cell)
+        self.client.execute_cell(cell, len(self.nb.cells) - 1)
+        return cell
+
+    def connect(self, url: str) -> None:
+        cell = self.run(f"%rtq connect {url}")
+        assert not errors(cell), errors(cell)
+
+    def value(self, source: str) -> str:
+        """The text/plain of a cell's result (the cell must succeed)."""
+        cell = self.run(source)
+        assert not errors(cell), (source, errors(cell), streams(cell))
+        return result(cell).get("text/plain", "")
+
+
+def streams(cell: Any, name: str | None = None) -> str:
+    return "".join(o.text for o in cell.outputs if o.output_type == "stream" and name in (None, o.name))
+
+
+def errors(cell: Any) -> list[Any]:
+    return [o for o in cell.outputs if o.output_type == "error"]
+
+
+def usage_error(cell: Any) -> str:
+    """The message of the UsageError a cell raised (IPython prints those on stderr)."""
+    text = streams(cell, "stderr")
+    assert text.startswith("UsageError: "), (text, cell.outputs)
+    return text
+
+
+def traceback_text(cell: Any) -> str:
+    return _ANSI.sub("", "\n".join(line for err in errors(cell) for line in err.traceback))
+
+
+def result(cell: Any) -> dict[str, Any]:
+    for o in cell.outputs:
+        if o.output_type == "execute_result":
+            return dict(o.data)
+    return {}
+
+
+def _client() -> NotebookClient:
+    return NotebookClient(nbformat.v4.new_notebook(), kernel_name="python3", timeout=60, allow_errors=True)
+
+
+def _kernel_env(**changes: str | None) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k not in ("RTQ_REDIS_URL", "RTQ_SECRET")}
+    for key, value in changes.items():
+        if value is None:
+            env.pop(key, None)
+        else:
+            env[key] = value
+    return env
+
+
+@pytest.fixture(scope="module")
+def kernel() -> Iterator[Kernel]:
+    client = _client()
+    with client.setup_kernel(env=_kernel_env()):
+        k = Kernel(client)
+        cell = k.run("%load_ext rtq")
+        assert not cell.outputs, cell.outputs
+        yield k
+
+
+@pytest.fixture
+def cells(kernel: Kernel, workers: Workers, redis_url: str) -> Kernel:
+    """The kernel, connected, with a worker serving queue ``cells``."""
+    workers.start("cells", task_fn=None, prefix="rtq")
+    kernel.connect(redis_url)
+    return kernel
+
+
+def test_variables_round_trip(cells: Kernel) -> None:
+    cells.run("a = 21\nimport math, threading\nunread = threading.Lock()")  # unshippable, but not read
+    cell = cells.run("%%rtq cells\nb = a * 2\nc = math.sqrt(b)\nimport os\npid = os.getpid()")
+    assert not errors(cell), traceback_text(cell)
+    assert not result(cell)  # no bare expression at the end: nothing displayed
+    assert cells.value("b, round(c, 3), type(math).__name__") == "(42, 6.481, 'module')"
+    assert cells.value("import os\npid != os.getpid()") == "True"  # it did run elsewhere
+    # Names assigned before they are read are not shipped: the worker's fresh value wins.
+    cells.run("b = 'stale'")
+    assert cells.value("%%rtq cells\nb = 5\nb * 2") == "10"
+
+
+def test_push_and_pull_override_the_analysis(cells: Kernel) -> None:
+    cells.run("a, b = 1, 2")
+    cell = cells.run(
+        "%%rtq cells --push a --pull c\ntry:\n    b\nexcept NameError:\n    c = a * 100\nelse:\n    c = -1\nd = 5"
+    )
+    assert not errors(cell), traceback_text(cell)
+    assert cells.value("c") == "100"  # b was not shipped
+    assert cells.value("'d' in dir()") == "False"  # d was not pulled
+    assert "nosuchvar" in usage_error(cells.run("%%rtq cells --push nosuchvar\n1"))
+
+
+def test_last_expression_is_displayed_with_rich_reprs(cells: Kernel) -> None:
+    cell = cells.run(
+        "%%rtq cells\n"
+        "class Frame:\n"
+        "    def __repr__(self):\n"
+        "        return 'Frame(2 rows)'\n"
+        "    def _repr_html_(self):\n"
+        "        return '<table><tr><td>1</td></tr></table>'\n"
+        "Frame()"
+    )
+    assert not errors(cell), traceback_text(cell)
+    data = result(cell)
+    assert data["text/plain"] == "Frame(2 rows)"
+    assert data["text/html"] == "<table><tr><td>1</td></tr></table>"
+    # A value that cannot travel back is still displayed, from reprs made on the worker.
+    cell = cells.run(
+        "%%rtq cells\nimport threading\nclass Held:\n    def _repr_html_(self):\n        return '<b>held</b>'\n"
+        "    def __init__(self):\n        self.lock = threading.Lock()\nHeld()"
+    )
+    assert not errors(cell), traceback_text(cell)
+    assert result(cell)["text/html"] == "<b>held</b>"
+    # A trailing semicolon silences the display, as in any cell.
+    cell = cells.run("%%rtq cells\n6 * 7;")
+    assert not errors(cell) and not result(cell)
+
+
+def test_exception_keeps_its_type_and_shows_the_cells_line(cells: Kernel) -> None:
+    cell = cells.run("%%rtq cells\nx = 1\ny = x / 0\n")
+    (err,) = errors(cell)
+    assert err.ename == "ZeroDivisionError"
+    tb = traceback_text(cell)
+    assert "----> 3 y = x / 0" in tb, tb  # the cell's own line, numbered as in the notebook
+    assert "      1 %%rtq cells" in tb
+    assert "raised in the %%rtq cell on worker" in tb
+    assert "magic.py" not in tb  # no frames of the machinery
+    # A function defined in the cell fails inside: both frames point at the cell.
+    cell = cells.run("%%rtq cells\ndef f(n):\n    return 1 / n\n\nf(0)")
+    tb = traceback_text(cell)
+    assert errors(cell)[0].ename == "ZeroDivisionError"
+    assert "----> 5 f(0)" in tb and "----> 3     return 1 / n" in tb, tb
+    assert cells.value("isinstance(sys.last_value, ZeroDivisionError) if (sys := __import__('sys')) else 0") == "True"
+
+
+def test_no_wait_returns_a_handle_and_variables_arrive_on_wait(cells: Kernel) -> None:
+    cell = cells.run("%%rtq cells --no-wait -o job\nz = 7\nz * 6")
+    assert not errors(cell), traceback_text(cell)
+    assert "%rtq wait job" in streams(cell, "stdout")
+    assert "rtq cell" in result(cell)["text/plain"]
+    assert cells.value("type(job).__mro__[1].__name__") == "'TaskFuture'"
+    assert cells.value("'z' in dir()") == "False"  # nothing arrives behind the user's back
+    assert cells.value("%rtq wait job") == "42"
+    assert cells.value("z") == "7"
+    # The other way to wait: the handle's result().
+    cells.run("%%rtq cells --no-wait -o job2\nw = 3")
+    assert cells.value("job2.result(30), w") == "(None, 3)"
+    # A failed --no-wait cell raises its own exception when waited on.
+    cells.run("%%rtq cells --no-wait -o job3\n[][1]")
+    cell = cells.run("%rtq wait job3")
+    assert errors(cell)[0].ename == "IndexError"
+    assert "----> 2 [][1]" in traceback_text(cell)
+
+
+def test_unpicklable_variable_is_named(cells: Kernel) -> None:
+    cells.run("import threading\nlock = threading.Lock()")
+    cell = cells.run("%%rtq cells\nlock.locked()")
+    (err,) = errors(cell)
+    assert err.ename == "SerializationError"
+    assert "variable 'lock'" in err.evalue and "_thread.lock" in err.evalue
+
+
+def test_size_warning_names_the_variable(cells: Kernel) -> None:
+    cells.run("big = bytes(2_000_000)\nsmall = 1")
+    cell = cells.run("%%rtq cells --size-warn 1MB\nn = len(big) + small")
+    assert not errors(cell), traceback_text(cell)
+    warning = streams(cell, "stderr")
+    assert "'big'" in warning and "2.0 MB" in warning and "'small'" not in warning
+    assert cells.value("n") == "2000001"
+
+
+def test_prints_appear_in_the_cell(cells: Kernel) -> None:
+    cell = cells.run("%%rtq cells\nprint('hello from', 'the worker')\nimport sys\nprint('oops', file=sys.stderr)")
+    assert not errors(cell), traceback_text(cell)
+    assert streams(cell, "stdout") == "hello from the worker\n"
+    assert streams(cell, "stderr") == "oops\n"
+
+
+def test_usage_errors(cells: Kernel) -> None:
+    message = usage_error(cells.run("%%rtq cells --bogus\n1"))
+    assert "--bogus" in message and "usage: %%rtq" in message
+    message = usage_error(cells.run("%%rtq nosuchqueue\n1"))
+    assert "no worker listens on queue 'nosuchqueue'" in message and "cells" in message
+    assert "frobnicate" in usage_error(cells.run("%rtq frobnicate"))
+    cell = cells.run("%%rtq cells --timeout 0.5\nimport time\nfor i in range(3000):\n    time.sleep(0.01)")
+    assert errors(cell)[0].ename == "TaskTimeout"
+    cell = cells.run("%%rtq cells\nx = (1,\n")
+    assert errors(cell)[0].ename == "SyntaxError"
+    assert "x = (1," in traceback_text(cell)
+
+
+def test_status(cells: Kernel) -> None:
+    cell = cells.run("%rtq status")
+    assert not errors(cell)
+    out = streams(cell)
+    assert "queues=cells" in out and "workers (1)" in out
+
+
+def test_interrupt_stops_the_remote_cell(cells: Kernel, r: redis.Redis) -> None:
+    cell = nbformat.v4.new_code_cell(
+        "%%rtq cells -o slow\nimport time\nfor i in range(3000):\n    time.sleep(0.01)\nended = True"
+    )
+    cells.nb.cells.append(cell)
+
+    def execute() -> None:  # in a thread with its own event loop, closed after (no leaked loop)
+        loop = asyncio.new_event_loop()
+        try:
+            loop.run_until_complete(cells.client.async_execute_cell(cell, len(cells.nb.cells) - 1))
+        finally:
+            loop.close()
+
+    runner = threading.Thread(target=execute)
+    runner.start()
+    try:
+
+        def running() -> list[bytes]:
+            return [k for k in r.scan_iter("rtq|task-queue|task-result:*") if r.hget(k, "state") == b"running"]
+
+        wait_for(running, 30, "the cell to run on the worker")
+        run_sync(cells.client.km.interrupt_kernel)()
+    finally:
+        runner.join(60)
+    assert not runner.is_alive()
+    (err,) = errors(cell)
+    assert err.ename == "KeyboardInterrupt"
+    assert "stopped the remote cell" in traceback_text(cell), traceback_text(cell)
+    # The worker stopped the cell (it would otherwise run for 30 s) and the kernel knows it.
+    worker_ids = [w.decode() for w in r.zrange("rtq|task-queue|workers", 0, -1)]
+    wait_for(lambda: all(r.llen(f"rtq|task-queue|task-running|{w}") == 0 for w in worker_ids), 15, "the stop")
+    assert cells.value("type(slow.exception(10)).__name__") == "'TaskCancelled'"
+    assert cells.value("'ended' in dir()") == "False"
+    # The next cell runs at once.
+    assert cells.value("%%rtq cells\n1 + 1") == "2"
+
+
+def test_connect_without_url_starts_embedded_server_and_local_worker(tmp_path: Any) -> None:
+    client = _client()
+    with client.setup_kernel(env=_kernel_env()):
+        k = Kernel(client)
+        k.run("%load_ext rtq")
+        assert "%rtq connect" in usage_error(k.run("%%rtq\n1"))
+        cell = k.run("%rtq connect")
+        assert not errors(cell), traceback_text(cell)
+        out = streams(cell)
+        assert "embedded server" in out and "local worker" in out, out
+        pid = int(re.search(r"pid (\d+)", out).group(1))  # type: ignore[union-attr]
+        assert k.value("%%rtq\nimport os\nos.getpid()") == str(pid)
+        run_sync(client.km.shutdown_kernel)(now=False)  # a clean exit runs the kernel's atexit
+
+        def gone() -> bool:
+            try:
+                os.kill(pid, 0)
+            except ProcessLookupError:
+                return True
+            return False
+
+        wait_for(gone, 30, "the local worker to stop with the kernel")
+
+
+def test_progress_bar_appears_after_progress_after(cells: Kernel) -> None:
+    loop = "import time, rtq\ntask = rtq.current_task()\nfor i in range(1, 21):\n    time.sleep(0.05)\n"
+    loop += "    task.update(i, 20)"
+    cell = cells.run(f"%%rtq cells --progress-after 0.3\n{loop}")
+    assert not errors(cell), traceback_text(cell)
+    bars = [o for o in cell.outputs if o.output_type == "display_data"]
+    assert len(bars) == 1, cell.outputs  # one bar, updated in place
+    assert "20/20" in bars[0].data["text/plain"] and "100%" in bars[0].data["text/plain"]
+    # A cell that ends before --progress-after shows no bar.
+    cell = cells.run(f"%%rtq cells --progress-after 30\n{loop}")
+    assert not errors(cell), traceback_text(cell)
+    assert not [o for o in cell.outputs if o.output_type == "display_data"]
