@@ -20,6 +20,8 @@ _EXPORTS = {
     "Executor": "rtq.executor",
     "TaskFuture": "rtq.executor",
     "errors": "rtq.errors",
+    "tqdm": "rtq.report",
+    "progress": "rtq.display",
 }
 
 __all__ = ["__version__", *_EXPORTS]
@@ -27,7 +29,9 @@ __all__ = ["__version__", *_EXPORTS]
 if TYPE_CHECKING:
     from . import errors
     from .connection import connect
+    from .display import progress
     from .executor import Executor, TaskFuture
+    from .report import tqdm
     from .task import RedisTask, TaskExecutePolicy, current_task
     from .task_queue import RedisTaskQueue
 

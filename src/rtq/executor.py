@@ -36,6 +36,8 @@ logger = logging.getLogger(__name__)
 
 SUBMIT_BATCH = 500
 """Tasks stored per round trip by ``map``."""
+EVENTS_KEEP_S = 60.0
+"""Seconds a resolved task's events (progress, output) stay readable for late watchers."""
 
 
 class TaskFuture(concurrent.futures.Future):  # type: ignore[type-arg]
@@ -46,6 +48,7 @@ class TaskFuture(concurrent.futures.Future):  # type: ignore[type-arg]
 
     Attributes:
         task_id: The id of the task in Redis.
+        label: The submitted function's name (what ``rtq.progress`` shows), or None.
     """
 
     def __init__(self, executor: Executor, task: RedisTask) -> None:
@@ -54,6 +57,8 @@ class TaskFuture(concurrent.futures.Future):  # type: ignore[type-arg]
         self.name = task.name
         self.expiry = task.expiry
         self._executor = executor
+        fn = getattr(task.params, "fn", None)
+        self.label: str | None = getattr(fn, "__name__", None)  # what rtq.progress calls it
         self._last_progress: tuple[float, float] = (0.0, 100.0)
 
     def __repr__(self) -> str:
@@ -263,7 +268,10 @@ class Executor(concurrent.futures.Executor):
         except Exception as exc:
             _settle(fut, fut.set_exception, exc)
             return
-        store.redis.delete(keys.task(task_id), keys.events(task_id))
+        pipe = store.redis.pipeline(transaction=False)
+        pipe.delete(keys.task(task_id))
+        pipe.pexpire(keys.events(task_id), int(EVENTS_KEEP_S * 1000))  # watchers may still be reading
+        pipe.execute()
         if state == "done":
             _settle(fut, fut.set_result, value)
         elif state == "failed":

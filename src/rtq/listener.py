@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any
 
 import redis as redis_py
 
+from .capture import capturing
 from .errors import RtqError, SerializationError, SignatureError, TaskCancelled, TaskTimeout
 from .heartbeat import HeartbeatConfig, HeartbeatHelper, connection_settings
 from .keys import check_name
@@ -431,7 +432,8 @@ class Listener:
         task._save = lambda: report(task) and None
         try:
             try:
-                with running(task), stopper.armed():
+                # capturing() sends the task's last output on exit, before _finish stores the outcome
+                with running(task), capturing(self.store, task, self.id), stopper.armed():
                     result = self.queue.task_fn(task)  # type: ignore[misc]
             except BaseException as exc:  # a task must never take its worker down
                 if stopper.exc_type is not None and isinstance(exc, stopper.exc_type) and not str(exc):
@@ -487,7 +489,7 @@ class Listener:
         if rest and self.redis.exists(key):
             self.redis.hset(key, mapping=rest)
         stored = self.store.scripts["finish"](
-            keys=[key, self.running_key, task._notify],  # type: ignore[attr-defined]
+            keys=[key, self.running_key, task._notify, self.keys.events(task.id)],  # type: ignore[attr-defined]
             args=[
                 task.id,
                 self.id,

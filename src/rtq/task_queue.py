@@ -256,7 +256,7 @@ class RedisTaskQueue:
             if name is None:
                 return None
             state = self.store.scripts["cancel"](
-                keys=[key, self.keys.queue(text(name)), text(notify) or self.keys.done(id)],
+                keys=[key, self.keys.queue(text(name)), text(notify) or self.keys.done(id), self.keys.events(id)],
                 args=[id, repr(time.time()), int(KEEP_S * 1000), "0" if running else "1"],
             )
         return text(state) or None

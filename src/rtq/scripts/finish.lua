@@ -3,6 +3,7 @@
 -- KEYS[1]  hash  the task               <p>|<s>|task-result:<id>
 -- KEYS[2]  list  the worker's claims    <p>|<s>|task-running|<worker>
 -- KEYS[3]  list  where to announce the end (the task's done list or a client's inbox)
+-- KEYS[4]  stream  the task's events (optional) <p>|<s>|task-events:<id>: gets a 'state' entry
 -- ARGV[1]  the task id
 -- ARGV[2]  the worker id that claimed it
 -- ARGV[3]  the attempt number of that claim
@@ -28,6 +29,12 @@ redis.call('HSET', KEYS[1], 'state', ARGV[4], 'finished', ARGV[5], unpack(ARGV, 
 local keep = tonumber(ARGV[6])
 if redis.call('PTTL', KEYS[1]) < keep then
   redis.call('PEXPIRE', KEYS[1], keep)
+end
+if KEYS[4] then
+  -- After the last output and progress entries, before the caller is woken: a watcher that
+  -- reads up to this entry has seen everything the task wrote.
+  redis.call('XADD', KEYS[4], '*', 'state', ARGV[4])
+  redis.call('PEXPIRE', KEYS[4], redis.call('PTTL', KEYS[1]))
 end
 redis.call('RPUSH', KEYS[3], ARGV[1])
 redis.call('PEXPIRE', KEYS[3], keep)
