@@ -343,7 +343,7 @@ def progress(
     items = _flatten(tasks)
     chosen = _mode(mode)
     follower = Follower(items, queue=queue)
-    labels = [desc or _label(item) for item in items]
+    labels = _unique([desc or _label(item) for item in items])
     aggregate = len(items) > many
     show_output = (not aggregate) if output is None else output
     bar = Progress(follower, NullView(), labels, aggregate=aggregate, show_output=show_output, mode=chosen)
@@ -407,6 +407,12 @@ def _label(item: Any) -> str:
         name = getattr(item, "label", None)
         return name or str(getattr(item, "task_id", "task"))[:8]
     return text(item)[:8]
+
+
+def _unique(labels: list[str]) -> list[str]:
+    """Number the labels that repeat (``job #1``, ``job #2``), so output and failures say which."""
+    counts = {lb: labels.count(lb) for lb in labels}
+    return [f"{lb} #{i + 1}" if counts[lb] > 1 else lb for i, lb in enumerate(labels)]
 
 
 def _num(value: float) -> float | int:
