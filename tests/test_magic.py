@@ -305,6 +305,7 @@ def test_progress_bar_appears_after_progress_after(cells: Kernel) -> None:
     assert not errors(cell), traceback_text(cell)
     bars = [o for o in cell.outputs if o.output_type == "display_data"]
     assert len(bars) == 1, cell.outputs  # one bar, updated in place
+    assert not streams(cell), streams(cell)  # `task` (a RedisTask) quietly stays on the worker
     assert "20/20" in bars[0].data["text/plain"] and "100%" in bars[0].data["text/plain"]
     # A cell that ends before --progress-after shows no bar.
     cell = cells.run(f"%%rtq cells --progress-after 30\n{loop}")

@@ -38,6 +38,8 @@ from typing import Any
 
 import cloudpickle
 
+from ..task import RedisTask
+
 __all__ = ["CellAnalysis", "CellResult", "CellSpec", "RemoteDisplay", "analyze", "pickled_size", "run_cell"]
 
 
@@ -422,6 +424,8 @@ def run_cell(spec: CellSpec) -> CellResult:
         if name not in namespace:
             continue
         obj = namespace[name]
+        if isinstance(obj, RedisTask):  # `task = rtq.current_task()`: means nothing in the notebook
+            continue
         if isinstance(obj, types.ModuleType):
             result.modules[name] = obj.__name__
             continue

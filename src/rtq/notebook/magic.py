@@ -15,6 +15,7 @@ User mistakes (an unknown option, no connection, a queue no worker serves, an un
 from __future__ import annotations
 
 import atexit
+import json
 import os
 import re
 import subprocess
@@ -67,8 +68,6 @@ class _Session:
 
     def served_queues(self) -> set[str]:
         """Queue names live workers serve (from their heartbeat records)."""
-        import json
-
         redis, keys = self.queue.store.redis, self.queue.keys
         ids = [text(w) for w in redis.zrangebyscore(keys.workers(), time.time(), "+inf")]
         served: set[str] = set()
@@ -288,7 +287,7 @@ class RtqMagics(Magics):
     @argument("--push", metavar="A,B", help="ship exactly these variables (default: the ones the cell reads)")
     @argument("--pull", metavar="C,D", help="bring back exactly these variables (default: the ones it assigns)")
     @argument("--no-wait", action="store_true", help="return a handle at once; variables arrive when you wait on it")
-    @argument("-o", "--out", metavar="VAR", help="store the cell's handle (a TaskFuture) in VAR")
+    @argument("-o", "--out", metavar="VAR", help="store the cell's handle (a TaskFuture) in VAR, waiting or not")
     @argument("--timeout", type=float, default=None, help="stop the cell after S seconds")
     @argument("--size-warn", default="100MB", help="warn about variables bigger than this (default 100MB)")
     @argument("--progress-after", type=float, default=2.0, help="show a progress bar after S seconds (default 2)")
@@ -344,10 +343,8 @@ class RtqMagics(Magics):
             filename = compiler.cache(text_, shell.execution_count, raw_code=text_)
         else:
             filename = f"<rtq-cell-{shell.execution_count}>"
-        try:
-            analysis = analyze(cell, filename, first_line=2)
-        except SyntaxError as exc:
-            raise short_error_syntax(exc, shell) from None
+        # A SyntaxError propagates as is: IPython shows it with the cell's line and a caret.
+        analysis = analyze(cell, filename, first_line=2)
         ns = shell.user_ns
         hidden = getattr(shell, "user_ns_hidden", {})
         if args.push is not None:
@@ -398,15 +395,6 @@ def _by_value(module: Any) -> bool:
     from ..closures import ship_local_modules
 
     return isinstance(module, types.ModuleType) and module.__name__ in ship_local_modules()
-
-
-def short_error_syntax(exc: SyntaxError, shell: Any) -> SyntaxError:
-    """Show a cell's syntax error the way IPython shows one in a normal cell."""
-    try:
-        exc._render_traceback_ = lambda: list(shell.SyntaxTB.structured_traceback(SyntaxError, exc, []))  # type: ignore[attr-defined]
-    except AttributeError:
-        pass
-    return exc
 
 
 def load_ipython_extension(ipython: Any) -> None:
