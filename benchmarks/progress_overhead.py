@@ -6,8 +6,9 @@
    plain ``tqdm`` both ways (what tqdm itself costs, without rtq). The steps run in chunks; each
    chunk runs every variant back to back in the worker, timed in CPU time of the task's thread
    (``time.thread_time``); the slowdown is the median over chunks of the paired ratio to the
-   bare loop, so load from other processes on a shared machine hits all variants alike. The
-   same again with no work per step gives the bare cost of one call.
+   bare loop, so load from other processes on a shared machine hits all variants alike (the
+   order rotates from chunk to chunk; "bare loop again" shows the noise left). The same again
+   with no work per step gives the bare cost of one call.
 2. Delay: a task prints time stamps (sparse: one every 200 ms; continuous: one every 1 ms) and
    the client measures when each reaches it through :func:`rtq.watch.watch`. Output is sent at
    once after a quiet spell, else batched every ``rtq.capture.FLUSH_INTERVAL`` (50 ms).
@@ -37,7 +38,7 @@ from rtq.watch import watch
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def measure_overhead(steps: int, work_us: float, repeat: int, chunks: int = 20) -> dict[str, Any]:
+def measure_overhead(steps: int, work_us: float, repeat: int, chunks: int = 200) -> dict[str, Any]:
     """Runs inside the worker: times each variant of the loop, paired chunk by chunk.
 
     The ``steps`` of each variant run as ``chunks`` loops; each chunk runs every variant back to
@@ -108,12 +109,15 @@ def measure_overhead(steps: int, work_us: float, repeat: int, chunks: int = 20) 
         "rtq.tqdm .update()": rtq_tqdm_update,
         "tqdm(iterable), no rtq": tqdm_iter,
         "tqdm .update(), no rtq": tqdm_update,
+        "bare loop again": bare,  # the control: how much two identical loops differ here
     }
     n = steps // chunks
     times: dict[str, list[float]] = {name: [] for name in variants}
+    order = list(variants.items())
     for _ in range(repeat):
-        for _ in range(chunks):
-            for name, fn in variants.items():
+        for chunk in range(chunks):
+            shift = chunk % len(order)  # rotate, so no variant always runs right after another
+            for name, fn in order[shift:] + order[:shift]:
                 start = time.thread_time()  # CPU time of this thread: other processes do not count
                 fn(n)
                 times[name].append(time.thread_time() - start)
@@ -169,6 +173,7 @@ def main() -> int:
     parser.add_argument("--steps", type=int, default=1_000_000)
     parser.add_argument("--work-us", type=float, default=5.0, help="work per loop step, microseconds")
     parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--chunks", type=int, default=200, help="paired chunks the steps are split into")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
 
@@ -193,8 +198,8 @@ def main() -> int:
                 raise SystemExit("the benchmark worker did not start")
             time.sleep(0.05)
         ex = rtq.Executor(queue, "bench", timeout=3600)
-        overhead = ex.submit(measure_overhead, args.steps, args.work_us, args.repeat).result()
-        zero = ex.submit(measure_overhead, args.steps, 0.0, args.repeat).result()
+        overhead = ex.submit(measure_overhead, args.steps, args.work_us, args.repeat, args.chunks).result()
+        zero = ex.submit(measure_overhead, args.steps, 0.0, args.repeat, args.chunks).result()
         delays = [measure_delay(ex, 20, 0.2), measure_delay(ex, 1000, 0.001)]
         ex.shutdown()
     finally:
@@ -208,8 +213,9 @@ def main() -> int:
         return 0
     for result in (overhead, zero):
         print(
-            f"\n{result['steps']:,} steps of {result['work_us']:g} us work each "
-            f"(x{result['repeat']}, median of paired chunks, task thread CPU time):"
+            f"\n{result['steps']:,} steps of {result['work_us']:g} us work each (a bare step took "
+            f"{result['variants']['bare loop']['seconds'] / result['steps'] * 1e6:.2f} us; "
+            f"x{result['repeat']}, median of paired chunks, task thread CPU time):"
         )
         for name, v in result["variants"].items():
             pct = f"{v['slowdown_pct']:+6.1f} %" if result["work_us"] else ""
