@@ -30,6 +30,7 @@ SECTIONS: list[tuple[str, str, list[str]]] = [
     ("rtq.current_task", "current_task", []),
     ("rtq.tqdm", "tqdm", []),
     ("rtq.progress", "progress", []),
+    ("rtq.local_worker", "local_worker", []),
 ]
 
 

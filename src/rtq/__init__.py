@@ -22,6 +22,7 @@ _EXPORTS = {
     "errors": "rtq.errors",
     "tqdm": "rtq.report",
     "progress": "rtq.display",
+    "local_worker": "rtq.local",
 }
 
 __all__ = ["__version__", *_EXPORTS]
@@ -31,6 +32,7 @@ if TYPE_CHECKING:
     from .connection import connect
     from .display import progress
     from .executor import Executor, TaskFuture
+    from .local import local_worker
     from .report import tqdm
     from .task import RedisTask, TaskExecutePolicy, current_task
     from .task_queue import RedisTaskQueue

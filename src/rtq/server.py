@@ -132,6 +132,9 @@ class EmbeddedServer:
             stdout=subprocess.DEVNULL,
             stderr=subprocess.STDOUT,
             preexec_fn=_die_with_parent if sys.platform.startswith("linux") else None,
+            # Its own session: a Jupyter interrupt signals the kernel's whole process group,
+            # and SIGINT would shut the server down under the notebook.
+            start_new_session=True,
         )
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:

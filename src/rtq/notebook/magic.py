@@ -14,13 +14,11 @@ User mistakes (an unknown option, no connection, a queue no worker serves, an un
 
 from __future__ import annotations
 
-import atexit
 import json
 import os
 import re
 import subprocess
 import sys
-import tempfile
 import time
 import types
 from typing import Any
@@ -231,29 +229,14 @@ class RtqMagics(Magics):
             )
 
     def _start_local_worker(self, session: _Session, prefix: str, name: str) -> subprocess.Popen[bytes]:
-        log = tempfile.TemporaryFile()
-        cmd = [sys.executable, "-m", "rtq", "worker", name, "--url", session.url, "--prefix", prefix]
-        from ..server import _die_with_parent
+        from ..local import local_worker
 
-        proc = subprocess.Popen(
-            cmd,
-            stdin=subprocess.DEVNULL,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            preexec_fn=_die_with_parent if sys.platform.startswith("linux") else None,
-        )
-        atexit.register(stop_worker, proc)
-        session.worker = proc
-        deadline = time.monotonic() + WORKER_START_TIMEOUT
-        # Waiting for another process to come up: there is nothing to block on but its marker.
-        while not session.queue.is_listened(name):
-            if proc.poll() is not None or time.monotonic() > deadline:
-                stop_worker(proc)
-                log.seek(0)
-                output = log.read().decode(errors="replace")[-2000:]
-                raise UsageError(f"%rtq connect: the local worker did not start:\n{output}")
-            time.sleep(0.05)
-        return proc
+        try:
+            worker = local_worker(session.queue, name, url=session.url, timeout=WORKER_START_TIMEOUT)
+        except RtqError as exc:
+            raise UsageError(f"%rtq connect: {exc}") from None
+        session.worker = worker.process
+        return worker.process
 
     def _require(self) -> _Session:
         if self.session is None:
