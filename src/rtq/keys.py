@@ -14,8 +14,8 @@ key                                            type      holds
 ``<p>|<s>|task-events:<id>``                   stream    progress and output events, in order
 ``<p>|<s>|task-running|<worker>``              list      ids a worker has claimed (in progress)
 ``<p>|<s>|worker:<worker>``                    string    worker heartbeat + info (JSON), expires
-``<p>|<s>|workers``                            zset      worker ids scored by last heartbeat time
-``<p>|<s>|task-dead``                          list      ids of tasks that failed for good
+``<p>|<s>|workers``                            zset      worker ids scored by when their lease ends
+``<p>|<s>|task-dead``                          list      JSON entries of tasks that failed for good
 ``<p>|<s>|inbox:<client>``                     list      ids of a client's finished tasks
 =============================================  ========  ==========================================
 """
