@@ -41,13 +41,16 @@ ROOT = Path(__file__).resolve().parent.parent
 def measure_overhead(steps: int, work_us: float, repeat: int, chunks: int = 200) -> dict[str, Any]:
     """Runs inside the worker: times each variant of the loop, paired chunk by chunk.
 
-    The ``steps`` of each variant run as ``chunks`` loops; each chunk runs every variant back to
-    back, so a burst of load from elsewhere hits all of them alike, and the slowdown reported is
-    the median over chunks of (variant / bare loop) in the task thread's CPU time.
+    Each variant is one loop of ``steps`` steps (one bar, one count to ``steps``, so Redis sees
+    what a real loop sends: about 10 writes a second and one final write), walked in ``chunks``
+    slices. Each chunk runs a slice of every variant back to back, so a burst of load from
+    elsewhere hits all of them alike; the slowdown reported is the median over chunks of
+    (variant / bare loop) in the task thread's CPU time.
     """
     import io
     import statistics
     import time
+    from itertools import islice
 
     from tqdm.std import tqdm as plain_tqdm
 
@@ -73,54 +76,58 @@ def measure_overhead(steps: int, work_us: float, repeat: int, chunks: int = 200)
         if size:
             sum(range(size))
 
-    def bare(n: int) -> None:
-        for _ in range(n):
-            work()
+    def loops() -> dict[str, Any]:
+        """Fresh loops of every variant; each call of one walks its next ``n`` steps."""
+        steps_of = {"bare": iter(range(steps)), "again": iter(range(steps)), "update": iter(range(1, steps + 1))}
+        steps_of["rtq iter"] = iter(rtq.tqdm(range(steps)))
+        steps_of["tqdm iter"] = iter(plain_tqdm(range(steps), file=io.StringIO()))
+        steps_of["rtq bar"], steps_of["tqdm bar"] = iter(range(steps)), iter(range(steps))
+        rtq_bar, plain_bar = rtq.tqdm(total=steps), plain_tqdm(total=steps, file=io.StringIO())
 
-    def update(n: int) -> None:
-        for i in range(n):
-            work()
-            task.update(i + 1, n)
+        def walk(key: str) -> Any:
+            def run(n: int) -> None:
+                for _ in islice(steps_of[key], n):
+                    work()
 
-    def rtq_tqdm_iter(n: int) -> None:
-        for _ in rtq.tqdm(range(n)):
-            work()
+            return run
 
-    def rtq_tqdm_update(n: int) -> None:
-        with rtq.tqdm(total=n) as bar:
-            for _ in range(n):
+        def update(n: int) -> None:
+            for i in islice(steps_of["update"], n):
                 work()
-                bar.update()
+                task.update(i, steps)
 
-    def tqdm_iter(n: int) -> None:
-        for _ in plain_tqdm(range(n), file=io.StringIO()):
-            work()
+        def bar_update(bar: Any, key: str) -> Any:
+            def run(n: int) -> None:
+                for _ in islice(steps_of[key], n):  # same iteration cost as the others
+                    work()
+                    bar.update()
 
-    def tqdm_update(n: int) -> None:
-        with plain_tqdm(total=n, file=io.StringIO()) as bar:
-            for _ in range(n):
-                work()
-                bar.update()
+            return run
 
-    variants = {
-        "bare loop": bare,
-        "task.update": update,
-        "rtq.tqdm(iterable)": rtq_tqdm_iter,
-        "rtq.tqdm .update()": rtq_tqdm_update,
-        "tqdm(iterable), no rtq": tqdm_iter,
-        "tqdm .update(), no rtq": tqdm_update,
-        "bare loop again": bare,  # the control: how much two identical loops differ here
-    }
+        return {
+            "bare loop": walk("bare"),
+            "task.update": update,
+            "rtq.tqdm(iterable)": walk("rtq iter"),
+            "rtq.tqdm .update()": bar_update(rtq_bar, "rtq bar"),
+            "tqdm(iterable), no rtq": walk("tqdm iter"),
+            "tqdm .update(), no rtq": bar_update(plain_bar, "tqdm bar"),
+            "bare loop again": walk("again"),  # the control: how much two identical loops differ
+            "_close": lambda: [rtq_bar.close(), plain_bar.close(), *(next(it, None) for it in steps_of.values())],
+        }
+
     n = steps // chunks
-    times: dict[str, list[float]] = {name: [] for name in variants}
-    order = list(variants.items())
+    times: dict[str, list[float]] = {}
     for _ in range(repeat):
+        variants = loops()
+        close = variants.pop("_close")
+        order = list(variants.items())
         for chunk in range(chunks):
             shift = chunk % len(order)  # rotate, so no variant always runs right after another
             for name, fn in order[shift:] + order[:shift]:
                 start = time.thread_time()  # CPU time of this thread: other processes do not count
                 fn(n)
-                times[name].append(time.thread_time() - start)
+                times.setdefault(name, []).append(time.thread_time() - start)
+        close()
     bare_times = times["bare loop"]
     results = {}
     for name, ts in times.items():
