@@ -128,4 +128,7 @@ def test_rtq_demo_runs_end_to_end():
         timeout=90,
     )
     assert out.returncode == 0, out.stdout + out.stderr
-    assert "4 tasks in" in out.stdout
+    # the summary table: the closure capturing a variable ran, the one failing on purpose failed
+    assert "4 jobs on 2 workers" in out.stdout
+    assert "captures learning_rate  ok" in out.stdout
+    assert "fails on purpose        FAILED  ZeroDivisionError" in out.stdout
