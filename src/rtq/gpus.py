@@ -15,6 +15,8 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
+from .server import die_with_parent
+
 __all__ = ["detect_gpus", "parse_gpus", "visible_gpus", "supervise"]
 
 
@@ -64,7 +66,14 @@ def supervise(child_argv: Sequence[str], gpus: Sequence[str]) -> int:
     children: list[subprocess.Popen[bytes]] = []
     for gpu in gpus:
         env = {**os.environ, "CUDA_VISIBLE_DEVICES": gpu}
-        children.append(subprocess.Popen([sys.executable, "-m", "rtq", "worker", *child_argv], env=env))
+        children.append(
+            subprocess.Popen(
+                [sys.executable, "-m", "rtq", "worker", *child_argv],
+                env=env,
+                # a SIGKILLed supervisor must not leave its GPU workers behind
+                preexec_fn=die_with_parent if sys.platform.startswith("linux") else None,
+            )
+        )
     print(f"rtq worker: started {len(children)} worker process(es), one per GPU: {', '.join(gpus)}", flush=True)
 
     def forward(signum: int, frame: Any) -> None:

@@ -140,7 +140,7 @@ def local_worker(
         del env["RTQ_SECRET"]
     cmd = [sys.executable, "-m", "rtq", "worker", *names, "--url", url, "--prefix", queue.prefix]
     cmd += ["--suffix", queue.suffix, "--workers", str(workers), "--timeout", str(queue.timeout)]
-    from .server import _die_with_parent
+    from .server import die_with_parent
 
     log = tempfile.TemporaryFile(prefix="rtq-worker-")
     proc = subprocess.Popen(
@@ -149,7 +149,7 @@ def local_worker(
         stdin=subprocess.DEVNULL,
         stdout=log,
         stderr=subprocess.STDOUT,
-        preexec_fn=_die_with_parent if sys.platform.startswith("linux") else None,
+        preexec_fn=die_with_parent if sys.platform.startswith("linux") else None,
         # Its own session: a Jupyter interrupt signals the kernel's whole process group, and
         # SIGINT would stop the worker; interrupting a cell stops only that cell's task.
         start_new_session=True,

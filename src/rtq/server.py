@@ -65,7 +65,8 @@ def _free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def _die_with_parent() -> None:  # pragma: no cover - runs in the child between fork and exec
+def die_with_parent() -> None:  # pragma: no cover - runs in the child between fork and exec
+    """Ask Linux to SIGTERM this (child) process when its parent dies, so nothing is orphaned."""
     try:
         import ctypes
 
@@ -131,7 +132,7 @@ class EmbeddedServer:
             stdin=subprocess.DEVNULL,
             stdout=subprocess.DEVNULL,
             stderr=subprocess.STDOUT,
-            preexec_fn=_die_with_parent if sys.platform.startswith("linux") else None,
+            preexec_fn=die_with_parent if sys.platform.startswith("linux") else None,
             # Its own session: a Jupyter interrupt signals the kernel's whole process group,
             # and SIGINT would shut the server down under the notebook.
             start_new_session=True,
