@@ -9,31 +9,12 @@ bars, and ends with a summary table of what ran where and how long it took.
 from __future__ import annotations
 
 import os
-import subprocess
 import sys
 import time
+from contextlib import ExitStack
 from typing import Any
 
 __all__ = ["run_demo"]
-
-
-def start_workers(url: str, count: int, names: tuple[str, ...] = ("demo",)) -> list[subprocess.Popen[bytes]]:
-    cmd = [sys.executable, "-m", "rtq", "worker", *names, "--url", url, "--workers", "4"]
-    return [
-        subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, stdin=subprocess.DEVNULL)
-        for _ in range(count)
-    ]
-
-
-def stop_workers(procs: list[subprocess.Popen[bytes]]) -> None:
-    for proc in procs:
-        proc.terminate()
-    for proc in procs:
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
 
 
 def _jobs() -> list[tuple[str, Any, tuple[Any, ...]]]:
@@ -88,21 +69,25 @@ def run_demo(tasks: int = 0, workers: int = 2) -> int:
         print(f"embedded server {os.path.basename(server.binary)} at {server.url}, "
               f"up in {time.perf_counter() - started:.2f}s")
         queue = rtq.connect(server.url, timeout=120, interval=1)
-        procs = start_workers(server.url, workers)
-        try:
-            deadline = time.monotonic() + 30
-            while not queue.is_listened("demo"):  # the workers' own marker, set when they start
-                if time.monotonic() > deadline or any(p.poll() is not None for p in procs):
-                    print("the workers did not start", file=sys.stderr)
-                    return 1
-                time.sleep(0.05)
+        with ExitStack() as stack:
+            try:
+                for _ in range(workers):
+                    stack.enter_context(rtq.local_worker(queue, "demo", workers=4))
+            except rtq.errors.RtqError as exc:
+                print(f"the workers did not start: {exc}", file=sys.stderr)
+                return 1
             print(f"{workers} worker processes listening on 'demo'\n")
             jobs = _jobs()
             if tasks:
                 jobs = jobs[:tasks]
             with rtq.Executor(queue, "demo") as ex:
                 t0 = time.perf_counter()
-                futures = [(label, ex.submit(fn, *args), time.perf_counter()) for label, fn, args in jobs]
+                finished: dict[str, float] = {}
+                futures = []
+                for label, fn, args in jobs:
+                    fut = ex.submit(fn, *args)
+                    fut.add_done_callback(lambda f: finished.setdefault(f.task_id, time.perf_counter()))
+                    futures.append((label, fut, time.perf_counter()))
                 rtq.progress(*(f for _, f, _ in futures))
                 rows = []
                 for label, fut, submitted in futures:
@@ -111,14 +96,12 @@ def run_demo(tasks: int = 0, workers: int = 2) -> int:
                         ok = "ok"
                     except Exception as exc:
                         outcome, ok = f"{type(exc).__name__}: {exc}", "FAILED"
-                    rows.append((label, ok, outcome))
+                    rows.append((label, ok, f"{finished[fut.task_id] - submitted:7.2f}", outcome))
                 wall = time.perf_counter() - t0
             width = max(len(r[0]) for r in rows)
-            print(f"\n{'job':<{width}}  {'status':<6}  outcome")
-            for label, ok, outcome in rows:
-                print(f"{label:<{width}}  {ok:<6}  {outcome}")
+            print(f"\n{'job':<{width}}  {'status':<6}  {'seconds':>7}  outcome")
+            for label, ok, seconds, outcome in rows:
+                print(f"{label:<{width}}  {ok:<6}  {seconds}  {outcome}")
             failed = sum(r[1] != "ok" for r in rows)
             print(f"\n{len(rows)} jobs on {workers} workers in {wall:.2f}s; {failed} failed (on purpose)")
             return 0 if failed == 1 else 1
-        finally:
-            stop_workers(procs)
