@@ -23,8 +23,9 @@ import redis as redis_py
 from .calls import Call
 from .closures import check_worker_versions, ship_local_modules
 from .errors import TaskCancelled, TaskLost, TaskTimeout
+from .fastpath import Channel
 from .keys import check_name
-from .store import text
+from .store import OUTCOME_FIELDS, text
 from .task import RedisTask
 
 if TYPE_CHECKING:
@@ -36,6 +37,8 @@ logger = logging.getLogger(__name__)
 
 SUBMIT_BATCH = 500
 """Tasks stored per round trip by ``map``."""
+COLLECT_BATCH = 1000
+"""Most finished ids the collector takes from the inbox per round trip."""
 EVENTS_KEEP_S = 60.0
 """Seconds a resolved task's events (progress, output) stay readable for late watchers."""
 
@@ -68,11 +71,13 @@ class TaskFuture(concurrent.futures.Future):  # type: ignore[type-arg]
     def progress(self) -> tuple[float, float]:
         """``(current, total)`` as last reported by the task."""
         if not self.done():
-            raw = self._executor.queue.store.redis.hget(self._executor.queue.keys.task(self.task_id), "progress")
-            if raw:
-                current, total, _ = text(raw).split()
-                self._last_progress = (float(current), float(total))
+            self._keep_progress(self._executor.queue.store.redis.hget(self._executor.queue.keys.task(self.task_id), "progress"))
         return self._last_progress
+
+    def _keep_progress(self, raw: Any) -> None:
+        if raw:
+            current, total, _ = text(raw).split()
+            self._last_progress = (float(current), float(total))
 
     def cancel(self) -> bool:
         """Cancel the call if it has not started; True only if it will not run."""
@@ -94,11 +99,14 @@ class TaskFuture(concurrent.futures.Future):  # type: ignore[type-arg]
 
     def _mark_cancelled(self) -> bool:
         self._executor._forget(self.task_id)
-        if not super().cancel():
-            return False
-        # What an executor does when it would have run a cancelled call: it moves the future to
-        # CANCELLED_AND_NOTIFIED, which concurrent.futures.wait/as_completed count as done.
-        self.set_running_or_notify_cancel()
+        with self._condition:  # the collector may mark it at the same moment (it saw the cancel too)
+            if self.cancelled():
+                return True
+            if not super().cancel():
+                return False
+            # What an executor does when it would have run a cancelled call: it moves the future to
+            # CANCELLED_AND_NOTIFIED, which concurrent.futures.wait/as_completed count as done.
+            self.set_running_or_notify_cancel()
         return True
 
     def __await__(self) -> Generator[Any, None, Any]:
@@ -229,6 +237,13 @@ class Executor(concurrent.futures.Executor):
             self._collector.start()
 
     def _collect(self) -> None:
+        channel = Channel(self.queue.store.redis)  # the collector's own connection
+        try:
+            self._collect_on(channel)
+        finally:
+            channel.close()
+
+    def _collect_on(self, channel: Channel) -> None:
         store = self.queue.store
         backoff = 0.0
         while True:
@@ -240,15 +255,16 @@ class Executor(concurrent.futures.Executor):
                 nearest = min(f.expiry for f in self._pending.values())
             wait = max(0.01, min(self.queue.interval, store.cap, nearest - time.time() + 0.01))
             try:
-                item = store.redis.blpop([self.inbox], timeout=wait)
-                if item is None:
+                # One round trip wakes and drains: the LPOP runs right after the BLPOP returns.
+                item, more = channel.pipeline([("BLPOP", self.inbox, wait), ("LPOP", self.inbox, COLLECT_BATCH)])
+                for reply in (item, more):
+                    if isinstance(reply, Exception):
+                        raise reply
+                if item is None and not more:
                     self._check_stragglers()
                     continue
-                ids = [text(item[1])]
-                more = store.redis.lpop(self.inbox, 1000)
-                ids += [text(i) for i in more or []]
-                for task_id in ids:
-                    self._resolve(task_id)
+                ids = [text(i) for i in ([item[1]] if item else []) + (more or [])]
+                self._resolve_many(ids, channel)
                 backoff = 0.0
             except (redis_py.ConnectionError, redis_py.TimeoutError) as exc:
                 backoff = min(max(backoff * 2, 0.1), 2.0)
@@ -258,26 +274,51 @@ class Executor(concurrent.futures.Executor):
                 logger.exception("error while collecting results")
 
     def _resolve(self, task_id: str) -> None:
+        with self.queue.store.channels.channel() as channel:
+            self._resolve_many([task_id], channel)
+
+    def _resolve_many(self, task_ids: list[str], channel: Channel) -> None:
+        """Settle the futures of ended tasks: their outcomes are read in one round trip.
+
+        The records are removed after the futures are settled, so a waiting caller is not held
+        up by the clean-up.
+        """
         with self._lock:
-            fut = self._pending.pop(task_id, None)
-        if fut is None or fut.done():
+            futures = [(i, self._pending.pop(i, None)) for i in task_ids]
+        live = [(i, fut) for i, fut in futures if fut is not None and not fut.done()]
+        if not live:
             return
         store, keys = self.queue.store, self.queue.keys
-        try:
-            state, value = store.outcome(task_id)
-        except Exception as exc:
-            _settle(fut, fut.set_exception, exc)
-            return
-        pipe = store.redis.pipeline(transaction=False)
-        pipe.delete(keys.task(task_id))
-        pipe.pexpire(keys.events(task_id), int(EVENTS_KEEP_S * 1000))  # watchers may still be reading
-        pipe.execute()
-        if state == "done":
-            _settle(fut, fut.set_result, value)
-        elif state == "failed":
-            _settle(fut, fut.set_exception, value)
-        elif state == "cancelled":
-            _settle(fut, fut.set_exception, TaskCancelled(f"task {task_id} on {self.name!r} was cancelled"))
+        outcomes = channel.pipeline([("HMGET", keys.task(i), *OUTCOME_FIELDS, "progress", "attempt") for i, _ in live])
+        settled = []
+        for (task_id, fut), values in zip(live, outcomes):
+            try:
+                if isinstance(values, Exception):
+                    raise values
+                fut._keep_progress(values[-2])  # its final progress stays readable once the record is gone
+                state, value = store.outcome(task_id, values[:-2])
+            except Exception as exc:
+                _settle(fut, fut.set_exception, exc)
+                continue
+            if state == "cancelled" and _attempts(values[-1]) == 0:
+                state = "cancelled while queued"  # no worker holds a claim on it: it never ran
+            settled.append((task_id, fut, state, value))
+        cleanup: list[tuple[Any, ...]] = []
+        for task_id, fut, state, value in settled:
+            if state in ("done", "failed", "cancelled", "cancelled while queued"):
+                cleanup.append(("UNLINK", keys.task(task_id)))
+                cleanup.append(("PEXPIRE", keys.events(task_id), int(EVENTS_KEEP_S * 1000)))  # watchers may still be reading
+        for task_id, fut, state, value in settled:
+            if state == "done":
+                _settle(fut, fut.set_result, value)
+            elif state == "failed":
+                _settle(fut, fut.set_exception, value)
+            elif state == "cancelled while queued":
+                fut._mark_cancelled()  # as Future.cancel() does, whichever thread gets here first
+            elif state == "cancelled":
+                _settle(fut, fut.set_exception, TaskCancelled(f"task {task_id} on {self.name!r} was cancelled"))
+        if cleanup:
+            channel.pipeline(cleanup)
 
     def _check_stragglers(self) -> None:
         """No push came: time out expired calls, fail vanished ones, reap lapsed workers."""
@@ -305,6 +346,13 @@ class Executor(concurrent.futures.Executor):
                 self._resolve(fut.task_id)  # ended, but its push was lost (e.g. Redis restarted)
         if any(text(s) == "running" for s in states if s is not None):
             self.queue.reaper.reap()
+
+
+def _attempts(raw: Any) -> int:
+    try:
+        return int(text(raw) or 0)
+    except ValueError:
+        return 1
 
 
 def _settle(fut: TaskFuture, setter: Callable[[Any], None], value: Any) -> None:

@@ -22,7 +22,9 @@ from typing import TYPE_CHECKING, Any
 
 import redis as redis_py
 
+from .batching import GroupCommit
 from .capture import capturing
+from .fastpath import Channel, call_script
 from .errors import RtqError, SerializationError, SignatureError, TaskCancelled, TaskTimeout
 from .heartbeat import HeartbeatConfig, HeartbeatHelper, connection_settings
 from .keys import check_name
@@ -38,6 +40,8 @@ logger = logging.getLogger("rtq.worker")
 
 LEASE = 10.0
 """Seconds a worker's heartbeat stays valid; a lapsed worker's tasks are requeued."""
+CLAIM_BATCH = 32
+"""Most tasks one claim round takes at once (never more than the worker's free slots)."""
 
 
 def new_worker_id() -> str:
@@ -109,6 +113,7 @@ class Listener:
         self.heartbeat_process = heartbeat_process
         self.helper: HeartbeatHelper | None = None
         self.claiming: set[str] = set()  # ids moved into our list, not yet in ``active``
+        self.finisher = GroupCommit(self.redis)  # finish.lua calls of tasks ending together
         self.suspects: dict[str, float] = {}  # ids in our list we do not hold, and since when
         self.abandoned: list[str] = []  # tasks still running after shutdown requeued them
         # Test hook: pause right after BLMOVE, before claim.lua, writing the id to this file.
@@ -316,11 +321,20 @@ class Listener:
         queue_key = self.keys.queue(name)
         contended = self.workers < len(self.names)
         wait_cap = min(self.queue.interval, self.store.cap, 0.1 if contended else float("inf"))
+        channel = Channel(self.redis)  # this thread's own connection: BLMOVE and the claims
+        try:
+            self._claim_until_stopped(name, queue_key, wait_cap, pool, channel)
+        finally:
+            channel.close()
+
+    def _claim_until_stopped(
+        self, name: str, queue_key: str, wait_cap: float, pool: ThreadPoolExecutor, channel: Channel
+    ) -> None:
         backoff = 0.0
         while not self.event.is_set():
             if not self.free.acquire(timeout=self.queue.interval):
                 continue
-            handed_over = False
+            slots = 1  # free slots this iteration holds; each task handed to the pool takes one
             try:
                 if self.event.is_set():  # stopped while waiting for a slot
                     break
@@ -328,38 +342,80 @@ class Listener:
                     self.event.wait(backoff)
                     if self.event.is_set():
                         break
-                moved = self.redis.blmove(queue_key, self.running_key, max(0.01, wait_cap), "LEFT", "RIGHT")
+                moved = channel.execute("BLMOVE", queue_key, self.running_key, "LEFT", "RIGHT", max(0.01, wait_cap))
                 backoff = 0.0
                 if moved is None:
                     continue
-                task_id = text(moved)
-                with self.lock:
-                    self.claiming.add(task_id)
-                try:
-                    if self.event.is_set():  # stopped during the blocking move: put it back
-                        self.reaper.give_back(self.id, refund=True, only=[task_id])
-                        continue
-                    if self.pause_after_move:
-                        self._pause_for_tests(task_id)
-                    task = self._claim(task_id)
-                    if task is None:
-                        continue
-                    task._stopper = Stopper()  # type: ignore[attr-defined]
-                    with self.lock:
-                        self.active[task.id] = task
-                finally:
-                    with self.lock:
-                        self.claiming.discard(task_id)
-                pool.submit(self._execute, task)
-                handed_over = True
+                # More free slots: take more queued ids now, in the first claim's round trip.
+                while slots < CLAIM_BATCH and self.free.acquire(blocking=False):
+                    slots += 1
+                for task in self._claim_batch(channel, queue_key, text(moved), slots - 1):
+                    pool.submit(self._execute, task)
+                    slots -= 1
             except redis_py.RedisError as exc:
                 backoff = min(max(backoff * 2, 0.1), 5.0)
                 logger.warning("cannot claim from %s (%s); retrying in %.1fs", name, exc, backoff)
             except Exception:  # hostile data must never end the claim loop: log, skip, go on
                 logger.exception("skipped a task in %s that could not be claimed", name)
+                backoff = min(max(backoff * 2, 0.01), 5.0)  # never a hot loop, whatever the cause
             finally:
-                if not handed_over:
+                for _ in range(slots):
                     self.free.release()
+
+    def _claim_batch(self, channel: Channel, queue_key: str, task_id: str, more: int) -> list[RedisTask]:
+        """Claim ``task_id`` (just moved into our list) and up to ``more`` ids still queued.
+
+        Two round trips at most: claim.lua claims the first id and moves up to ``more`` others
+        from the queue into our in-progress list (atomically, so no id is ever held only in
+        memory), then those are claimed together in one pipeline. Returns the tasks now ours,
+        in queue order.
+        """
+        moved = [task_id]
+        with self.lock:
+            self.claiming.add(task_id)
+        try:
+            if self.event.is_set():  # stopped during the blocking move: put it back
+                self.reaper.give_back(self.id, refund=True, only=[task_id])
+                return []
+            if self.pause_after_move:
+                self._pause_for_tests(task_id)
+            claim = self.store.scripts["claim"]
+            first, extra = call_script(
+                channel, claim, [self.keys.task(task_id), self.running_key, queue_key],
+                [task_id, self.id, repr(time.time()), more],
+            )
+            extra = [text(i) for i in extra]
+            with self.lock:
+                self.claiming.update(extra)
+            moved += extra
+            claims: list[tuple[str, Any]] = [(task_id, first)]
+            if extra:
+                now = repr(time.time())
+                replies = channel.pipeline(
+                    [("EVALSHA", claim.sha, 2, self.keys.task(i), self.running_key, i, self.id, now) for i in extra]
+                )
+                claims += zip(extra, (r if isinstance(r, Exception) else r[0] for r in replies))
+            tasks = []
+            for claimed_id, reply in claims:
+                try:
+                    if isinstance(reply, redis_py.exceptions.NoScriptError):  # Redis restarted or flushed
+                        reply = self._claim_reply(claimed_id)  # loads the script; that claim never ran
+                    if isinstance(reply, Exception):
+                        raise reply
+                    task = self._task_of_claim(claimed_id, reply)
+                except Exception as exc:  # this id stays listed; the audit gives it back
+                    logger.warning("could not claim task %s (%s)", claimed_id, exc)
+                    continue
+                if task is None:
+                    continue
+                task._stopper = Stopper()  # type: ignore[attr-defined]
+                with self.lock:
+                    self.active[task.id] = task
+                tasks.append(task)
+            return tasks
+        finally:
+            with self.lock:
+                self.claiming.difference_update(moved)
 
     def _pause_for_tests(self, task_id: str) -> None:
         """Hold a moved-but-unclaimed id until stopped, so a test can kill the worker right here."""
@@ -367,15 +423,24 @@ class Listener:
             fh.write(f"{task_id}\n")
         self.event.wait()
 
-    def _claim(self, task_id: str) -> RedisTask | None:
-        key = self.keys.task(task_id)
+    def _claim_reply(self, task_id: str) -> Any:
+        """claim.lua's claim of one id already in our list (one round trip)."""
         reply = self.store.scripts["claim"](
-            keys=[key, self.running_key], args=[task_id, self.id, repr(time.time())]
+            keys=[self.keys.task(task_id), self.running_key], args=[task_id, self.id, repr(time.time())]
         )
-        if reply is None:
+        return reply[0]
+
+    def _claim(self, task_id: str) -> RedisTask | None:
+        """Claim one id already in our list; None when it must be skipped."""
+        return self._task_of_claim(task_id, self._claim_reply(task_id))
+
+    def _task_of_claim(self, task_id: str, reply: Any) -> RedisTask | None:
+        """The task claim.lua handed over, or None when it was skipped or refused (then failed)."""
+        key = self.keys.task(task_id)
+        if not reply:
             logger.info("skipped task %s: expired, cancelled or gone", task_id)
             return None
-        attempt, token, expiry, first, extra = reply
+        attempt, token, expiry, first, extra, name, notify = reply
         task = RedisTask(id=task_id, name="", params=None, expiry=0.0)
         task._attempt = int(attempt)  # type: ignore[attr-defined]
         task._notify = self.keys.done(task_id)  # type: ignore[attr-defined]
@@ -385,7 +450,6 @@ class Listener:
             try:
                 task.expiry = float(text(expiry))
                 task._token = text(token)  # type: ignore[attr-defined]
-                name, notify = self.redis.hmget(key, ["name", "notify"])
                 task.name = text(name)
                 task._notify = text(notify) or self.keys.done(task_id)  # type: ignore[attr-defined]
             except ValueError as exc:
@@ -486,9 +550,13 @@ class Listener:
     ) -> bool:
         # Big frames go in plain writes; their attempt tag keeps them fenced. A record that
         # vanished (flush, restart) gets none: they would sit there without an expiry.
-        if rest and self.redis.exists(key):
-            self.redis.hset(key, mapping=rest)
-        stored = self.store.scripts["finish"](
+        if rest:  # big frames, sent as they are (uncopied); only while the record exists
+            with self.store.channels.channel() as channel:
+                if channel.execute("EXISTS", key):
+                    channel.execute("HSET", key, *_flatten(rest))
+        # Tasks ending together share one round trip (a lone one is sent at once).
+        stored = self.finisher.call(
+            self.store.scripts["finish"],
             keys=[key, self.running_key, task._notify, self.keys.events(task.id)],  # type: ignore[attr-defined]
             args=[
                 task.id,

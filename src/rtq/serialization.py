@@ -155,8 +155,16 @@ class Serializer:
             raise SerializationError(f"payload{where} claims {count} frames, more than the {MAX_FRAMES} rtq writes")
         return count
 
-    def loads(self, frames: Sequence[bytes], *, key: str, field: str) -> Any:
+    @staticmethod
+    def buffer_sizes(first: bytes, where: str = "") -> list[int]:
+        """Sizes of the out-of-band buffers the envelope ``first`` announces."""
+        return _parse_head(first, where)[2]
+
+    def loads(self, frames: Sequence[Any], *, key: str, field: str, joined: bool = False) -> Any:
         """Verify and unpickle the frames stored at ``key``/``field``.
+
+        With ``joined``, the frames after the first are the whole buffers (each already read
+        into one piece), not their stored chunks; the signature covers the same bytes.
 
         Raises:
             SignatureError: a secret is configured and the payload is unsigned or its MAC does
@@ -188,7 +196,12 @@ class Serializer:
                 )
         else:
             body = first[offset + MAC_SIZE :] if flags & FLAG_SIGNED else first[offset:]
-        buffers = _join(rest, sizes, key, field)
+        if joined:
+            if [len(b) for b in rest] != sizes:
+                raise SerializationError(f"payload at {key} [{field}] has a frame of the wrong size")
+            buffers = rest
+        else:
+            buffers = _join(rest, sizes, key, field)
         try:
             return pickle.loads(body, buffers=buffers)
         except Exception as exc:

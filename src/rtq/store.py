@@ -36,14 +36,17 @@ import redis as redis_py
 
 from . import scripts
 from .errors import RemoteTaskError, SerializationError, TaskLost
+from .fastpath import ChannelPool, call_script
 from .keys import Keys
-from .serialization import Serializer, UnreadablePayload
+from .serialization import CHUNK, Serializer, UnreadablePayload
 from .task import RedisTask
 
 KEEP_S = 300.0
 """Seconds a finished task's outcome stays readable at least, even past its deadline."""
 EVENTS_MAXLEN = 1000
 _OUTCOME_FIELDS = ("state", "result", "result#", "error", "error#", "error_text")
+OUTCOME_FIELDS = list(_OUTCOME_FIELDS)
+"""The fields :meth:`TaskStore.outcome` reads, in order (to ``HMGET`` them inside a pipeline)."""
 
 
 def text(value: Any) -> str:
@@ -104,6 +107,7 @@ class TaskStore:
         self.serializer = serializer
         self.scripts = scripts.load(self.redis)
         self.cap = block_cap(self.redis)
+        self.channels = ChannelPool(self.redis)  # held connections for the hot paths
 
     # -- payload fields --------------------------------------------------------------------
     def encode(self, key: str, name: str, value: Any, tag: str, what: str) -> dict[str, Any]:
@@ -125,8 +129,27 @@ class TaskStore:
                 raise SerializationError(f"payload at {key} [{name}] has a malformed frame list {extra!r}") from exc
             if count != self.serializer.frame_count(first, f" at {key} [{name}]"):
                 raise SerializationError(f"payload at {key} [{name}] lists {count} frames; its envelope says otherwise")
-            frames += self.redis.hmget(key, [f"{name}.{tag}.{i}" for i in range(count)])
+            fields = [f"{name}.{tag}.{i}" for i in range(count)]
+            sizes = self.serializer.buffer_sizes(first)
+            if sum(sizes) >= DIRECT_READ_MIN:
+                return self._decode_direct(key, name, first, fields, sizes)
+            frames += self.redis.hmget(key, fields)
         return self.serializer.loads(frames, key=key, field=name)
+
+    def _decode_direct(self, key: str, name: str, first: bytes, fields: list[str], sizes: list[int]) -> Any:
+        """Read a big payload's frames straight into its buffers: one allocation, no copies."""
+        buffers = [bytearray(size) for size in sizes]
+        targets = []
+        for buffer in buffers:
+            view = memoryview(buffer)
+            targets += [view[i : i + CHUNK] for i in range(0, max(len(buffer), 1), CHUNK)]
+        if len(targets) != len(fields):
+            raise SerializationError(f"payload at {key} [{name}] lists {len(fields)} frames; its envelope says otherwise")
+        with self.channels.channel() as channel:
+            complete = channel.hmget_into(key, fields, targets)
+        if not complete:
+            raise SerializationError(f"payload at {key} [{name}] is missing a frame, or one has the wrong size")
+        return self.serializer.loads([first, *buffers], key=key, field=name, joined=True)
 
     # -- caller side -----------------------------------------------------------------------
     def record(self, task: RedisTask, *, token: str, state: str, notify: str | None) -> dict[str, Any]:
@@ -146,21 +169,73 @@ class TaskStore:
             fields.update(self.encode(key, "result", task.result, token, "result"))
         return fields
 
-    def submit(self, tasks: Sequence[tuple[RedisTask, str, str | None]]) -> None:
+    def submit(self, tasks: Sequence[tuple[RedisTask, str, str | None]], *, listened: str | None = None) -> bool:
         """Store and enqueue tasks in one round trip: ``(task, token, notify)`` each.
 
         A reused id starts clean: its old record, done list and events are replaced in the same
-        transaction, so no stale result or notification leaks into the new run.
+        atomic step, so no stale result or notification leaks into the new run. Small records
+        go through ``submit.lua`` (one command per task); records with extra payload frames
+        through a MULTI transaction of plain commands, so big buffers are never copied into Lua.
+
+        Args:
+            tasks: What to store.
+            listened: A queue name: store only if a listener marks that queue (the check and
+                the enqueue are one atomic step); returns False, storing nothing, if none does.
         """
         records = [(t, self.record(t, token=tok, state="queued", notify=n)) for t, tok, n in tasks]
-        pipe = self.redis.pipeline(transaction=True)
+        if any(_payload_size(fields) > SCRIPT_ARGS_MAX for _, fields in records):
+            if listened is not None and not self.redis.exists(self.keys.listen(listened)):
+                return False
+            commands: list[tuple[Any, ...]] = [("MULTI",)]
+            for task, fields in records:
+                key = self.keys.task(task.id)
+                commands += [
+                    ("DEL", key, self.keys.done(task.id), self.keys.events(task.id)),
+                    ("HSET", key, *(item for pair in fields.items() for item in pair)),
+                    ("PEXPIREAT", key, int(task.expiry * 1000) + 1),
+                    ("RPUSH", self.keys.queue(task.name), task.id),
+                ]
+            commands.append(("EXEC",))
+            with self.channels.channel() as channel:  # sends the frames as they are, uncopied
+                replies = channel.pipeline(commands)
+            for reply in replies:
+                if isinstance(reply, Exception):
+                    raise reply
+            return True
+        script = self.scripts["submit"]
+        calls = []
         for task, fields in records:
-            key = self.keys.task(task.id)
-            pipe.delete(key, self.keys.done(task.id), self.keys.events(task.id))
-            pipe.hset(key, mapping=fields)
-            pipe.pexpireat(key, int(task.expiry * 1000) + 1)
-            pipe.rpush(self.keys.queue(task.name), task.id)
-        pipe.execute()
+            keys = [self.keys.task(task.id), self.keys.done(task.id), self.keys.events(task.id), self.keys.queue(task.name)]
+            if listened is not None:
+                keys.append(self.keys.listen(listened))
+            args = [task.id, int(task.expiry * 1000) + 1, *(item for pair in fields.items() for item in pair)]
+            calls.append((keys, args))
+        with self.channels.channel() as channel:
+            if len(calls) == 1:
+                return bool(call_script(channel, script, *calls[0]))
+            # A batch is one transaction: a connection lost before EXEC queues none of it.
+            replies = self._send_batch(channel, script, calls)
+            if any(isinstance(r, redis_py.exceptions.NoScriptError) for r in replies):
+                # The server lost its scripts (restart, flush): none ran (every call is the
+                # same script), so load it and send the batch again.
+                channel.execute("SCRIPT", "LOAD", script.script)
+                replies = self._send_batch(channel, script, calls)
+        for reply in replies:
+            if isinstance(reply, Exception):
+                raise reply
+        return all(replies)
+
+    @staticmethod
+    def _send_batch(channel: Any, script: Any, calls: list[tuple[list[str], list[Any]]]) -> list[Any]:
+        """One MULTI/EXEC of ``script`` calls by SHA; the replies of the calls."""
+        commands = [("MULTI",), *(("EVALSHA", script.sha, len(k), *k, *a) for k, a in calls), ("EXEC",)]
+        replies = channel.pipeline(commands)
+        for reply in replies[:-1]:  # MULTI's OK and each QUEUED, or an error queueing a call
+            if isinstance(reply, Exception):
+                raise reply
+        if isinstance(replies[-1], Exception):
+            raise replies[-1]
+        return list(replies[-1])
 
     def write(self, task: RedisTask, *, state: str | None = None) -> None:
         """Store ``task`` as it is now (``RedisTask.save``), keeping its claim and token."""
@@ -205,14 +280,20 @@ class TaskStore:
             task.error = self.error_of(key, raw)
         return task
 
-    def outcome(self, task_id: str) -> tuple[str, Any]:
+    def outcome(self, task_id: str, values: Sequence[Any] | None = None) -> tuple[str, Any]:
         """``(state, value)`` of a task: its result when done, its exception when failed.
+
+        Args:
+            task_id: The task.
+            values: Its :data:`OUTCOME_FIELDS` as already read (an ``HMGET`` sent along with
+                other commands); read now when None.
 
         Raises:
             TaskLost: the task's record is gone.
         """
         key = self.keys.task(task_id)
-        values = self.redis.hmget(key, list(_OUTCOME_FIELDS))
+        if values is None:
+            values = self.redis.hmget(key, list(_OUTCOME_FIELDS))
         raw = {f: v for f, v in zip(_OUTCOME_FIELDS, values) if v is not None}
         state = text(raw.get("state"))
         if not state:
@@ -249,6 +330,16 @@ class TaskStore:
         if info.get("traceback") and exc.__cause__ is None and not isinstance(exc, RemoteTaskError):
             exc.__cause__ = _RemoteTraceback(info["traceback"])
         return exc
+
+
+DIRECT_READ_MIN = 1 << 20
+"""Payloads with at least this many bytes of buffers are read straight into place (rtq.fastpath)."""
+SCRIPT_ARGS_MAX = 256 * 1024
+"""Largest record (bytes of field values) stored through ``submit.lua``; bigger ones skip Lua."""
+
+
+def _payload_size(fields: dict[str, Any]) -> int:
+    return sum(len(v) if isinstance(v, (bytes, bytearray, memoryview, str)) else 32 for v in fields.values())
 
 
 def _safe_str(exc: BaseException) -> str:

@@ -23,7 +23,7 @@ from .errors import RtqConnectionError, TaskCancelled, TaskLost, TaskTimeout
 from .keys import Keys, check_name
 from .serialization import DEFAULT_MAX_PAYLOAD, Serializer
 from .recovery import Reaper
-from .store import KEEP_S, TaskStore, text
+from .store import KEEP_S, OUTCOME_FIELDS, TaskStore, text
 from .task import RedisTask, TaskExecutePolicy, running
 
 __all__ = ["RedisTaskQueue", "RedisTask", "TaskExecutePolicy"]
@@ -184,18 +184,24 @@ class RedisTaskQueue:
         self.submit(task, timeout=timeout)
         return self.wait(task, once=once)
 
-    def submit(self, task: RedisTask, *, timeout: float | None = None, notify: str | None = None) -> str:
-        """Store and enqueue ``task`` without waiting; returns its submission token."""
+    def submit(
+        self, task: RedisTask, *, timeout: float | None = None, notify: str | None = None, if_listened: bool = False
+    ) -> str | None:
+        """Store and enqueue ``task`` without waiting; returns its submission token.
+
+        With ``if_listened``, only when a listener marks the task's queue (checked in the same
+        atomic step); returns None, storing nothing, when none does.
+        """
         if timeout is not None:
             task.expiry = time.time() + timeout
         token = uuid.uuid4().hex
         with _wrap_connection_errors():
-            self.store.submit([(task, token, notify)])
-        return token
+            queued = self.store.submit([(task, token, notify)], listened=task.name if if_listened else None)
+        return token if queued else None
 
     def wait(self, task: RedisTask, *, once: bool = False) -> Any:
         """Block until ``task`` (already submitted) ends; returns its result or raises its error."""
-        store, done = self.store, self.keys.done(task.id)
+        store, done, key = self.store, self.keys.done(task.id), self.keys.task(task.id)
         backoff = 0.0
         while True:
             remaining = task.expiry - time.time()
@@ -203,10 +209,19 @@ class RedisTaskQueue:
                 self._cancel_quietly(task.id)
                 raise TaskTimeout(f"Task {task.id} in {task.name} has expired")
             try:
-                woke = store.redis.blpop([done], timeout=max(0.01, min(remaining, self.interval, store.cap)))
+                # The outcome is read in the wake-up's round trip: the server runs the HMGET
+                # right after the BLPOP returns (when the task ended, or at the timeout).
+                with store.channels.channel() as channel:
+                    woke, values = channel.pipeline([
+                        ("BLPOP", done, max(0.01, min(remaining, self.interval, store.cap))),
+                        ("HMGET", key, *OUTCOME_FIELDS),
+                    ])
+                for reply in (woke, values):
+                    if isinstance(reply, Exception):
+                        raise reply
                 if woke is None:
                     try:
-                        state, _ = store.outcome(task.id)  # raises TaskLost when the data vanished
+                        state, _ = store.outcome(task.id, values)  # raises TaskLost when the data vanished
                     except TaskLost:
                         # The data expires with the deadline: at (or, with clock skew, just
                         # before) it, a vanished task timed out; the loop top raises TaskTimeout.
@@ -217,7 +232,7 @@ class RedisTaskQueue:
                         self.reaper.reap()
                     if state in ("queued", "running"):
                         continue
-                state, value = store.outcome(task.id)
+                state, value = store.outcome(task.id, values)
                 if once:
                     store.redis.delete(self.keys.task(task.id), done, self.keys.events(task.id))
             except (redis_py.ConnectionError, redis_py.TimeoutError) as exc:
@@ -287,7 +302,10 @@ class RedisTaskQueue:
         if timeout is not None:
             task.expiry = time.time() + timeout
         if policy is TaskExecutePolicy.Auto:
-            policy = TaskExecutePolicy.Remote if self.is_listened(name) else TaskExecutePolicy.Local
+            # Remote when a listener marks the queue: checked and queued in one round trip.
+            if self.submit(task, timeout=timeout, if_listened=True) is not None:
+                return self.wait(task, once=once)
+            policy = TaskExecutePolicy.Local
         if policy is TaskExecutePolicy.Local:
             return self.execute_task_locally(task, timeout)
         if policy is TaskExecutePolicy.Remote:

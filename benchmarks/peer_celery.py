@@ -1,0 +1,37 @@
+"""The Celery app of the benchmarks: prefork workers, Redis broker and result backend.
+
+Pickle serialization, so numpy arrays travel as they do through rtq, RQ and arq. The server
+URL comes from ``BENCH_REDIS_URL`` (set by ``run.py`` for itself and the workers it starts).
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from celery import Celery
+
+URL = os.environ.get("BENCH_REDIS_URL", "redis://127.0.0.1:6379/0")
+QUEUE = "bench-celery"
+
+app = Celery("peer_celery", broker=URL, backend=URL)
+app.conf.update(
+    task_serializer="pickle",
+    result_serializer="pickle",
+    accept_content=["pickle"],
+    result_accept_content=["pickle"],
+    task_default_queue=QUEUE,
+    broker_connection_retry_on_startup=True,
+    worker_hijack_root_logger=False,
+    result_expires=600,
+)
+
+
+@app.task(name="bench.noop")
+def noop(*args: Any) -> None:
+    return None
+
+
+@app.task(name="bench.echo")
+def echo(value: Any) -> Any:
+    return value

@@ -1,0 +1,349 @@
+"""Commands on a held connection: rtq's hot paths without redis-py's per-command overhead.
+
+``redis.Redis.execute_command`` checks a connection out of the pool for every command (with a
+``poll()`` for stale data, retry wrappers and, in redis-py 8, metrics hooks). On a small machine
+that costs two to four times the CPU of the round trip itself, and a task's trip from caller to
+worker and back is a handful of commands. A :class:`Channel` holds one connection of the
+client's own pool — so the same host, credentials, TLS, protocol and timeouts — and sends
+commands through it directly, pipelined when there are several.
+
+Any failure disconnects the held connection, so a half-read reply never reaches the next
+command; the next command reconnects. Errors reach the caller as redis-py raises them
+(``ConnectionError``, ``TimeoutError``; a ``ResponseError`` of one pipelined command is returned
+in its place), and rtq's callers already retry connection errors with backoff. Commands here are
+never retried transparently: a claim or a submit must not run twice.
+
+What this is NOT: a general client. Replies come raw (no response callbacks: ``BLPOP`` gives a
+list, ``HGETALL`` a flat list), and a channel serves one thread at a time.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import threading
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from typing import Any
+
+import redis as redis_py
+
+BIG_ARG = 1 << 16
+"""Arguments bigger than this are sent as they are, not copied into the packed command."""
+READ_SIZE = 1 << 16
+
+__all__ = ["Channel", "ChannelPool", "call_script"]
+
+
+class Channel:
+    """One held connection of ``client``'s pool, for one thread (or one lock-holder) at a time."""
+
+    def __init__(self, client: redis_py.Redis) -> None:
+        self.client = client
+        self.pool = client.connection_pool
+        self._conn: Any = None
+        self._reader: _Reader | None = None
+        self._encoding = "utf-8"
+        self._pid = os.getpid()
+
+    def _connection(self) -> Any:
+        if self._pid != os.getpid():  # a forked child must not share the parent's socket
+            self._conn, self._pid = None, os.getpid()
+        if self._conn is None:
+            conn = _checkout(self.pool)  # connected, with nothing left to read on it
+            self._conn = conn
+            self._reader = _Reader(conn) if _readable(conn) else None
+            self._encoding = getattr(getattr(conn, "encoder", None), "encoding", "utf-8")
+        return self._conn
+
+    def execute(self, *args: Any) -> Any:
+        """Send one command and return its raw reply (an error reply is raised)."""
+        reply = self.pipeline([args])[0]
+        if isinstance(reply, Exception):
+            raise reply
+        return reply
+
+    def pipeline(self, commands: Sequence[Sequence[Any]]) -> list[Any]:
+        """Send ``commands`` in one write and read their replies in order.
+
+        A command answered with an error gets the ``ResponseError`` in its place; a blocking
+        command holds back the replies of those behind it until it returns (the server runs
+        them in order), which is how a wake-up and a read share one round trip.
+        """
+        conn = self._connection()
+        reader = self._reader
+        replies: list[Any] = []
+        try:
+            packed = _pack(commands, self._encoding) if reader is not None else None
+            conn.send_packed_command(packed if packed is not None else conn.pack_commands(commands))
+            for _ in commands:
+                if reader is not None:
+                    replies.append(reader.reply())
+                    continue
+                try:
+                    replies.append(conn.read_response())
+                except redis_py.ResponseError as exc:  # the connection is still in step
+                    replies.append(exc)
+            if reader is not None and reader.pending():
+                raise redis_py.ConnectionError("unexpected data after the replies")
+        except BaseException:
+            self.reset()  # the rest of a reply may still be on the wire: never reuse this socket
+            raise
+        return replies
+
+    def hmget_into(self, key: str, fields: Sequence[str], targets: Sequence[memoryview]) -> bool:
+        """``HMGET key fields`` with each value read straight into its target buffer.
+
+        For big payload frames: no intermediate copies (the parser's buffer, a ``bytes`` object,
+        a join). Returns False when a value is missing or not exactly its target's size (the
+        targets' contents are then undefined); raises on connection errors.
+        """
+        conn = self._connection()
+        reader = self._reader
+        if reader is None:
+            values = self.pipeline([("HMGET", key, *fields)])[0]
+            if isinstance(values, Exception):
+                raise values
+            for value, target in zip(values, targets, strict=True):
+                if value is None or len(value) != target.nbytes:
+                    return False
+                target[:] = value
+            return True
+        try:
+            conn.send_packed_command(_pack([("HMGET", key, *fields)], self._encoding))
+            ok = reader.bulks_into(targets)
+            if reader.pending():
+                raise redis_py.ConnectionError("unexpected data after the reply")
+        except BaseException:
+            self.reset()
+            raise
+        return ok
+
+    def reset(self) -> None:
+        """Drop the held connection (disconnected); the next command gets a fresh one."""
+        conn, self._conn = self._conn, None
+        if conn is not None:
+            try:
+                conn.disconnect()
+            finally:
+                self.pool.release(conn)
+
+    def close(self) -> None:
+        """Give the held connection back to the pool."""
+        conn, self._conn = self._conn, None
+        if conn is not None and self._pid == os.getpid():
+            self.pool.release(conn)
+
+
+def _checkout(pool: Any) -> Any:
+    try:
+        return pool.get_connection()  # redis-py >= 5.3 (8.x warns when given a command name)
+    except TypeError:
+        return pool.get_connection("_")  # redis-py < 5.3 requires one (unused)
+
+
+def _readable(conn: Any) -> bool:
+    """Whether rtq may read ``conn``'s replies itself (a plain redis-py socket connection)."""
+    return isinstance(getattr(conn, "_sock", None), socket.socket)
+
+
+def _pack(commands: Sequence[Sequence[Any]], encoding: str) -> list[Any] | None:
+    """RESP for ``commands`` as pieces to send in order, big values as they are (never copied).
+
+    None when an argument is of a type redis-py should judge (it raises its own error).
+    """
+    pieces: list[Any] = []
+    small: list[bytes] = []
+    for args in commands:
+        small.append(b"*%d\r\n" % len(args))
+        for arg in args:
+            if isinstance(arg, str):
+                arg = arg.encode(encoding)
+            elif isinstance(arg, (bytes, bytearray, memoryview)):
+                pass
+            elif isinstance(arg, (int, float)) and not isinstance(arg, bool):
+                arg = repr(arg).encode()
+            else:
+                return None
+            size = arg.nbytes if isinstance(arg, memoryview) else len(arg)
+            if size > BIG_ARG:
+                small.append(b"$%d\r\n" % size)
+                pieces += (b"".join(small), arg)
+                small = [b"\r\n"]
+            else:
+                small += (b"$%d\r\n" % size, bytes(arg), b"\r\n")
+    pieces.append(b"".join(small))
+    return pieces
+
+
+_ERRORS = {"NOSCRIPT": redis_py.exceptions.NoScriptError, "LOADING": redis_py.exceptions.BusyLoadingError}
+
+
+class _Reader:
+    """Reads RESP2/RESP3 replies from a connection's socket, with its own buffer."""
+
+    def __init__(self, conn: Any) -> None:
+        self.sock: socket.socket = conn._sock
+        self.buf = bytearray()
+        self.pos = 0
+
+    def pending(self) -> bool:
+        """Whether bytes beyond the replies read are buffered (else the buffer is emptied)."""
+        if self.pos < len(self.buf):
+            return True
+        if len(self.buf) > READ_SIZE:
+            self.buf = bytearray()  # do not keep a big reply's buffer around
+        else:
+            self.buf.clear()
+        self.pos = 0
+        return False
+
+    def _fill(self) -> None:
+        if self.pos:
+            del self.buf[: self.pos]
+            self.pos = 0
+        try:
+            chunk = self.sock.recv(READ_SIZE)
+        except TimeoutError as exc:
+            raise redis_py.TimeoutError("Timeout reading from socket") from exc
+        except OSError as exc:
+            raise redis_py.ConnectionError(f"Error while reading from socket: {exc}") from exc
+        if not chunk:
+            raise redis_py.ConnectionError("Connection closed by server.")
+        self.buf += chunk
+
+    def _line(self) -> bytes:
+        while True:
+            end = self.buf.find(b"\r\n", self.pos)
+            if end >= 0:
+                line = bytes(self.buf[self.pos : end])
+                self.pos = end + 2
+                return line
+            self._fill()
+
+    def _exact(self, n: int) -> bytes:
+        while len(self.buf) - self.pos < n + 2:
+            self._fill()
+        with memoryview(self.buf) as view:
+            data = bytes(view[self.pos : self.pos + n])
+        self.pos += n + 2
+        return data
+
+    def reply(self) -> Any:
+        line = self._line()
+        kind, rest = line[:1], line[1:]
+        if kind == b"$":
+            n = int(rest)
+            return None if n < 0 else self._exact(n)
+        if kind in (b"*", b"~", b">"):
+            n = int(rest)
+            return None if n < 0 else [self.reply() for _ in range(n)]
+        if kind == b":" or kind == b"(":
+            return int(rest)
+        if kind == b"+":
+            return rest
+        if kind == b"_":
+            return None
+        if kind in (b"-", b"!"):
+            message = (self._exact(int(rest)) if kind == b"!" else rest).decode(errors="replace")
+            return _ERRORS.get(message.split(" ", 1)[0], redis_py.ResponseError)(message)
+        if kind == b"%":
+            n = int(rest)
+            out = {}
+            for _ in range(n):
+                k = self.reply()
+                out[k] = self.reply()
+            return out
+        if kind == b",":
+            return float(rest)
+        if kind == b"#":
+            return rest == b"t"
+        if kind == b"=":
+            return self._exact(int(rest))[4:]
+        if kind == b"|":  # attributes: skip them, the reply follows
+            for _ in range(2 * int(rest)):
+                self.reply()
+            return self.reply()
+        raise redis_py.ConnectionError(f"unexpected reply from the server: {line[:40]!r}")
+
+    def bulks_into(self, targets: Sequence[memoryview]) -> bool:
+        """Read an array reply of bulk strings, each straight into its target."""
+        head = self._line()
+        if head[:1] not in (b"*", b"~") or int(head[1:]) != len(targets):
+            raise redis_py.ConnectionError(f"unexpected reply to HMGET: {head[:40]!r}")
+        ok = True
+        for target in targets:
+            line = self._line()
+            if line[:1] != b"$" or int(line[1:]) != target.nbytes:
+                ok = False  # missing or another size: read it (and drop it) to stay in step
+                if line[:1] == b"$" and int(line[1:]) >= 0:
+                    self._skip(int(line[1:]) + 2)
+                continue
+            self._into(target)
+            self._skip(2)
+        return ok
+
+    def _into(self, target: memoryview) -> None:
+        have = min(len(self.buf) - self.pos, target.nbytes)
+        target[:have] = self.buf[self.pos : self.pos + have]
+        self.pos += have
+        done = have
+        while done < target.nbytes:
+            try:
+                n = self.sock.recv_into(target[done:])
+            except TimeoutError as exc:
+                raise redis_py.TimeoutError("Timeout reading from socket") from exc
+            except OSError as exc:
+                raise redis_py.ConnectionError(f"Error while reading from socket: {exc}") from exc
+            if not n:
+                raise redis_py.ConnectionError("Connection closed by server.")
+            done += n
+
+    def _skip(self, n: int) -> None:
+        while n:
+            if self.pos >= len(self.buf):
+                self._fill()
+            step = min(n, len(self.buf) - self.pos)
+            self.pos += step
+            n -= step
+        if self.pos == len(self.buf):
+            self.buf.clear()
+            self.pos = 0
+
+
+class ChannelPool:
+    """Channels for the threads of one client, lent one call at a time."""
+
+    def __init__(self, client: redis_py.Redis, keep: int = 8) -> None:
+        self.client = client
+        self.keep = keep
+        self._idle: list[Channel] = []
+        self._lock = threading.Lock()
+
+    @contextmanager
+    def channel(self) -> Iterator[Channel]:
+        with self._lock:
+            channel = self._idle.pop() if self._idle else None
+        if channel is None:
+            channel = Channel(self.client)
+        try:
+            yield channel
+        finally:
+            with self._lock:
+                if len(self._idle) < self.keep:
+                    self._idle.append(channel)
+                    channel = None  # type: ignore[assignment]
+            if channel is not None:
+                channel.close()
+
+
+def call_script(channel: Channel, script: Any, keys: Sequence[Any], args: Sequence[Any]) -> Any:
+    """Run a registered ``Script`` by its SHA on ``channel``; loads it first if the server lost it."""
+    command = ("EVALSHA", script.sha, len(keys), *keys, *args)
+    reply = channel.pipeline([command])[0]
+    if isinstance(reply, redis_py.exceptions.NoScriptError):  # a restarted or flushed server
+        channel.execute("SCRIPT", "LOAD", script.script)
+        reply = channel.pipeline([command])[0]
+    if isinstance(reply, Exception):
+        raise reply
+    return reply
