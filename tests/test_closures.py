@@ -13,9 +13,9 @@ import threading
 import time
 
 import pytest
-from conftest import ROOT, wait_for
 
 import rtq
+from conftest import ROOT, wait_for
 from rtq.errors import SerializationError, TaskCancelled, VersionMismatch
 
 # Workers get only src/ on their path: nothing defined in this test module (or next to it) can be

@@ -15,9 +15,9 @@ from collections.abc import Iterator
 
 import pytest
 import redis
-from conftest import ROOT, TESTS, wait_for
 
 import rtq
+from conftest import ROOT, TESTS, wait_for
 from rtq.calls import Call
 from rtq.server import EmbeddedServer
 

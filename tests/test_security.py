@@ -30,9 +30,9 @@ from urllib.parse import quote, urlsplit
 import numpy
 import pytest
 import redis
-from conftest import ROOT, TESTS, Workers, wait_for
 
 import rtq
+from conftest import ROOT, TESTS, Workers, wait_for
 from rtq import RedisTaskQueue, TaskExecutePolicy
 from rtq.calls import Call
 from rtq.connection import is_local_url

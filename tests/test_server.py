@@ -13,10 +13,10 @@ from urllib.parse import urlsplit
 
 import pytest
 import redis
-from conftest import ROOT, wait_for
 
 import rtq
 import rtq.server
+from conftest import ROOT, wait_for
 from rtq.server import EmbeddedServer
 
 CHILD_ENV = {**os.environ, "PYTHONPATH": str(ROOT / "src")}

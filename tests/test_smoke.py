@@ -5,9 +5,9 @@ from __future__ import annotations
 import time
 
 import pytest
-from taskfns import Boom
 
 from rtq import TaskExecutePolicy
+from taskfns import Boom
 
 
 def test_remote_round_trip_returns_result_fast(queue, workers):

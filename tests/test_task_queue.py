@@ -16,11 +16,11 @@ from typing import Any
 
 import pytest
 import redis
-from conftest import wait_for
-from taskfns import Boom, echo_task
 
+from conftest import wait_for
 from rtq import RedisTask, RedisTaskQueue, TaskExecutePolicy
 from rtq.errors import TaskTimeout
+from taskfns import Boom, echo_task
 
 P = TaskExecutePolicy
 HEAD = "test|task-queue|"

@@ -33,7 +33,7 @@ from .store import text
 if TYPE_CHECKING:
     from .task_queue import RedisTaskQueue
 
-__all__ = ["ship_local_modules", "runtime_versions", "check_worker_versions"]
+__all__ = ["check_worker_versions", "runtime_versions", "ship_local_modules"]
 
 _lock = threading.Lock()
 _seen_modules = 0

@@ -14,7 +14,7 @@ import redis as redis_py
 from .errors import ConfigurationError, RtqConnectionError
 from .task_queue import RedisTaskQueue
 
-__all__ = ["connect", "resolve_url", "is_local_url", "redact_url"]
+__all__ = ["connect", "is_local_url", "redact_url", "resolve_url"]
 
 _QUEUE_OPTIONS = set(inspect.signature(RedisTaskQueue).parameters) - {"redis", "prefix", "secret"}
 

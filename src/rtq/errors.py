@@ -10,17 +10,17 @@ from __future__ import annotations
 import concurrent.futures
 
 __all__ = [
-    "RtqError",
-    "RtqConnectionError",
     "ConfigurationError",
+    "RemoteTaskError",
+    "RtqConnectionError",
+    "RtqError",
     "SerializationError",
     "SignatureError",
-    "TaskTimeout",
     "TaskCancelled",
-    "WorkerLost",
     "TaskLost",
-    "RemoteTaskError",
+    "TaskTimeout",
     "VersionMismatch",
+    "WorkerLost",
 ]
 
 

@@ -17,7 +17,7 @@ from typing import Any
 
 from .server import die_with_parent
 
-__all__ = ["detect_gpus", "parse_gpus", "visible_gpus", "supervise"]
+__all__ = ["detect_gpus", "parse_gpus", "supervise", "visible_gpus"]
 
 
 def detect_gpus() -> list[str]:

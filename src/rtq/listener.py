@@ -24,8 +24,8 @@ import redis as redis_py
 
 from .batching import GroupCommit
 from .capture import capturing
-from .fastpath import Channel, call_script
 from .errors import RtqError, SerializationError, SignatureError, TaskCancelled, TaskTimeout
+from .fastpath import Channel, call_script
 from .heartbeat import HeartbeatConfig, HeartbeatHelper, connection_settings
 from .keys import check_name
 from .recovery import Reaper

