@@ -24,6 +24,8 @@ app.conf.update(
     broker_connection_retry_on_startup=True,
     worker_hijack_root_logger=False,
     result_expires=600,
+    # A benchmark never waits minutes for a server that went away.
+    result_backend_transport_options={"retry_policy": {"max_retries": 2, "interval_start": 0, "interval_step": 0.2}},
 )
 
 

@@ -26,6 +26,7 @@ import argparse
 import asyncio
 import contextlib
 import datetime as dt
+import gc
 import importlib.util
 import json
 import math
@@ -375,6 +376,9 @@ def bench_celery(url: str, procs: Processes, logs: Path, args: argparse.Namespac
 
         return peer_measure(round_trip, throughput, lambda data: peer_celery.echo.delay(data).get(timeout=300), args)
     finally:
+        # Celery's results unsubscribe when collected, reconnecting (with long retries) if the
+        # server is gone: collect them now, while it still runs.
+        gc.collect()
         procs.stop(workers)
 
 
