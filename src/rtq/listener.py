@@ -268,6 +268,8 @@ class Listener:
             pipe.hmget(self.keys.task(task.id), ["state", "owner", "attempt", "token"])
         now = time.time()
         for task, (state, owner, attempt, token) in zip(tasks, pipe.execute(), strict=True):
+            if _stopper(task).finished:
+                continue  # it ended by itself; its record may already be stored or read and gone
             exc_type: type[BaseException] = TaskCancelled
             mine = text(owner) == self.id and text(attempt) == str(task._attempt)  # type: ignore[attr-defined]
             if getattr(task, "_token", "") and token is not None and text(token) != task._token:  # type: ignore[attr-defined]

@@ -52,6 +52,7 @@ class Stopper:
         self.reason: str | None = None
         self.exc_type: type[BaseException] | None = None
         self.noticed: float | None = None  # when the worker first saw the task must stop
+        self.finished = False  # the task function returned: its outcome is being stored
 
     @contextmanager
     def armed(self) -> Iterator[None]:
@@ -73,6 +74,7 @@ class Stopper:
             try:
                 with self._lock:
                     self._ident = None
+                    self.finished = True
                     if self.exc_type is not None:
                         _raise_in(threading.get_ident(), None)
                 return
