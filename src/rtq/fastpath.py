@@ -35,6 +35,17 @@ READ_SIZE = 1 << 16
 __all__ = ["Channel", "ChannelPool", "call_script"]
 
 
+@contextmanager
+def _reading() -> Iterator[None]:
+    """Turn socket failures into the errors redis-py raises, which rtq's callers retry."""
+    try:
+        yield
+    except TimeoutError as exc:
+        raise redis_py.TimeoutError("Timeout reading from socket") from exc
+    except OSError as exc:
+        raise redis_py.ConnectionError(f"Error while reading from socket: {exc}") from exc
+
+
 class Channel:
     """One held connection of ``client``'s pool, for one thread (or one lock-holder) at a time."""
 
@@ -202,12 +213,8 @@ class _Reader:
         if self.pos:
             del self.buf[: self.pos]
             self.pos = 0
-        try:
+        with _reading():
             chunk = self.sock.recv(READ_SIZE)
-        except TimeoutError as exc:
-            raise redis_py.TimeoutError("Timeout reading from socket") from exc
-        except OSError as exc:
-            raise redis_py.ConnectionError(f"Error while reading from socket: {exc}") from exc
         if not chunk:
             raise redis_py.ConnectionError("Connection closed by server.")
         self.buf += chunk
@@ -289,12 +296,8 @@ class _Reader:
         self.pos += have
         done = have
         while done < target.nbytes:
-            try:
+            with _reading():
                 n = self.sock.recv_into(target[done:])
-            except TimeoutError as exc:
-                raise redis_py.TimeoutError("Timeout reading from socket") from exc
-            except OSError as exc:
-                raise redis_py.ConnectionError(f"Error while reading from socket: {exc}") from exc
             if not n:
                 raise redis_py.ConnectionError("Connection closed by server.")
             done += n
