@@ -5,7 +5,9 @@
 that costs two to four times the CPU of the round trip itself, and a task's trip from caller to
 worker and back is a handful of commands. A :class:`Channel` holds one connection of the
 client's own pool — so the same host, credentials, TLS, protocol and timeouts — and sends
-commands through it directly, pipelined when there are several.
+commands through it directly, pipelined when there are several. With hiredis installed (the
+``fast`` extra) commands are packed and replies parsed in C, which cuts the CPU time of a no-op
+task's trip by about a sixth on each side; without it rtq's own RESP code does the same work.
 
 Any failure disconnects the held connection, so a half-read reply never reaches the next
 command; the next command reconnects. Errors reach the caller as redis-py raises them
@@ -14,7 +16,8 @@ in its place), and rtq's callers already retry connection errors with backoff. C
 never retried transparently: a claim or a submit must not run twice.
 
 What this is NOT: a general client. Replies come raw (no response callbacks: ``BLPOP`` gives a
-list, ``HGETALL`` a flat list), and a channel serves one thread at a time.
+list, ``HGETALL`` a flat list in RESP2 and a dict in RESP3), and a channel serves one thread at
+a time.
 """
 
 from __future__ import annotations
@@ -27,6 +30,14 @@ from contextlib import contextmanager
 from typing import Any
 
 import redis as redis_py
+
+try:  # optional (the ``fast`` extra): RESP packing and parsing in C; 3.0 reads RESP3 too
+    import hiredis
+
+    if int(hiredis.__version__.split(".")[0]) < 3:
+        hiredis = None
+except (ImportError, ValueError):  # pragma: no cover - depends on the environment
+    hiredis = None
 
 BIG_ARG = 1 << 16
 """Arguments bigger than this are sent as they are, not copied into the packed command."""
@@ -166,6 +177,12 @@ def _pack(commands: Sequence[Sequence[Any]], encoding: str) -> list[Any] | None:
     pieces: list[Any] = []
     small: list[bytes] = []
     for args in commands:
+        if hiredis is not None and encoding == "utf-8" and not _has_big(args):
+            try:
+                small.append(hiredis.pack_command(tuple(args)))  # in C: several times faster
+                continue
+            except TypeError:  # memoryviews, bytearrays, bools: packed below, or judged by redis-py
+                pass
         small.append(b"*%d\r\n" % len(args))
         for arg in args:
             if isinstance(arg, str):
@@ -187,6 +204,25 @@ def _pack(commands: Sequence[Sequence[Any]], encoding: str) -> list[Any] | None:
     return pieces
 
 
+def _typed_errors(reply: Any) -> Any:
+    """``reply`` with hiredis's plain ``ResponseError``s as redis-py's own kinds (NOSCRIPT…)."""
+    if isinstance(reply, redis_py.ResponseError):
+        message = str(reply)
+        kind = _ERRORS.get(message.split(" ", 1)[0])
+        return kind(message) if kind is not None else reply
+    if isinstance(reply, list):
+        return [_typed_errors(item) if isinstance(item, (list, redis_py.ResponseError)) else item for item in reply]
+    return reply
+
+
+def _has_big(args: Sequence[Any]) -> bool:
+    """Whether an argument is a ``bytes`` too big to copy into a packed command."""
+    return any(type(arg) is bytes and len(arg) > BIG_ARG for arg in args)
+
+
+_MORE = object()
+"""hiredis's answer while a reply is incomplete (its default, False, is also a RESP3 boolean)."""
+
 _ERRORS = {"NOSCRIPT": redis_py.exceptions.NoScriptError, "LOADING": redis_py.exceptions.BusyLoadingError}
 
 
@@ -197,9 +233,18 @@ class _Reader:
         self.sock: socket.socket = conn._sock
         self.buf = bytearray()
         self.pos = 0
+        # hiredis parses whole replies in C (RESP2 and RESP3). Frames read straight into
+        # buffers (bulks_into) always go through rtq's own buffer.
+        self.fast = None
+        if hiredis is not None:
+            self.fast = hiredis.Reader(
+                replyError=redis_py.ResponseError, protocolError=redis_py.ConnectionError, notEnoughData=_MORE
+            )
 
     def pending(self) -> bool:
         """Whether bytes beyond the replies read are buffered (else the buffer is emptied)."""
+        if self.fast is not None and self.fast.has_data():
+            return True
         if self.pos < len(self.buf):
             return True
         if len(self.buf) > READ_SIZE:
@@ -237,6 +282,20 @@ class _Reader:
         return data
 
     def reply(self) -> Any:
+        fast = self.fast
+        if fast is None or self.pos < len(self.buf):
+            return self._reply()
+        reply = fast.gets()
+        while reply is _MORE:
+            with _reading():
+                chunk = self.sock.recv(READ_SIZE)
+            if not chunk:
+                raise redis_py.ConnectionError("Connection closed by server.")
+            fast.feed(chunk)
+            reply = fast.gets()
+        return _typed_errors(reply)
+
+    def _reply(self) -> Any:
         line = self._line()
         kind, rest = line[:1], line[1:]
         if kind == b"$":
@@ -244,7 +303,7 @@ class _Reader:
             return None if n < 0 else self._exact(n)
         if kind in (b"*", b"~", b">"):
             n = int(rest)
-            return None if n < 0 else [self.reply() for _ in range(n)]
+            return None if n < 0 else [self._reply() for _ in range(n)]
         if kind == b":" or kind == b"(":
             return int(rest)
         if kind == b"+":
@@ -258,8 +317,8 @@ class _Reader:
             n = int(rest)
             out = {}
             for _ in range(n):
-                k = self.reply()
-                out[k] = self.reply()
+                k = self._reply()
+                out[k] = self._reply()
             return out
         if kind == b",":
             return float(rest)
@@ -269,8 +328,8 @@ class _Reader:
             return self._exact(int(rest))[4:]
         if kind == b"|":  # attributes: skip them, the reply follows
             for _ in range(2 * int(rest)):
-                self.reply()
-            return self.reply()
+                self._reply()
+            return self._reply()
         raise redis_py.ConnectionError(f"unexpected reply from the server: {line[:40]!r}")
 
     def bulks_into(self, targets: Sequence[memoryview]) -> bool:

@@ -1,0 +1,99 @@
+"""rtq.fastpath, the held connections of the hot paths, with and without hiredis.
+
+Every task's trip goes through these channels; hiredis (the ``fast`` extra) packs and parses
+in C when installed, rtq's own RESP code does it otherwise. Both must give the same replies:
+values, errors in their place (NOSCRIPT typed, also inside EXEC), big values sent uncopied,
+and frames read straight into buffers.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import pytest
+import redis
+
+from rtq import fastpath
+
+pytestmark = pytest.mark.timeout(30)
+
+
+@pytest.fixture(params=["hiredis-resp2", "hiredis-resp3", "python-resp2", "python-resp3"])
+def channel(
+    request: pytest.FixtureRequest, r: redis.Redis, redis_url: str, monkeypatch: pytest.MonkeyPatch
+) -> Iterator[fastpath.Channel]:
+    parser, protocol = request.param.split("-resp")
+    if parser == "hiredis":
+        if fastpath.hiredis is None:
+            pytest.skip("hiredis is not installed")
+    else:
+        monkeypatch.setattr(fastpath, "hiredis", None)
+    client = redis.Redis.from_url(redis_url, protocol=int(protocol))
+    ch = fastpath.Channel(client)
+    yield ch
+    ch.close()
+    client.close()
+
+
+def test_replies_come_back_in_order_with_errors_in_their_place(channel: fastpath.Channel) -> None:
+    replies = channel.pipeline([
+        ("SET", "k", "v"),
+        ("GET", "k"),
+        ("GET", "missing"),
+        ("HSET", "h", "a", 1, "b", 2.5),
+        ("HMGET", "h", "a", "b", "c"),
+        ("LPUSH", "k", "x"),  # wrong type: an error, and the connection stays usable
+        ("EVALSHA", "0" * 40, 0),
+        ("INCR", "n"),
+    ])
+    assert replies[:5] == [b"OK", b"v", None, 2, [b"1", b"2.5", None]]
+    assert isinstance(replies[5], redis.ResponseError) and "WRONGTYPE" in str(replies[5])
+    assert isinstance(replies[6], redis.exceptions.NoScriptError)
+    assert replies[7] == 1
+    assert channel.execute("GET", "k") == b"v"
+
+
+def test_a_noscript_inside_exec_is_typed(channel: fastpath.Channel) -> None:
+    replies = channel.pipeline([("MULTI",), ("EVALSHA", "0" * 40, 0), ("SET", "a", "1"), ("EXEC",)])
+    *queued, exec_reply = replies
+    assert queued[0] == b"OK"
+    if isinstance(exec_reply, Exception):  # servers that refuse the transaction at EXEC (EXECABORT)
+        return
+    assert isinstance(exec_reply[0], redis.exceptions.NoScriptError)
+    assert exec_reply[1] == b"OK"
+
+
+def test_big_values_travel_whole(channel: fastpath.Channel) -> None:
+    big = bytes(range(256)) * (fastpath.BIG_ARG // 128)  # two BIG_ARGs: sent uncopied
+    view = memoryview(bytearray(big[::-1]))
+    assert channel.pipeline([("SET", "big", big), ("SET", "view", view), ("GET", "big"), ("STRLEN", "view")]) == [
+        b"OK",
+        b"OK",
+        big,
+        len(big),
+    ]
+    assert channel.execute("GET", "view") == bytes(view)
+
+
+def test_frames_are_read_straight_into_their_buffers(channel: fastpath.Channel) -> None:
+    frames = [b"a" * 1000, b"b" * 70_000]
+    channel.execute("HSET", "frames", "f0", frames[0], "f1", frames[1], "small", "x")
+    targets = [memoryview(bytearray(len(f))) for f in frames]
+    assert channel.hmget_into("frames", ["f0", "f1"], targets)
+    assert [bytes(t) for t in targets] == frames
+    wrong = [memoryview(bytearray(10)), memoryview(bytearray(len(frames[1])))]
+    assert not channel.hmget_into("frames", ["f0", "f1"], wrong)  # a frame of another size
+    assert channel.execute("HGET", "frames", "small") == b"x"  # and the connection is in step
+
+
+def test_a_blocking_read_wakes_with_the_reads_behind_it(channel: fastpath.Channel, r: redis.Redis) -> None:
+    r.rpush("done", "id")
+    r.hset("task", "state", "done")
+    assert channel.pipeline([("BLPOP", "done", 1), ("HGET", "task", "state")]) == [[b"done", b"id"], b"done"]
+
+
+def test_script_replies_keep_their_shape(channel: fastpath.Channel) -> None:
+    """rtq's scripts answer with nested tables, false and numbers: the claim's reply, say."""
+    script = "return {{1, 'tok', false}, {}, redis.call('EXISTS', KEYS[1]) == 1, tonumber(ARGV[1]) * 2}"
+    reply = channel.execute("EVAL", script, 1, "nothing", 21)
+    assert reply == [[1, b"tok", None], [], None, 42]
