@@ -253,18 +253,24 @@ class Executor(concurrent.futures.Executor):
                 if not self._pending and self._shutdown:
                     return
                 nearest = min(f.expiry for f in self._pending.values())
+                # One call awaited (``submit().result()``): its outcome rides along the wake-up.
+                sole = next(iter(self._pending)) if len(self._pending) == 1 else None
             wait = max(0.01, min(self.queue.interval, store.cap, nearest - time.time() + 0.01))
             try:
                 # One round trip wakes and drains: the LPOP runs right after the BLPOP returns.
-                item, more = channel.pipeline([("BLPOP", self.inbox, wait), ("LPOP", self.inbox, COLLECT_BATCH)])
-                for reply in (item, more):
+                commands: list[tuple[Any, ...]] = [("BLPOP", self.inbox, wait), ("LPOP", self.inbox, COLLECT_BATCH)]
+                if sole is not None:
+                    commands.append(_read_outcome(self.queue.keys, sole))
+                item, more, *ahead = channel.pipeline(commands)
+                for reply in (item, more, *ahead):
                     if isinstance(reply, Exception):
                         raise reply
                 if item is None and not more:
                     self._check_stragglers()
                     continue
                 ids = [text(i) for i in ([item[1]] if item else []) + (more or [])]
-                self._resolve_many(ids, channel)
+                # Read after the pop, so final if the sole call is among those that ended.
+                self._resolve_many(ids, channel, {sole: ahead[0]} if sole in ids else None)
                 backoff = 0.0
             except (redis_py.ConnectionError, redis_py.TimeoutError) as exc:
                 backoff = min(max(backoff * 2, 0.1), 2.0)
@@ -277,11 +283,16 @@ class Executor(concurrent.futures.Executor):
         with self.queue.store.channels.channel() as channel:
             self._resolve_many([task_id], channel)
 
-    def _resolve_many(self, task_ids: list[str], channel: Channel) -> None:
+    def _resolve_many(self, task_ids: list[str], channel: Channel, read: dict[str, Any] | None = None) -> None:
         """Settle the futures of ended tasks: their outcomes are read in one round trip.
 
         The records are removed after the futures are settled, so a waiting caller is not held
         up by the clean-up.
+
+        Args:
+            task_ids: Tasks that ended.
+            channel: The connection to read through.
+            read: Outcomes already read (``_read_outcome``'s reply), by task id.
         """
         with self._lock:
             futures = [(i, self._pending.pop(i, None)) for i in task_ids]
@@ -289,7 +300,10 @@ class Executor(concurrent.futures.Executor):
         if not live:
             return
         store, keys = self.queue.store, self.queue.keys
-        outcomes = channel.pipeline([("HMGET", keys.task(i), *OUTCOME_FIELDS, "progress", "attempt") for i, _ in live])
+        read = read or {}
+        unread = [_read_outcome(keys, i) for i, _ in live if i not in read]
+        fetched = iter(channel.pipeline(unread) if unread else [])
+        outcomes = [read[i] if i in read else next(fetched) for i, _ in live]
         settled = []
         for (task_id, fut), values in zip(live, outcomes):
             try:
@@ -353,6 +367,11 @@ def _attempts(raw: Any) -> int:
         return int(text(raw) or 0)
     except ValueError:
         return 1
+
+
+def _read_outcome(keys: Any, task_id: str) -> tuple[Any, ...]:
+    """The command reading what settles a task's future: its outcome, progress and attempts."""
+    return ("HMGET", keys.task(task_id), *OUTCOME_FIELDS, "progress", "attempt")
 
 
 def _settle(fut: TaskFuture, setter: Callable[[Any], None], value: Any) -> None:
