@@ -4,7 +4,8 @@
 Starts its own server (rtq's embedded one; ``--redis-server`` also the ``redis-server`` on PATH)
 and its own worker processes, then measures, on the same server:
 
-* the floor: raw redis-py PING (median) and SET+GET of the payloads (MB/s);
+* the floor: raw redis-py PING (median) and SET+GET of the payloads (MB/s), measured in
+  alternation with rtq's own samples, while rtq's workers are up, so both see the same machine;
 * rtq: no-op round trip through ``RedisTaskQueue.query()`` and ``Executor.submit().result()``
   (median, p99), throughput of no-op closures through ``Executor.map`` on 2 worker processes,
   echo of 1, 32 and 256 MiB numpy arrays, and the cost of ``task.update()`` inside a task;
@@ -53,6 +54,8 @@ MB = 1_000_000
 QUEUE = "bench"
 PREFIX = "bench"
 PEERS = ("rq-simple", "rq-fork", "celery", "arq")
+ROUNDS = 5
+"""Rounds of the round-trip measures, each alternating the floor's PINGs with rtq's trips."""
 
 
 # -- processes -----------------------------------------------------------------------------
@@ -153,25 +156,42 @@ def echo_rate(size: int, samples: list[float]) -> dict[str, float]:
 
 
 # -- the floor -----------------------------------------------------------------------------
+class Floor:
+    """Raw redis-py on the same server: PING, and SET+GET of the same bytes rtq echoes.
+
+    rtq measures it in alternation with its own samples (see :func:`bench_rtq`), so the floor and
+    rtq see the same machine: on a small shared VM a PING's median moves by 2-3x between moments
+    (which core each process wakes on), and a ratio of numbers taken minutes apart measures that.
+    """
+
+    def __init__(self, url: str) -> None:
+        import redis
+
+        self.client = redis.Redis.from_url(url)
+        self.key = f"{PREFIX}|raw|{uuid.uuid4().hex}"
+        timed(self.client.ping, 200)  # warm up
+
+    def pings(self, n: int) -> list[float]:
+        return timed(self.client.ping, n)
+
+    def set_get(self, data: Any, size: int) -> None:
+        self.client.set(self.key, data)  # a memoryview: redis-py sends it without a copy
+        back = self.client.get(self.key)
+        assert back is not None and len(back) == size
+
+    def close(self) -> None:
+        self.client.delete(self.key)
+        self.client.close()
+
+
 def bench_raw(url: str, sizes: list[int], args: argparse.Namespace) -> dict[str, Any]:
-    import redis
-
-    client = redis.Redis.from_url(url)
-    key = f"{PREFIX}|raw|{uuid.uuid4().hex}"
-    timed(client.ping, 200)  # warm up
-    out: dict[str, Any] = {"ping": latency(timed(client.ping, args.pings))}
-    out["set_get"] = {}
+    """The floor on its own (when rtq is not measured in this run)."""
+    floor = Floor(url)
+    out: dict[str, Any] = {"ping": latency(floor.pings(args.pings)), "set_get": {}}
     for size in sizes:
-        data = payload(size).data  # a memoryview: redis-py sends it without a copy
-
-        def set_get(data: Any = data, size: int = size) -> None:
-            client.set(key, data)
-            back = client.get(key)
-            assert back is not None and len(back) == size
-
-        out["set_get"][str(size)] = echo_rate(size, timed(set_get, reps(size, args)))
-    client.delete(key)
-    client.close()
+        data = payload(size).data
+        out["set_get"][str(size)] = echo_rate(size, timed(lambda: floor.set_get(data, size), reps(size, args)))
+    floor.close()
     return out
 
 
@@ -219,18 +239,28 @@ def bench_rtq(url: str, procs: Processes, logs: Path, args: argparse.Namespace) 
 
         wait_until(listening, 60, "rtq workers", workers)
         n = args.round_trips
-
+        floor = Floor(url)
         counter = iter(range(10**9))
 
         def query() -> None:
             q.query(f"rt-{next(counter)}", QUEUE, Call(bench_tasks.noop))
 
-        timed(query, 50)
-        out["query"] = latency(timed(query, n))
-
         with rtq.Executor(q, QUEUE) as ex:
-            timed(lambda: ex.submit(bench_tasks.noop).result(30), 50)
-            out["submit"] = latency(timed(lambda: ex.submit(bench_tasks.noop).result(30), n))
+
+            def submit() -> None:
+                ex.submit(bench_tasks.noop).result(30)
+
+            timed(query, 50)
+            timed(submit, 50)
+            # In rounds, alternating with the floor's PINGs: the ratio compares like with like.
+            pings: list[float] = []
+            samples: dict[str, list[float]] = {"query": [], "submit": []}
+            for _ in range(ROUNDS):
+                pings += floor.pings(max(1, args.pings // ROUNDS))
+                samples["query"] += timed(query, max(1, n // ROUNDS))
+                samples["submit"] += timed(submit, max(1, n // ROUNDS))
+            out["floor"] = {"ping": latency(pings), "set_get": {}}
+            out["query"], out["submit"] = latency(samples["query"]), latency(samples["submit"])
 
             count = args.tasks
             list(ex.map(bench_tasks.noop, range(200), timeout=120))  # warm up
@@ -248,13 +278,24 @@ def bench_rtq(url: str, procs: Processes, logs: Path, args: argparse.Namespace) 
                     back = ex.submit(bench_tasks.echo, data).result(300)
                     assert back.nbytes == size
 
+                def raw(view: Any = data.data, size: int = size) -> None:
+                    floor.set_get(view, size)
+
                 back = ex.submit(bench_tasks.echo, data).result(300)
                 assert (back == data).all(), "the echoed array differs"
                 del back
-                out["echo"][str(size)] = echo_rate(size, timed(echo, reps(size, args)))
+                raw()
+                rtq_s: list[float] = []
+                raw_s: list[float] = []
+                for _ in range(reps(size, args)):  # alternating, as above
+                    raw_s += timed(raw, 1)
+                    rtq_s += timed(echo, 1)
+                out["floor"]["set_get"][str(size)] = echo_rate(size, raw_s)
+                out["echo"][str(size)] = echo_rate(size, rtq_s)
                 del data
 
             out["progress"] = progress_overhead(ex, args.updates)
+        floor.close()
         client.close()
     finally:
         procs.stop(workers)
@@ -459,8 +500,9 @@ def bench_server(label: str, url: str, procs: Processes, logs: Path, args: argpa
     version = f"Valkey {info['valkey_version']}" if info.get("valkey_version") else f"Redis {info['redis_version']}"
     client.flushdb()
     result: dict[str, Any] = {"label": label, "server": version, "systems": {}}
-    say(f"[{label}] {version}: raw PING and SET+GET")
-    result["raw"] = bench_raw(url, args.sizes, args)
+    if "rtq" not in args.only:  # else measured by bench_rtq, in alternation with rtq's samples
+        say(f"[{label}] {version}: raw PING and SET+GET")
+        result["raw"] = bench_raw(url, args.sizes, args)
     systems: list[tuple[str, Callable[[], dict[str, Any]]]] = []
     if "rtq" in args.only:
         systems.append(("rtq", lambda: bench_rtq(url, procs, logs / label, args)))
@@ -483,11 +525,15 @@ def bench_server(label: str, url: str, procs: Processes, logs: Path, args: argpa
         start = time.perf_counter()
         try:
             result["systems"][name] = run()
+            if "floor" in result["systems"][name]:
+                result["raw"] = result["systems"][name].pop("floor")
         except Exception as exc:  # one broken peer must not cost the whole run
             say(f"[{label}] {name} failed: {type(exc).__name__}: {exc}")
             result["systems"][name] = {"error": f"{type(exc).__name__}: {exc}"}
         say(f"[{label}] {name} done in {time.perf_counter() - start:.0f}s")
         client.flushdb()
+    if "raw" not in result:  # rtq failed before its floor was measured
+        result["raw"] = bench_raw(url, args.sizes, args)
     client.close()
     result["targets"] = targets(result)
     return result
