@@ -45,6 +45,10 @@ def task(t: RedisTask) -> Any:
             _append(p.get("ended"), f"stopped: {type(exc).__name__}")
             raise
         _append(p.get("ended"), "released")
+        if p.get("result_bytes"):  # a result with out-of-band frames (stored apart from the record)
+            import numpy
+
+            return numpy.zeros(p["result_bytes"], dtype=numpy.uint8)
         return os.getpid()
     if action == "sleep":  # one long C call: no bytecode runs until it returns
         _append(p.get("started"), str(os.getpid()))

@@ -336,6 +336,23 @@ def test_flushdb_under_a_waiting_caller_raises_rtq_error_fast(r, workers, tmp_pa
     assert boxes[0]["at"] - flushed < 4
 
 
+def test_the_big_result_of_a_vanished_task_leaves_nothing_behind(r, workers, tmp_path):
+    """Result frames written for a record that vanished mid-run (flush, eviction) never linger."""
+    queue = make_queue(r, timeout=120)
+    started, release = tmp_path / "started", tmp_path / "release"
+    a = workers.start(Q, task_fn=FN, args=("--lease", "10"))  # the watcher stays out of the way
+    params = {"action": "wait", "started": str(started), "release": str(release), "result_bytes": 2 << 20}
+    submit(queue, "big1", params)
+    wait_for(lambda: pids(started), what="the task to start")
+    wid = wait_for(lambda: (record_of(r, a.pid) or {}).get("id"), what="the worker's record")
+    assert r.llen(K.running(wid)) == 1
+    r.delete(K.task("big1"))
+    release.touch()
+    wait_for(lambda: r.llen(K.running(wid)) == 0, what="the worker to end the task")
+    assert not r.exists(K.task("big1")), r.hkeys(K.task("big1"))
+    assert a.poll() is None
+
+
 # -- liveness under load ---------------------------------------------------------------------
 def test_busy_past_timeout_with_the_gil_held_keeps_marker_and_lease(r, workers):
     """A task holding the GIL for longer than the marker's lifetime and the lease."""

@@ -550,27 +550,31 @@ class Listener:
     def _store_outcome(
         self, task: RedisTask, key: str, attempt: str, state: str, first: dict[str, Any], rest: dict[str, Any]
     ) -> bool:
-        # Big frames go in plain writes; their attempt tag keeps them fenced. A record that
-        # vanished (flush, restart) gets none: they would sit there without an expiry.
-        if rest:  # big frames, sent as they are (uncopied); only while the record exists
-            with self.store.channels.channel() as channel:
-                if channel.execute("EXISTS", key):
-                    channel.execute("HSET", key, *_flatten(rest))
-        # Tasks ending together share one round trip (a lone one is sent at once).
-        stored = self.finisher.call(
-            self.store.scripts["finish"],
-            keys=[key, self.running_key, task._notify, self.keys.events(task.id)],  # type: ignore[attr-defined]
-            args=[
-                task.id,
-                self.id,
-                attempt,
-                state,
-                repr(time.time()),
-                int(KEEP_S * 1000),
-                getattr(task, "_token", ""),  # fences out a run of an earlier submission of this id
-                *_flatten(first),
-            ],
-        )
+        finish = self.store.scripts["finish"]
+        keys = [key, self.running_key, task._notify, self.keys.events(task.id)]  # type: ignore[attr-defined]
+        args = [
+            task.id,
+            self.id,
+            attempt,
+            state,
+            repr(time.time()),
+            int(KEEP_S * 1000),
+            getattr(task, "_token", ""),  # fences out a run of an earlier submission of this id
+            *_flatten(first),
+        ]
+        if not rest:
+            # Tasks ending together share one round trip (a lone one is sent at once).
+            return bool(self.finisher.call(finish, keys=keys, args=args))
+        # Big frames go in a plain HSET (sent as they are, uncopied; their attempt tag keeps
+        # them fenced), in the same write as finish.lua, which deletes the record again if it had
+        # vanished (flush, restart) and the HSET re-created it with the frames alone.
+        with self.store.channels.channel() as channel:
+            frames, stored = channel.pipeline([("HSET", key, *_flatten(rest)), ("EVALSHA", finish.sha, len(keys), *keys, *args)])
+            if isinstance(stored, redis_py.exceptions.NoScriptError):  # a restarted or flushed server
+                stored = call_script(channel, finish, keys, args)
+        for reply in (frames, stored):
+            if isinstance(reply, Exception):
+                raise reply
         return bool(stored)
 
 

@@ -12,12 +12,19 @@
 -- ARGV[6]  milliseconds the outcome stays readable at least
 -- ARGV[7]  the submission token the claim saw ('' to skip that check): a reused task id gets a
 --          new token, so a run of the old submission can never finish the new one
--- ARGV[8…] field, value, field, value … to store (result or error payload)
+-- ARGV[8…] field, value, field, value … to store (result or error payload; a payload's extra
+--          frames are written by the worker with a plain HSET right before this call)
 --
 -- Returns 1 when stored; 0 when discarded because another attempt, a cancel or an expiry
 -- overtook this one (the id leaves the worker's list either way).
 redis.call('LREM', KEYS[2], -1, ARGV[1])
 local cur = redis.call('HMGET', KEYS[1], 'state', 'owner', 'attempt', 'token')
+if not cur[1] then
+  -- No record (flushed, restarted, expired): what is there now are the big result frames the
+  -- worker wrote just before this call, which would never expire. Remove them.
+  redis.call('DEL', KEYS[1])
+  return 0
+end
 if cur[1] ~= 'running' or cur[2] ~= ARGV[2] or cur[3] ~= ARGV[3] then
   return 0
 end
