@@ -179,6 +179,16 @@ class Floor:
         back = self.client.get(self.key)
         assert back is not None and len(back) == size
 
+    def queue_trip(self, task_id: str) -> None:
+        """One round trip through ``floor_worker.py``: push an id, block until it comes back."""
+        queue = self.queue_key
+        self.client.rpush(queue, task_id)
+        assert self.client.blpop([f"{queue}|done:{task_id}"], 30) is not None, "the floor worker is gone"
+
+    @property
+    def queue_key(self) -> str:
+        return f"{PREFIX}|floor-queue"
+
     def close(self) -> None:
         self.client.delete(self.key)
         self.client.close()
@@ -197,7 +207,7 @@ def bench_raw(url: str, sizes: list[int], args: argparse.Namespace) -> dict[str,
 
 def reps(size: int, args: argparse.Namespace) -> int:
     if size >= 128 * MiB:
-        return 2 if args.quick else 3
+        return 2 if args.quick else 5
     if size >= 16 * MiB:
         return 3 if args.quick else 5
     return 10 if args.quick else 20
@@ -240,7 +250,14 @@ def bench_rtq(url: str, procs: Processes, logs: Path, args: argparse.Namespace) 
         wait_until(listening, 60, "rtq workers", workers)
         n = args.round_trips
         floor = Floor(url)
+        bare = procs.start(
+            [sys.executable, str(HERE / "floor_worker.py"), url, floor.queue_key], env, logs / "floor-worker.log"
+        )
+        workers.append(bare)
         counter = iter(range(10**9))
+
+        def queue_trip() -> None:
+            floor.queue_trip(f"f{next(counter)}")
 
         def query() -> None:
             q.query(f"rt-{next(counter)}", QUEUE, Call(bench_tasks.noop))
@@ -252,15 +269,18 @@ def bench_rtq(url: str, procs: Processes, logs: Path, args: argparse.Namespace) 
 
             timed(query, 50)
             timed(submit, 50)
+            timed(queue_trip, 50)
             # In rounds, alternating with the floor's PINGs: the ratio compares like with like.
             pings: list[float] = []
-            samples: dict[str, list[float]] = {"query": [], "submit": []}
+            samples: dict[str, list[float]] = {"query": [], "submit": [], "queue": []}
             for _ in range(ROUNDS):
                 pings += floor.pings(max(1, args.pings // ROUNDS))
+                samples["queue"] += timed(queue_trip, max(1, n // ROUNDS))
                 samples["query"] += timed(query, max(1, n // ROUNDS))
                 samples["submit"] += timed(submit, max(1, n // ROUNDS))
-            out["floor"] = {"ping": latency(pings), "set_get": {}}
+            out["floor"] = {"ping": latency(pings), "queue": latency(samples["queue"]), "set_get": {}}
             out["query"], out["submit"] = latency(samples["query"]), latency(samples["submit"])
+            floor.client.rpush(floor.queue_key, "stop")
 
             count = args.tasks
             list(ex.map(bench_tasks.noop, range(200), timeout=120))  # warm up
@@ -593,6 +613,11 @@ def render_server(res: dict[str, Any]) -> list[str]:
         f"| raw redis-py (PING / SET+GET) | {raw['ping']['median_ms']:.3f} ms | {raw['ping']['p99_ms']:.3f} ms | — "
         f"| {raw['set_get'][echo_key]['mb_s']:.0f} MB/s |"
     )
+    if "queue" in raw:
+        lines.append(
+            f"| bare redis-py queue (BLMOVE worker, no payload) | {raw['queue']['median_ms']:.3f} ms "
+            f"| {raw['queue']['p99_ms']:.3f} ms | — | — |"
+        )
     rtq = systems.get("rtq", {})
     if "query" in rtq:
         for what, key in (("rtq `query()`", "query"), ("rtq `Executor.submit().result()`", "submit")):
@@ -622,6 +647,14 @@ def render_server(res: dict[str, Any]) -> list[str]:
         for key in rtq["echo"]:
             a, b = raw["set_get"][key]["mb_s"], rtq["echo"][key]["mb_s"]
             lines.append(f"| {fmt_size(int(key))} | {a:.0f} MB/s | {b:.0f} MB/s | {b / a:.0%} |")
+    if "queue" in raw and "query" in rtq:
+        bare, ping = raw["queue"]["median_ms"], raw["ping"]["median_ms"]
+        lines += [
+            "",
+            f"Hops: the bare queue's round trip takes {bare / ping:.1f} PINGs; rtq's `query()` takes "
+            f"{rtq['query']['median_ms'] / bare:.1f}x the bare queue, `Executor.submit().result()` "
+            f"{rtq['submit']['median_ms'] / bare:.1f}x.",
+        ]
     if "progress" in rtq:
         p = rtq["progress"]
         lines += [
