@@ -24,8 +24,9 @@ import ctypes
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
+from typing import Any
 
-__all__ = ["Stopper"]
+__all__ = ["Stopper", "stopper_of"]
 
 _set_async_exc = ctypes.pythonapi.PyThreadState_SetAsyncExc
 
@@ -106,3 +107,11 @@ class Stopper:
     @property
     def requested(self) -> bool:
         return self.exc_type is not None
+
+
+def stopper_of(task: Any) -> Stopper:
+    """The :class:`Stopper` of a task a worker runs (made on first use)."""
+    stopper: Stopper | None = getattr(task, "_stopper", None)
+    if stopper is None:
+        stopper = task._stopper = Stopper()
+    return stopper

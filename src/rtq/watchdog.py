@@ -1,0 +1,223 @@
+"""A worker's heartbeat: its lease, its queues' markers, and what it checks on every beat.
+
+Every ``period`` the watchdog thread of a :class:`~rtq.listener.Listener`
+
+* refreshes the worker's lease and record and the listener markers of its queues;
+* gives back the tasks of workers whose lease lapsed (:class:`~rtq.recovery.Reaper`);
+* stops running tasks nobody wants any more — cancelled, taken over, vanished or past their
+  deadline — which is how a task that never calls ``update()`` learns it (:mod:`rtq.stopper`);
+* gives back ids sitting in the worker's in-progress list that it does not hold.
+
+A task holding the GIL freezes this thread too, so a helper process (:mod:`rtq.heartbeat`)
+keeps the lease and markers alive as well; the watchdog starts it, restarts it if it died, and
+tells it when the worker drains.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import threading
+import time
+from typing import TYPE_CHECKING
+
+import redis as redis_py
+
+from .errors import TaskCancelled, TaskTimeout
+from .heartbeat import HeartbeatConfig, HeartbeatHelper, connection_settings
+from .stopper import stopper_of
+from .store import KEEP_S, text
+
+if TYPE_CHECKING:
+    from .listener import Listener
+
+__all__ = ["Watchdog"]
+
+logger = logging.getLogger("rtq.worker")
+
+
+class Watchdog:
+    """The heartbeat thread (and helper process) of one listener.
+
+    Args:
+        listener: The worker it keeps alive; the watchdog reads what it holds (under its lock).
+    """
+
+    def __init__(self, listener: Listener) -> None:
+        self.listener = listener
+        self.stopped = threading.Event()
+        self.helper: HeartbeatHelper | None = None
+        self.suspects: dict[str, float] = {}  # ids in our list we do not hold, and since when
+        self._thread: threading.Thread | None = None
+
+    # -- lifecycle -------------------------------------------------------------------------
+    def start(self) -> None:
+        """Beat once (the worker is announced before it claims anything), then keep beating."""
+        self.beat()
+        self._start_helper()
+        self._thread = threading.Thread(target=self._loop, name=f"rtq-heartbeat-{self.listener.id}", daemon=True)
+        self._thread.start()
+
+    def draining(self) -> None:
+        """The worker stopped claiming: the helper stops marking its queues."""
+        if self.helper is not None:
+            self.helper.drain()
+
+    def stop(self) -> None:
+        """End the heartbeat thread (after the running tasks ended or were given back)."""
+        self.stopped.set()
+        if self._thread is not None:
+            self._thread.join()
+
+    def close(self) -> None:
+        """Stop the helper and remove the worker's record, lease and markers."""
+        if self.helper is not None:
+            self.helper.close()
+        self._retire()
+
+    def _start_helper(self) -> None:
+        listener = self.listener
+        if not listener.heartbeat_process:
+            return
+        connection_class, connection_kwargs = connection_settings(listener.redis)
+        config = HeartbeatConfig(
+            connection_class=connection_class,
+            connection_kwargs=connection_kwargs,
+            prefix=listener.keys.prefix,
+            suffix=listener.keys.suffix,
+            worker_id=listener.id,
+            names=list(listener.names),
+            lease=listener.lease,
+            marker_ttl=listener.queue.timeout,
+            period=listener.period,
+            parent_pid=os.getpid(),
+            record=dict(listener.info),
+        )
+        self.helper = HeartbeatHelper(config)
+        if self.helper.start():
+            listener.info["heartbeat_pid"] = self.helper.pid
+
+    def _retire(self) -> None:
+        listener, keys = self.listener, self.listener.keys
+        try:
+            pipe = listener.redis.pipeline(transaction=False)
+            pipe.delete(keys.worker(listener.id))
+            pipe.zrem(keys.workers(), listener.id)
+            # Auto must stop routing here now; other listeners of these queues re-mark them
+            # within their next heartbeat.
+            pipe.delete(*(keys.listen(name) for name in listener.names))
+            pipe.execute()
+        except redis_py.RedisError:
+            logger.warning("could not remove worker record %s", listener.id)
+
+    # -- the beat --------------------------------------------------------------------------
+    def beat(self) -> None:
+        """Refresh this worker's lease and record, and the listener markers."""
+        listener, keys = self.listener, self.listener.keys
+        now = time.time()
+        with listener.lock:
+            running_ids = list(listener.active)
+        stopping = listener.event.is_set()
+        record = json.dumps(
+            {**listener.info, "beat": now, "running": running_ids, "done": listener.tasks_done, "stopping": stopping}
+        )
+        pipe = listener.redis.pipeline(transaction=False)
+        pipe.set(keys.worker(listener.id), record, px=int(listener.lease * 1000))
+        pipe.zadd(keys.workers(), {listener.id: now + listener.lease})
+        if not stopping:
+            for name in listener.names:
+                pipe.set(keys.listen(name), "1", px=int(listener.queue.timeout * 1000))
+        pipe.execute()
+
+    def _loop(self) -> None:
+        listener = self.listener
+        period = listener.period
+        # Never back off past a third of the lease: once Redis is back, the lease must be too.
+        longest = max(period, min(5.0, listener.lease / 3))
+        backoff = period
+        failing = False
+        while not self.stopped.wait(backoff):
+            if self.helper is not None:
+                self.helper.ensure()
+            try:
+                self.beat()
+                listener.reaper.reap(exclude=listener.id)
+                self._watch()
+                self._audit()
+            except redis_py.RedisError as exc:
+                backoff = min(backoff * 2, longest)
+                # Once per outage: a Redis restart must not flood the worker's log.
+                logger.log(logging.DEBUG if failing else logging.WARNING, "heartbeat failed (%s); retrying", exc)
+                failing = True
+                continue
+            if failing:
+                logger.warning("heartbeat restored")
+            failing, backoff = False, period
+
+    def _watch(self) -> None:
+        """Stop running tasks nobody wants any more: cancelled, taken over, vanished or expired.
+
+        A task that calls ``update()`` learns it there; this reaches the ones that never do
+        (see :mod:`rtq.stopper` for what it can and cannot interrupt).
+        """
+        listener, keys = self.listener, self.listener.keys
+        with listener.lock:
+            tasks = list(listener.active.values())
+        if not tasks:
+            return
+        pipe = listener.redis.pipeline(transaction=False)
+        for task in tasks:
+            pipe.hmget(keys.task(task.id), ["state", "owner", "attempt", "token"])
+        now = time.time()
+        for task, (state, owner, attempt, token) in zip(tasks, pipe.execute(), strict=True):
+            stopper = stopper_of(task)
+            if stopper.finished:
+                continue  # it ended by itself; its record may already be stored or read and gone
+            exc_type: type[BaseException] = TaskCancelled
+            mine = text(owner) == listener.id and text(attempt) == str(task._attempt)  # type: ignore[attr-defined]
+            if getattr(task, "_token", "") and token is not None and text(token) != task._token:  # type: ignore[attr-defined]
+                mine = False
+            if state is None:
+                reason = "lost its data in Redis (restart, eviction or flush)"
+            elif text(state) == "cancelled":
+                reason = "was cancelled"
+            elif text(state) != "running" or not mine:
+                reason = "was taken over by another worker"
+            elif task.expiry < now:
+                reason, exc_type = "ran past its deadline", TaskTimeout
+            else:
+                continue
+            if stopper.noticed is None:
+                stopper.noticed = now
+            window = max(1.0, 2 * listener.period)
+            if exc_type is TaskCancelled and now - task._reported_at < window and now - stopper.noticed < window:
+                continue  # it calls update(), which raises at a point of its own choosing
+            if not stopper.requested:
+                logger.warning("stopping task %s in %s: it %s", task.id, task.name, reason)
+                if state is None:  # wake its caller now, who then finds the data gone
+                    pipe = listener.redis.pipeline(transaction=False)
+                    pipe.rpush(task._notify, task.id)  # type: ignore[attr-defined]
+                    pipe.pexpire(task._notify, int(KEEP_S * 1000))  # type: ignore[attr-defined]
+                    pipe.execute()
+            stopper.stop(exc_type, reason)
+
+    def _audit(self) -> None:
+        """Give back ids sitting in this worker's list that it does not hold.
+
+        BLMOVE can move an id whose reply never arrives (a connection dropped mid-call, a Redis
+        restart with persistence): the id would sit in a live worker's list forever. One seen
+        there, unheld, for a whole lease goes back to its queue.
+        """
+        listener = self.listener
+        listed = {text(i) for i in listener.redis.lrange(listener.running_key, 0, -1)}
+        with listener.lock:
+            held = set(listener.active) | listener.claiming
+        now = time.monotonic()
+        self.suspects = {i: self.suspects.get(i, now) for i in listed - held}
+        due = [i for i, since in self.suspects.items() if now - since >= max(listener.lease, 3 * listener.period)]
+        if due:
+            logger.warning("giving back task(s) this worker lost track of: %s", ", ".join(due))
+            listener.reaper.give_back(listener.id, refund=True, only=due)
+            for task_id in due:
+                self.suspects.pop(task_id, None)
