@@ -200,7 +200,8 @@ def bench_raw(url: str, sizes: list[int], args: argparse.Namespace) -> dict[str,
     out: dict[str, Any] = {"ping": latency(floor.pings(args.pings)), "set_get": {}}
     for size in sizes:
         data = payload(size).data
-        out["set_get"][str(size)] = echo_rate(size, timed(lambda: floor.set_get(data, size), reps(size, args)))
+        samples = timed(lambda data=data, size=size: floor.set_get(data, size), reps(size, args))  # type: ignore[misc]
+        out["set_get"][str(size)] = echo_rate(size, samples)
     floor.close()
     return out
 

@@ -96,7 +96,9 @@ class Workers:
         if wait:
             client = redis.Redis.from_url(self.url)
             wait_for(
-                lambda: all(client.exists(f"{prefix}|task-queue|task-listen|{n}") for n in names) or proc.poll() is not None,
+                lambda: (
+                    all(client.exists(f"{prefix}|task-queue|task-listen|{n}") for n in names) or proc.poll() is not None
+                ),
                 15,
                 "the worker to listen",
             )

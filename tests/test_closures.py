@@ -139,7 +139,14 @@ def test_cancel_queued_task_never_runs(queue, workers, tmp_path):
         return "blocked"
 
     first = ex.submit(block)
-    wait_for(lambda: queue.get_task(first.task_id) and queue.store.redis.hget(queue.keys.task(first.task_id), "state") == b"running", 10, "the first task to run")
+    wait_for(
+        lambda: (
+            queue.get_task(first.task_id)
+            and queue.store.redis.hget(queue.keys.task(first.task_id), "state") == b"running"
+        ),
+        10,
+        "the first task to run",
+    )
     second = ex.submit(marker.touch)
     assert second.cancel() is True
     assert second.cancelled()
@@ -205,8 +212,16 @@ def test_unpicklable_argument_is_refused_at_submit(ex, queue):
 
 
 def test_version_skew_is_refused_before_shipping(queue, r):
-    record = {"id": "gpu-box:1:abc", "queues": ["skewed"], "python": "2.7", "cloudpickle": "0.1.0", "workers": 1,
-              "started": time.time(), "host": "gpu-box", "pid": 1}
+    record = {
+        "id": "gpu-box:1:abc",
+        "queues": ["skewed"],
+        "python": "2.7",
+        "cloudpickle": "0.1.0",
+        "workers": 1,
+        "started": time.time(),
+        "host": "gpu-box",
+        "pid": 1,
+    }
     r.set(queue.keys.worker(record["id"]), json.dumps(record), ex=30)
     r.zadd(queue.keys.workers(), {record["id"]: time.time() + 30})
     ex = rtq.Executor(queue, "skewed")
@@ -228,11 +243,12 @@ def test_current_task_and_tqdm_report_into_the_task(ex):
 
 
 def test_gpu_pinning_one_process_per_gpu(queue, workers, r):
-    proc = workers.start(
-        "pin", task_fn=None, env=ISOLATED, args=("--gpus", "0,1", "--workers", "1"), wait=False
+    proc = workers.start("pin", task_fn=None, env=ISOLATED, args=("--gpus", "0,1", "--workers", "1"), wait=False)
+    wait_for(
+        lambda: len([w for w in r.zrange(queue.keys.workers(), 0, -1)]) >= 2 or proc.poll() is not None,
+        20,
+        "two pinned workers",
     )
-    wait_for(lambda: len([w for w in r.zrange(queue.keys.workers(), 0, -1)]) >= 2 or proc.poll() is not None, 20,
-             "two pinned workers")
     assert proc.poll() is None
     records = [json.loads(r.get(queue.keys.worker(w.decode()))) for w in r.zrange(queue.keys.workers(), 0, -1)]
     assert sorted(g for rec in records for g in rec["gpus"]) == ["0", "1"]
@@ -263,7 +279,10 @@ def test_rtq_status_lists_workers_queues_and_running_tasks(queue, workers, redis
     ex.submit(abs, 1)  # stays queued behind the busy slot
     out = subprocess.run(
         [sys.executable, "-m", "rtq", "status", "--url", redis_url, "--prefix", "test"],
-        capture_output=True, text=True, timeout=30, env={**os.environ, "PYTHONPATH": str(ROOT / "src")},
+        capture_output=True,
+        text=True,
+        timeout=30,
+        env={**os.environ, "PYTHONPATH": str(ROOT / "src")},
     )
     gate.touch()
     assert out.returncode == 0, out.stderr

@@ -36,7 +36,10 @@ def old_worker(old_server: EmbeddedServer) -> Iterator[subprocess.Popen[str]]:
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(TESTS), str(ROOT / "src")])}
     proc = subprocess.Popen(
         [sys.executable, "-m", "rtq", "worker", "old", "--url", old_server.url, "--interval", "0.5", "--workers", "2"],
-        env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
     )
     client = redis.Redis.from_url(old_server.url)
     wait_for(lambda: client.exists("rtq|task-queue|task-listen|old") or proc.poll() is not None, 15, "the worker")

@@ -36,16 +36,18 @@ def channel(
 
 
 def test_replies_come_back_in_order_with_errors_in_their_place(channel: fastpath.Channel) -> None:
-    replies = channel.pipeline([
-        ("SET", "k", "v"),
-        ("GET", "k"),
-        ("GET", "missing"),
-        ("HSET", "h", "a", 1, "b", 2.5),
-        ("HMGET", "h", "a", "b", "c"),
-        ("LPUSH", "k", "x"),  # wrong type: an error, and the connection stays usable
-        ("EVALSHA", "0" * 40, 0),
-        ("INCR", "n"),
-    ])
+    replies = channel.pipeline(
+        [
+            ("SET", "k", "v"),
+            ("GET", "k"),
+            ("GET", "missing"),
+            ("HSET", "h", "a", 1, "b", 2.5),
+            ("HMGET", "h", "a", "b", "c"),
+            ("LPUSH", "k", "x"),  # wrong type: an error, and the connection stays usable
+            ("EVALSHA", "0" * 40, 0),
+            ("INCR", "n"),
+        ]
+    )
     assert replies[:5] == [b"OK", b"v", None, 2, [b"1", b"2.5", None]]
     assert isinstance(replies[5], redis.ResponseError) and "WRONGTYPE" in str(replies[5])
     assert isinstance(replies[6], redis.exceptions.NoScriptError)

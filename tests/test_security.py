@@ -170,7 +170,12 @@ def test_client_never_unpickles_a_forged_outcome(tmp_path, r):
 
     error = submitted("forged-error")
     text = json.dumps({"type": "Boom", "message": "trust me", "traceback": ""})
-    finish("forged-error", state="failed", error=envelope(evil, flags=FLAG_SIGNED, mac=os.urandom(MAC_SIZE)), error_text=text)
+    finish(
+        "forged-error",
+        state="failed",
+        error=envelope(evil, flags=FLAG_SIGNED, mac=os.urandom(MAC_SIZE)),
+        error_text=text,
+    )
     with pytest.raises(SignatureError, match="bad signature"):
         q.wait(error)
 
@@ -204,7 +209,9 @@ def test_rotation_accepts_the_old_secret_and_signs_with_the_new(r, workers):
     with pytest.raises(SignatureError):
         Serializer("old-secret").loads(stored, key=key, field="result")
     # Mid-rotation clients (signing old, accepting both) keep working.
-    assert client(r, secret="old-secret,new-secret").query("rot-2", "rot", Call(operator.mul, (6, 7)), policy=REMOTE) == 42
+    assert (
+        client(r, secret="old-secret,new-secret").query("rot-2", "rot", Call(operator.mul, (6, 7)), policy=REMOTE) == 42
+    )
 
 
 # -- 2. the secure default ---------------------------------------------------------------------
@@ -255,7 +262,10 @@ def test_worker_refuses_a_remote_redis_without_a_secret_and_says_why(lan_server)
     for task_fn in ([], ["--task-fn", "taskfns:echo_task"]):  # params are pickles either way
         done = subprocess.run(
             [sys.executable, "-m", "rtq", "worker", "gpu", "--url", url, "--prefix", "lan", *task_fn],
-            env=env, capture_output=True, text=True, timeout=60,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=60,
         )
         assert done.returncode == 2, done.stdout + done.stderr
         assert "refusing to serve" in done.stderr and "not on this machine" in done.stderr
@@ -314,8 +324,18 @@ ACL_USER = "rtq-test-worker"
 ACL_PASSWORD = "acl-pw-for-tests-only"
 # The rule the README shows, for the prefix "test".
 ACL_RULE = (
-    "on", f">{ACL_PASSWORD}", "resetkeys", "~test|*", "resetchannels",
-    "-@all", "+@read", "+@write", "+@scripting", "+@transaction", "+@connection", "-@dangerous",
+    "on",
+    f">{ACL_PASSWORD}",
+    "resetkeys",
+    "~test|*",
+    "resetchannels",
+    "-@all",
+    "+@read",
+    "+@write",
+    "+@scripting",
+    "+@transaction",
+    "+@connection",
+    "-@dangerous",
 )
 
 
@@ -374,7 +394,7 @@ def test_acl_user_confined_to_its_prefix_runs_a_full_round_trip(acl_url, r):
         ),
     }
     for what, attempt in attempts.items():
-        with pytest.raises(redis.ResponseError, match="(?i)noperm|permission|can.t access") as info:
+        with pytest.raises(redis.ResponseError, match=r"(?i)noperm|permission|can.t access") as info:
             attempt()
         assert info.value is not None, what
     assert r.get("outside") == b"x" and not list(r.scan_iter(match="other|*"))
@@ -402,9 +422,27 @@ def tls_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, 
     folder = tmp_path_factory.mktemp("tls")
     cert, key = folder / "cert.pem", folder / "key.pem"
     subprocess.run(
-        [openssl, "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-keyout", str(key),
-         "-out", str(cert), "-subj", "/CN=localhost", "-addext", "subjectAltName=DNS:localhost,IP:127.0.0.1"],
-        check=True, capture_output=True, timeout=60,
+        [
+            openssl,
+            "req",
+            "-x509",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-days",
+            "1",
+            "-keyout",
+            str(key),
+            "-out",
+            str(cert),
+            "-subj",
+            "/CN=localhost",
+            "-addext",
+            "subjectAltName=DNS:localhost,IP:127.0.0.1",
+        ],
+        check=True,
+        capture_output=True,
+        timeout=60,
     )
     tried = []
     for binary in _tls_binaries():
@@ -412,10 +450,32 @@ def tls_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, 
             sock.bind(("127.0.0.1", 0))
             port = sock.getsockname()[1]
         proc = subprocess.Popen(
-            [binary, "--port", "0", "--tls-port", str(port), "--bind", "127.0.0.1",
-             "--tls-cert-file", str(cert), "--tls-key-file", str(key), "--tls-ca-cert-file", str(cert),
-             "--tls-auth-clients", "no", "--save", "", "--appendonly", "no", "--dir", str(folder)],
-            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+            [
+                binary,
+                "--port",
+                "0",
+                "--tls-port",
+                str(port),
+                "--bind",
+                "127.0.0.1",
+                "--tls-cert-file",
+                str(cert),
+                "--tls-key-file",
+                str(key),
+                "--tls-ca-cert-file",
+                str(cert),
+                "--tls-auth-clients",
+                "no",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+                "--dir",
+                str(folder),
+            ],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
         )
         url = f"rediss://localhost:{port}/0"
         probe = redis.Redis.from_url(url, ssl_ca_certs=str(cert), socket_connect_timeout=1)
@@ -450,7 +510,7 @@ def test_rediss_url_round_trip(tls_server):
         assert q.query("tls-1", "tls", Call(operator.add, (20, 22)), policy=REMOTE) == 42
     finally:
         pool.kill_all()
-    with pytest.raises(RtqConnectionError, match="(?i)certificate"):
+    with pytest.raises(RtqConnectionError, match=r"(?i)certificate"):
         rtq.connect(url)  # a self-signed certificate is not trusted unless named
     with pytest.raises(RtqConnectionError):
         rtq.connect(url.replace("rediss://", "redis://"), socket_timeout=2)  # no plain-text port
@@ -476,7 +536,9 @@ def test_unpicklable_result_reaches_the_caller_as_serialization_error(r, workers
         return {"lock": threading.Lock()}
 
     q = client(r, secret=None)
-    with pytest.raises(SerializationError, match=re.escape("cannot ship result['lock']: _thread.lock cannot be pickled")):
+    with pytest.raises(
+        SerializationError, match=re.escape("cannot ship result['lock']: _thread.lock cannot be pickled")
+    ):
         q.query("res-1", "bad", Call(returns_a_lock), policy=REMOTE)
     assert q.query("res-2", "bad", Call(operator.add, (1, 1)), policy=REMOTE) == 2
     assert proc.poll() is None
@@ -550,9 +612,14 @@ def test_garbage_in_redis_is_logged_and_the_worker_keeps_serving(r, workers):
 
 
 def test_payload_over_the_limit_fails_at_submit(r, redis_url):
-    for q in (client(r, secret=None, max_payload=64 * 1024), rtq.connect(redis_url, prefix="test", max_payload=64 * 1024)):
+    for q in (
+        client(r, secret=None, max_payload=64 * 1024),
+        rtq.connect(redis_url, prefix="test", max_payload=64 * 1024),
+    ):
         for big in (b"x" * 100_000, numpy.zeros(100_000, dtype="u1")):
-            with pytest.raises(SerializationError, match=r"params is 9\d\.\d KiB pickled, over the 64\.0 KiB payload limit"):
+            with pytest.raises(
+                SerializationError, match=r"params is 9\d\.\d KiB pickled, over the 64\.0 KiB payload limit"
+            ):
                 q.query("big", "gpu", Call(len, (big,)), policy=REMOTE)
     assert r.dbsize() == 0
 
@@ -573,11 +640,13 @@ def test_invalid_names_raise_value_error_at_the_call(r, redis_url, bad):
         "connect": lambda: rtq.connect(redis_url, prefix=bad),
     }
     for what, call in calls.items():
-        with pytest.raises(ValueError, match="must not (be empty|contain the key separator '\\|')"):
+        with pytest.raises(ValueError, match=r"must not (be empty|contain the key separator '\|')"):
             call()
         assert r.dbsize() == 0, what
     done = subprocess.run(
         [sys.executable, "-m", "rtq", "worker", bad, "--url", redis_url],
-        capture_output=True, text=True, timeout=60,
+        capture_output=True,
+        text=True,
+        timeout=60,
     )
     assert done.returncode == 2 and "queue name" in done.stderr and "must not" in done.stderr

@@ -46,7 +46,9 @@ class MakesDir:
         return (os.mkdir, (self.path,))
 
 
-def envelope(body: bytes, *, flags: int = 0, version: int = VERSION, mac: bytes = b"", sizes: tuple[int, ...] = ()) -> bytes:
+def envelope(
+    body: bytes, *, flags: int = 0, version: int = VERSION, mac: bytes = b"", sizes: tuple[int, ...] = ()
+) -> bytes:
     """An envelope built by hand, as an attacker with write access to Redis would."""
     head = MAGIC + struct.pack(">BBI", version, flags, len(sizes)) + b"".join(struct.pack(">Q", s) for s in sizes)
     return head + mac + body
@@ -168,7 +170,7 @@ def test_malformed_payloads_name_the_problem(frames, message):
 
 def test_frame_count_refuses_absurd_sizes_before_anything_is_fetched():
     assert Serializer.frame_count(envelope(b"", sizes=(0, 5))) == 2
-    with pytest.raises(SerializationError, match="claims .* frames"):
+    with pytest.raises(SerializationError, match=r"claims .* frames"):
         Serializer.frame_count(envelope(b"", sizes=(2**62,)), " at k [params]")
 
 

@@ -92,7 +92,9 @@ class ListenThreads:
         self.clients.append(client)
         return client
 
-    def start(self, queue: RedisTaskQueue, names: list[str], workers: int = 4) -> tuple[threading.Event, threading.Thread]:
+    def start(
+        self, queue: RedisTaskQueue, names: list[str], workers: int = 4
+    ) -> tuple[threading.Event, threading.Thread]:
         event = threading.Event()
         thread = threading.Thread(target=queue.listen, args=(names, workers, event), daemon=True)
         thread.start()
@@ -228,7 +230,7 @@ def test_remote_error_is_reraised_with_its_type_and_message(r, workers, params, 
 
 def test_local_error_is_raised_as_itself(r):
     q = make_queue(r)
-    with pytest.raises(Boom, match="^local boom$"):
+    with pytest.raises(Boom, match=r"^local boom$"):
         q.query("e2", "q", {"action": "raise", "message": "local boom"}, policy=P.Local)
 
 
@@ -452,7 +454,9 @@ def test_listener_runs_up_to_workers_tasks_and_claims_no_more(r, workers, tmp_pa
     q = make_queue(r)
     started, release = tmp_path / "started", tmp_path / "release"
     tasks = [
-        q.build_task(f"c{i}", "q", {"action": "touch_then_wait", "started": str(started), "path": str(release), "value": i})
+        q.build_task(
+            f"c{i}", "q", {"action": "touch_then_wait", "started": str(started), "path": str(release), "value": i}
+        )
         for i in range(5)
     ]
     for task in tasks:

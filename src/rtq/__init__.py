@@ -27,15 +27,18 @@ _EXPORTS = {
 
 __all__ = ["__version__", *_EXPORTS]
 
-if TYPE_CHECKING:
-    from . import errors
-    from .connection import connect
-    from .display import progress
-    from .executor import Executor, TaskFuture
-    from .local import local_worker
-    from .report import tqdm
-    from .task import RedisTask, TaskExecutePolicy, current_task
-    from .task_queue import RedisTaskQueue
+if TYPE_CHECKING:  # what the lazy exports are, for type checkers and IDEs
+    from . import errors as errors
+    from .connection import connect as connect
+    from .display import progress as progress
+    from .executor import Executor as Executor
+    from .executor import TaskFuture as TaskFuture
+    from .local import local_worker as local_worker
+    from .report import tqdm as tqdm
+    from .task import RedisTask as RedisTask
+    from .task import TaskExecutePolicy as TaskExecutePolicy
+    from .task import current_task as current_task
+    from .task_queue import RedisTaskQueue as RedisTaskQueue
 
 
 def __getattr__(name: str) -> Any:

@@ -54,8 +54,14 @@ def _parser() -> argparse.ArgumentParser:
     worker.add_argument("--grace", type=float, default=30.0, help="seconds running tasks get on SIGTERM (default 30)")
     worker.add_argument("--lease", type=float, default=10.0, help="heartbeat lease in seconds (default 10)")
     worker.add_argument("--max-attempts", type=int, default=3, help="claims before a task fails (default 3)")
-    worker.add_argument("--insecure", action="store_true", help="serve a Redis on another machine without RTQ_SECRET (tasks are pickles)")
-    worker.add_argument("--gpus", help="one worker process per GPU: 'all' or indices like 0,1 (sets CUDA_VISIBLE_DEVICES)")
+    worker.add_argument(
+        "--insecure",
+        action="store_true",
+        help="serve a Redis on another machine without RTQ_SECRET (tasks are pickles)",
+    )
+    worker.add_argument(
+        "--gpus", help="one worker process per GPU: 'all' or indices like 0,1 (sets CUDA_VISIBLE_DEVICES)"
+    )
     worker.add_argument("-v", "--verbose", action="store_true", help="log every task")
 
     server = sub.add_parser("server", help="run the embedded server in the foreground (for a machine without Redis)")
@@ -163,7 +169,8 @@ def worker_main(args: argparse.Namespace) -> int:
     listener = Listener(queue, list(args.names), workers=args.workers, lease=args.lease, grace=args.grace, info=info)
 
     def stop(signum: int, frame: Any) -> None:
-        logging.getLogger("rtq.worker").warning("%s: finishing running tasks, then exiting", signal.Signals(signum).name)
+        name = signal.Signals(signum).name
+        logging.getLogger("rtq.worker").warning("%s: finishing running tasks, then exiting", name)
         listener.stop()
 
     signal.signal(signal.SIGTERM, stop)

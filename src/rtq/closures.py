@@ -21,6 +21,7 @@ import sys
 import sysconfig
 import threading
 import time
+from collections.abc import Mapping
 from pathlib import Path
 from types import ModuleType
 from typing import TYPE_CHECKING, Any
@@ -51,7 +52,7 @@ def _installed_roots() -> tuple[str, ...]:
 _ROOTS = _installed_roots()
 
 
-def _is_local(name: str, module: ModuleType, distributions: dict[str, list[str]]) -> bool:
+def _is_local(name: str, module: ModuleType, distributions: Mapping[str, list[str]]) -> bool:
     if name in ("__main__", "__mp_main__") or name.startswith(("rtq", "_")) or "." in name:
         return False
     if name in distributions or name in sys.stdlib_module_names:

@@ -66,8 +66,10 @@ def run_demo(tasks: int = 0, workers: int = 2) -> int:
 
     started = time.perf_counter()
     with EmbeddedServer() as server:
-        print(f"embedded server {os.path.basename(server.binary)} at {server.url}, "
-              f"up in {time.perf_counter() - started:.2f}s")
+        print(
+            f"embedded server {os.path.basename(server.binary)} at {server.url}, "
+            f"up in {time.perf_counter() - started:.2f}s"
+        )
         queue = rtq.connect(server.url, timeout=120, interval=1)
         with ExitStack() as stack:
             try:
@@ -83,10 +85,14 @@ def run_demo(tasks: int = 0, workers: int = 2) -> int:
             with rtq.Executor(queue, "demo") as ex:
                 t0 = time.perf_counter()
                 finished: dict[str, float] = {}
+
+                def ended(fut: Any) -> None:
+                    finished.setdefault(fut.task_id, time.perf_counter())
+
                 futures = []
                 for label, fn, args in jobs:
                     fut = ex.submit(fn, *args)
-                    fut.add_done_callback(lambda f: finished.setdefault(f.task_id, time.perf_counter()))
+                    fut.add_done_callback(ended)
                     futures.append((label, fut, time.perf_counter()))
                 rtq.progress(*(f for _, f, _ in futures))
                 rows = []

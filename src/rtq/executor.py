@@ -71,7 +71,8 @@ class TaskFuture(concurrent.futures.Future):  # type: ignore[type-arg]
     def progress(self) -> tuple[float, float]:
         """``(current, total)`` as last reported by the task."""
         if not self.done():
-            self._keep_progress(self._executor.queue.store.redis.hget(self._executor.queue.keys.task(self.task_id), "progress"))
+            queue = self._executor.queue
+            self._keep_progress(queue.store.redis.hget(queue.keys.task(self.task_id), "progress"))
         return self._last_progress
 
     def _keep_progress(self, raw: Any) -> None:
@@ -126,8 +127,9 @@ class Executor(concurrent.futures.Executor):
     future_class: type[TaskFuture] = TaskFuture
     """The future ``submit`` returns; a subclass may return richer ones (``%%rtq``'s cell futures)."""
 
-    def __init__(self, queue: RedisTaskQueue, name: str = "default", *, timeout: float | None = None,
-                 check_versions: bool = True) -> None:
+    def __init__(
+        self, queue: RedisTaskQueue, name: str = "default", *, timeout: float | None = None, check_versions: bool = True
+    ) -> None:
         check_name("queue name", name)
         self.queue = queue
         self.name = name
@@ -161,9 +163,7 @@ class Executor(concurrent.futures.Executor):
             check_worker_versions(self.queue, self.name)
         ship_local_modules()
         expiry = time.time() + self.timeout
-        tasks = [
-            RedisTask(id=uuid.uuid4().hex, name=self.name, params=call, expiry=expiry) for call in calls
-        ]
+        tasks = [RedisTask(id=uuid.uuid4().hex, name=self.name, params=call, expiry=expiry) for call in calls]
         futures = [self.future_class(self, t) for t in tasks]
         with self._lock:
             for fut in futures:
@@ -179,8 +179,9 @@ class Executor(concurrent.futures.Executor):
             raise
         return futures
 
-    def map(self, fn: Callable[..., Any], *iterables: Iterable[Any], timeout: float | None = None,
-            chunksize: int = 1) -> Iterator[Any]:
+    def map(
+        self, fn: Callable[..., Any], *iterables: Iterable[Any], timeout: float | None = None, chunksize: int = 1
+    ) -> Iterator[Any]:
         """Like ``concurrent.futures.Executor.map``: results in order, submitted in bulk.
 
         ``chunksize`` > 1 runs that many calls per task, saving round trips on tiny calls.
@@ -188,7 +189,7 @@ class Executor(concurrent.futures.Executor):
         if chunksize < 1:
             raise ValueError("chunksize must be >= 1")
         end = None if timeout is None else time.monotonic() + timeout
-        args = zip(*iterables)
+        args = zip(*iterables)  # noqa: B905 - stops at the shortest, as Executor.map does
         if chunksize == 1:
             calls = [Call(fn, a) for a in args]
         else:
@@ -305,7 +306,7 @@ class Executor(concurrent.futures.Executor):
         fetched = iter(channel.pipeline(unread) if unread else [])
         outcomes = [read[i] if i in read else next(fetched) for i, _ in live]
         settled = []
-        for (task_id, fut), values in zip(live, outcomes):
+        for (task_id, fut), values in zip(live, outcomes, strict=True):
             try:
                 if isinstance(values, Exception):
                     raise values
@@ -318,10 +319,11 @@ class Executor(concurrent.futures.Executor):
                 state = "cancelled while queued"  # no worker holds a claim on it: it never ran
             settled.append((task_id, fut, state, value))
         cleanup: list[tuple[Any, ...]] = []
-        for task_id, fut, state, value in settled:
+        for task_id, _, state, _ in settled:
             if state in ("done", "failed", "cancelled", "cancelled while queued"):
                 cleanup.append(("UNLINK", keys.task(task_id)))
-                cleanup.append(("PEXPIRE", keys.events(task_id), int(EVENTS_KEEP_S * 1000)))  # watchers may still be reading
+                # Watchers may still be reading the events.
+                cleanup.append(("PEXPIRE", keys.events(task_id), int(EVENTS_KEEP_S * 1000)))
         for task_id, fut, state, value in settled:
             if state == "done":
                 _settle(fut, fut.set_result, value)
@@ -352,10 +354,11 @@ class Executor(concurrent.futures.Executor):
         for fut in live:
             pipe.hget(keys.task(fut.task_id), "state")
         states = pipe.execute()
-        for fut, state in zip(live, states):
+        for fut, state in zip(live, states, strict=True):
             if state is None:
                 self._forget(fut.task_id)
-                _settle(fut, fut.set_exception, TaskLost(f"task {fut.task_id}'s data vanished from Redis (restart, eviction or flush)"))
+                lost = TaskLost(f"task {fut.task_id}'s data vanished from Redis (restart, eviction or flush)")
+                _settle(fut, fut.set_exception, lost)
             elif text(state) not in ("queued", "running"):
                 self._resolve(fut.task_id)  # ended, but its push was lost (e.g. Redis restarted)
         if any(text(s) == "running" for s in states if s is not None):

@@ -31,13 +31,14 @@ from typing import Any
 
 import redis as redis_py
 
+hiredis: Any = None
 try:  # optional (the ``fast`` extra): RESP packing and parsing in C; 3.0 reads RESP3 too
-    import hiredis
+    import hiredis as _hiredis
 
-    if int(hiredis.__version__.split(".")[0]) < 3:
-        hiredis = None
+    if int(_hiredis.__version__.split(".")[0]) >= 3:
+        hiredis = _hiredis
 except (ImportError, ValueError):  # pragma: no cover - depends on the environment
-    hiredis = None
+    pass
 
 BIG_ARG = 1 << 16
 """Arguments bigger than this are sent as they are, not copied into the packed command."""

@@ -42,7 +42,7 @@ class Reaper:
         pipe = self.redis.pipeline(transaction=False)
         for worker in due:
             pipe.exists(self.keys.worker(worker))
-        return [w for w, alive in zip(due, pipe.execute()) if not alive]
+        return [w for w, alive in zip(due, pipe.execute(), strict=True) if not alive]
 
     def reap(self, exclude: str | None = None) -> int:
         """Give back the tasks of every lapsed worker; returns how many tasks moved."""

@@ -1,8 +1,8 @@
 """The envelope every payload rtq stores in Redis travels in.
 
 A payload is a Python object pickled with cloudpickle (protocol 5), so closures and classes
-defined in a notebook ship by value. Large buffers (numpy arrays, ``bytes``, anything that
-supports pickle protocol 5 out-of-band data: numpy arrays, ``pickle.PickleBuffer``) go *out of band*: they are stored as raw
+defined in a notebook ship by value. Large buffers (anything that supports pickle protocol 5
+out-of-band data: numpy arrays, ``pickle.PickleBuffer``) go *out of band*: they are stored as raw
 frames next to the pickle stream instead of being copied into it, and frames over ``CHUNK`` bytes
 are split so no single Redis value comes near its 512 MB limit. The pickle stream itself is one
 value, so it may not exceed ``MAX_VALUE``.
@@ -130,9 +130,7 @@ class Serializer:
                 "Redis value can hold; only out-of-band buffers (numpy arrays) are split"
             )
         flags = FLAG_SIGNED if self.secrets else 0
-        head = _HEAD.pack(MAGIC, VERSION, flags, len(raws)) + b"".join(
-            _SIZE.pack(r.nbytes) for r in raws
-        )
+        head = _HEAD.pack(MAGIC, VERSION, flags, len(raws)) + b"".join(_SIZE.pack(r.nbytes) for r in raws)
         frames: Frames = []
         for raw in raws:
             frames.extend(raw[i : i + CHUNK] for i in range(0, max(raw.nbytes, 1), CHUNK))
@@ -318,7 +316,8 @@ def _parts(obj: Any, path: str) -> list[tuple[str, Any]]:
     if isinstance(obj, types.FunctionType):
         # A function shipped by value carries its captured cells and the globals it names.
         names = obj.__code__.co_freevars
-        parts = [(f"{path} (captured {n!r})", c.cell_contents) for n, c in zip(names, obj.__closure__ or ()) if _cell_filled(c)]
+        cells = zip(names, obj.__closure__ or (), strict=True)
+        parts = [(f"{path} (captured {n!r})", c.cell_contents) for n, c in cells if _cell_filled(c)]
         parts += [(f"{path} (global {n!r})", obj.__globals__[n]) for n in obj.__code__.co_names if n in obj.__globals__]
         return parts
     if hasattr(obj, "__dict__") and not isinstance(obj, type) and not callable(obj):
@@ -328,7 +327,7 @@ def _parts(obj: Any, path: str) -> list[tuple[str, Any]]:
 
 def _cell_filled(cell: Any) -> bool:
     try:
-        cell.cell_contents
+        _ = cell.cell_contents  # an empty cell (a name not yet bound) raises
     except ValueError:
         return False
     return True

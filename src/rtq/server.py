@@ -118,13 +118,20 @@ class EmbeddedServer:
         self.dir = tempfile.TemporaryDirectory(prefix="rtq-server-")
         cmd = [
             self.binary,
-            "--port", str(self.port),
-            "--bind", "127.0.0.1",
-            "--save", "",
-            "--appendonly", "no",
-            "--dir", self.dir.name,
-            "--logfile", "server.log",
-            "--daemonize", "no",
+            "--port",
+            str(self.port),
+            "--bind",
+            "127.0.0.1",
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+            "--dir",
+            self.dir.name,
+            "--logfile",
+            "server.log",
+            "--daemonize",
+            "no",
             *self.args,
         ]
         self.process = subprocess.Popen(

@@ -30,7 +30,15 @@ def gather_status(queue: RedisTaskQueue) -> dict[str, Any]:
         for task_id in worker["running"]:
             name, progress = redis.hmget(keys.task(task_id), ["name", "progress"])
             current, total, _ = (text(progress) or "0 100 0").split()
-            running.append({"id": task_id, "queue": text(name), "worker": worker["id"], "current": float(current), "total": float(total)})
+            running.append(
+                {
+                    "id": task_id,
+                    "queue": text(name),
+                    "worker": worker["id"],
+                    "current": float(current),
+                    "total": float(total),
+                }
+            )
     return {"workers": workers, "queues": queues, "running": running, "dead": redis.llen(keys.dead())}
 
 

@@ -30,7 +30,7 @@ import math
 import time
 import traceback
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, cast
 
 import redis as redis_py
 
@@ -144,7 +144,8 @@ class TaskStore:
             view = memoryview(buffer)
             targets += [view[i : i + CHUNK] for i in range(0, max(len(buffer), 1), CHUNK)]
         if len(targets) != len(fields):
-            raise SerializationError(f"payload at {key} [{name}] lists {len(fields)} frames; its envelope says otherwise")
+            where = f"payload at {key} [{name}]"
+            raise SerializationError(f"{where} lists {len(fields)} frames; its envelope says otherwise")
         with self.channels.channel() as channel:
             complete = channel.hmget_into(key, fields, targets)
         if not complete:
@@ -205,7 +206,12 @@ class TaskStore:
         script = self.scripts["submit"]
         calls = []
         for task, fields in records:
-            keys = [self.keys.task(task.id), self.keys.done(task.id), self.keys.events(task.id), self.keys.queue(task.name)]
+            keys = [
+                self.keys.task(task.id),
+                self.keys.done(task.id),
+                self.keys.events(task.id),
+                self.keys.queue(task.name),
+            ]
             if listened is not None:
                 keys.append(self.keys.listen(listened))
             args = [task.id, int(task.expiry * 1000) + 1, *(item for pair in fields.items() for item in pair)]
@@ -243,12 +249,16 @@ class TaskStore:
         old = self.redis.hmget(key, ["token", "state"])
         token = text(old[0]) or "local"
         if state is None:
-            state = "failed" if task.error is not None else ("done" if task.result is not None else text(old[1]) or "running")
+            state = (
+                "failed"
+                if task.error is not None
+                else ("done" if task.result is not None else text(old[1]) or "running")
+            )
         fields = self.record(task, token=token, state=state, notify=None)
         ttl_ms = max(int((task.expiry - time.time()) * 1000), int(KEEP_S * 1000) if state in ("done", "failed") else 1)
         pipe = self.redis.pipeline(transaction=True)
         pipe.hdel(key, *_OUTCOME_FIELDS[1:])
-        pipe.hset(key, mapping=fields)
+        pipe.hset(key, mapping=cast("dict[Any, Any]", fields))
         pipe.pexpire(key, ttl_ms)
         pipe.execute()
 
@@ -294,7 +304,7 @@ class TaskStore:
         key = self.keys.task(task_id)
         if values is None:
             values = self.redis.hmget(key, list(_OUTCOME_FIELDS))
-        raw = {f: v for f, v in zip(_OUTCOME_FIELDS, values) if v is not None}
+        raw = {f: v for f, v in zip(_OUTCOME_FIELDS, values, strict=True) if v is not None}
         state = text(raw.get("state"))
         if not state:
             raise TaskLost(f"task {task_id}'s data vanished from Redis (restart, eviction or flush)")
@@ -312,7 +322,9 @@ class TaskStore:
         try:
             fields.update(self.encode(key, "error", exc, tag, "exception"))
         except SerializationError:
-            fields.update(self.encode(key, "error", RemoteTaskError(info["type"], info["message"], tb), tag, "exception"))
+            fields.update(
+                self.encode(key, "error", RemoteTaskError(info["type"], info["message"], tb), tag, "exception")
+            )
         return fields
 
     def error_of(self, key: str, raw: dict[str, Any]) -> BaseException:

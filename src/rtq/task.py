@@ -68,11 +68,9 @@ class RedisTask:
     update_progress_time: float = 0.0
     current_progress: float = 0.0
     total_progress: float = 100.0
-    _save: Callable[[], None] | None = field(default=None, repr=False, compare=False)
+    _save: Callable[[], object] | None = field(default=None, repr=False, compare=False)
     # Set by whoever runs the task: writes progress, returns the task's state in Redis.
-    _report: Callable[[RedisTask], str | None] | None = field(
-        default=None, init=False, repr=False, compare=False
-    )
+    _report: Callable[[RedisTask], str | None] | None = field(default=None, init=False, repr=False, compare=False)
     _reported_at: float = field(default=0.0, init=False, repr=False, compare=False)
     # Until when update() may return without a look at Redis or the deadline (its hot path).
     _quiet_until: float = field(default=0.0, init=False, repr=False, compare=False)

@@ -212,10 +212,12 @@ class RedisTaskQueue:
                 # The outcome is read in the wake-up's round trip: the server runs the HMGET
                 # right after the BLPOP returns (when the task ended, or at the timeout).
                 with store.channels.channel() as channel:
-                    woke, values = channel.pipeline([
-                        ("BLPOP", done, max(0.01, min(remaining, self.interval, store.cap))),
-                        ("HMGET", key, *OUTCOME_FIELDS),
-                    ])
+                    woke, values = channel.pipeline(
+                        [
+                            ("BLPOP", done, max(0.01, min(remaining, self.interval, store.cap))),
+                            ("HMGET", key, *OUTCOME_FIELDS),
+                        ]
+                    )
                 for reply in (woke, values):
                     if isinstance(reply, Exception):
                         raise reply
@@ -332,7 +334,6 @@ class _wrap_connection_errors:
     def __enter__(self) -> None:
         return None
 
-    def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> bool:
+    def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
         if exc_type is not None and issubclass(exc_type, (redis_py.ConnectionError, redis_py.TimeoutError)):
             raise RtqConnectionError(f"Redis is unreachable: {exc}") from exc
-        return False
