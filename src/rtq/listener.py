@@ -131,13 +131,13 @@ class Listener:
         for name in self.names:
             self.queue.set_queue_listened(name)
         self.watchdog.start()
-        pool = ThreadPoolExecutor(self.workers, thread_name_prefix="rtq-task")
-        claimers = [
-            threading.Thread(target=self._claim_loop, args=(name, pool), name=f"rtq-claim-{name}", daemon=True)
-            for name in self.names
-        ]
-        for thread in claimers:
-            thread.start()
+        # A thread per slot, and one per queue for the claiming that goes on meanwhile.
+        pool = ThreadPoolExecutor(self.workers + len(self.names), thread_name_prefix="rtq-task")
+        contended = self.workers < len(self.names)
+        wait_cap = min(self.queue.interval, self.store.cap, 0.1 if contended else float("inf"))
+        claims = [_Claiming(name, self.keys.queue(name), wait_cap, Channel(self.redis)) for name in self.names]
+        for claiming in claims:
+            pool.submit(self._claim_and_run, claiming, pool)
         logger.info("worker %s listening on %s with %d slots", self.id, ", ".join(self.names), self.workers)
         try:
             self.event.wait()
@@ -145,8 +145,8 @@ class Listener:
             self.event.set()
             try:
                 self.watchdog.draining()
-                for thread in claimers:
-                    thread.join()
+                for claiming in claims:
+                    claiming.ended.wait()
                 self._drain(pool)
                 self.watchdog.stop()
             finally:
@@ -174,50 +174,72 @@ class Listener:
         pool.shutdown(wait=finished, cancel_futures=True)
 
     # -- claiming --------------------------------------------------------------------------
-    def _claim_loop(self, name: str, pool: ThreadPoolExecutor) -> None:
-        queue_key = self.keys.queue(name)
-        contended = self.workers < len(self.names)
-        wait_cap = min(self.queue.interval, self.store.cap, 0.1 if contended else float("inf"))
-        channel = Channel(self.redis)  # this thread's own connection: BLMOVE and the claims
-        try:
-            self._claim_until_stopped(name, queue_key, wait_cap, pool, channel)
-        finally:
-            channel.close()
+    def _claim_and_run(self, claiming: _Claiming, pool: ThreadPoolExecutor) -> None:
+        """Claim from one queue until a task comes, then run that task in this very thread.
 
-    def _claim_until_stopped(
-        self, name: str, queue_key: str, wait_cap: float, pool: ThreadPoolExecutor, channel: Channel
-    ) -> None:
-        backoff = 0.0
+        The claiming goes on in another pool thread meanwhile, so a task starts in the thread
+        that claimed it, without waiting to be handed over (a thread wake-up and a GIL switch on
+        every task's path), while its queue is served on without a pause.
+        """
+        try:
+            task = self._claim_next(claiming, pool)
+        except BaseException:
+            claiming.close()
+            raise
+        if task is None:  # stopped: this queue's claiming ends here
+            claiming.close()
+            return
+        try:
+            pool.submit(self._claim_and_run, claiming, pool)
+        except RuntimeError:  # the pool shut down; cannot happen while run() waits for claiming
+            logger.exception("claiming from %s ended early", claiming.name)
+            claiming.close()
+        self._execute(task)
+
+    def _claim_next(self, claiming: _Claiming, pool: ThreadPoolExecutor) -> RedisTask | None:
+        """The next task claimed from ``claiming``'s queue (None once stopped).
+
+        It takes a task only while a slot is free, and with more free slots claims more queued
+        tasks in the same round trips; those go to the pool. The task returned holds a slot.
+        """
+        name, channel = claiming.name, claiming.channel
         while not self.event.is_set():
             if not self.free.acquire(timeout=self.queue.interval):
                 continue
-            slots = 1  # free slots this iteration holds; each task handed to the pool takes one
+            slots = 1  # free slots this iteration holds; each task claimed takes one
             try:
                 if self.event.is_set():  # stopped while waiting for a slot
                     break
-                if backoff:
-                    self.event.wait(backoff)
+                if claiming.backoff:
+                    self.event.wait(claiming.backoff)
                     if self.event.is_set():
                         break
-                moved = channel.execute("BLMOVE", queue_key, self.running_key, "LEFT", "RIGHT", max(0.01, wait_cap))
-                backoff = 0.0
+                moved = channel.execute(
+                    "BLMOVE", claiming.key, self.running_key, "LEFT", "RIGHT", max(0.01, claiming.wait_cap)
+                )
+                claiming.backoff = 0.0
                 if moved is None:
                     continue
                 # More free slots: take more queued ids now, in the first claim's round trip.
                 while slots < CLAIM_BATCH and self.free.acquire(blocking=False):
                     slots += 1
-                for task in self._claim_batch(channel, queue_key, text(moved), slots - 1):
+                tasks = self._claim_batch(channel, claiming.key, text(moved), slots - 1)
+                for task in tasks[1:]:
                     pool.submit(self._execute, task)
                     slots -= 1
+                if tasks:
+                    slots -= 1
+                    return tasks[0]
             except redis_py.RedisError as exc:
-                backoff = min(max(backoff * 2, 0.1), 5.0)
-                logger.warning("cannot claim from %s (%s); retrying in %.1fs", name, exc, backoff)
-            except Exception:  # hostile data must never end the claim loop: log, skip, go on
+                claiming.backoff = min(max(claiming.backoff * 2, 0.1), 5.0)
+                logger.warning("cannot claim from %s (%s); retrying in %.1fs", name, exc, claiming.backoff)
+            except Exception:  # hostile data must never end the claiming: log, skip, go on
                 logger.exception("skipped a task in %s that could not be claimed", name)
-                backoff = min(max(backoff * 2, 0.01), 5.0)  # never a hot loop, whatever the cause
+                claiming.backoff = min(max(claiming.backoff * 2, 0.01), 5.0)  # never a hot loop
             finally:
                 for _ in range(slots):
                     self.free.release()
+        return None
 
     def _claim_batch(self, channel: Channel, queue_key: str, task_id: str, more: int) -> list[RedisTask]:
         """Claim ``task_id`` (just moved into our list) and up to ``more`` ids still queued.
@@ -288,10 +310,6 @@ class Listener:
             keys=[self.keys.task(task_id), self.running_key], args=[task_id, self.id, repr(time.time())]
         )
         return reply[0]
-
-    def _claim(self, task_id: str) -> RedisTask | None:
-        """Claim one id already in our list; None when it must be skipped."""
-        return self._task_of_claim(task_id, self._claim_reply(task_id))
 
     def _task_of_claim(self, task_id: str, reply: Any) -> RedisTask | None:
         """The task claim.lua handed over, or None when it was skipped or refused (then failed)."""
@@ -372,6 +390,22 @@ class Listener:
                 self.tasks_done += 1
                 self.idle.notify_all()
             self.free.release()
+
+
+class _Claiming:
+    """The claiming of one queue, handed on from pool thread to pool thread (one at a time)."""
+
+    def __init__(self, name: str, key: str, wait_cap: float, channel: Channel) -> None:
+        self.name = name
+        self.key = key
+        self.wait_cap = wait_cap  # longest BLMOVE
+        self.channel = channel  # its own connection: BLMOVE and the claims
+        self.backoff = 0.0  # after a failure, seconds to wait before the next BLMOVE
+        self.ended = threading.Event()  # set when it stopped (the worker shuts down)
+
+    def close(self) -> None:
+        self.channel.close()
+        self.ended.set()
 
 
 __all__ = ["Listener", "RtqError"]
