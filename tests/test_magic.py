@@ -210,6 +210,26 @@ def test_size_warning_names_the_variable(cells: Kernel) -> None:
     assert cells.value("n") == "2000001"
 
 
+def test_variables_are_pickled_once_and_shared_objects_stay_shared(cells: Kernel) -> None:
+    """The size check's pickle is the one that ships; a model and its optimizer share weights."""
+    cells.run(
+        "import os\n"
+        "class Counted:  # counts its pickles in this process's environment, which does not travel\n"
+        "    def __reduce__(self):\n"
+        "        os.environ['RTQ_TEST_PICKLES'] = str(int(os.environ.get('RTQ_TEST_PICKLES', '0')) + 1)\n"
+        "        return (Counted, ())\n"
+        "weights = [1.0, 2.0]\n"
+        "model = {'weights': weights, 'probe': Counted()}\n"
+        "opt = {'params': weights}"
+    )
+    cell = cells.run(
+        "%%rtq cells\nopt['params'].append(3.0)\nshared = model['weights'] is opt['params']\nmodel, opt = model, opt"
+    )
+    assert not errors(cell), traceback_text(cell)
+    assert cells.value("os.environ['RTQ_TEST_PICKLES']") == "'1'"
+    assert cells.value("shared, model['weights'], model['weights'] is opt['params']") == "(True, [1.0, 2.0, 3.0], True)"
+
+
 def test_prints_appear_in_the_cell(cells: Kernel) -> None:
     cell = cells.run("%%rtq cells\nprint('hello from', 'the worker')\nimport sys\nprint('oops', file=sys.stderr)")
     assert not errors(cell), traceback_text(cell)

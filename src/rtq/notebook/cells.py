@@ -40,7 +40,7 @@ import cloudpickle
 
 from ..task import RedisTask
 
-__all__ = ["CellAnalysis", "CellResult", "CellSpec", "RemoteDisplay", "analyze", "pickled_size", "run_cell"]
+__all__ = ["CellAnalysis", "CellResult", "CellSpec", "RemoteDisplay", "ShippedValues", "analyze", "run_cell"]
 
 
 # -- reading a cell ----------------------------------------------------------------------------
@@ -228,36 +228,48 @@ class _Walker:
         return bound
 
 
-def pickled_size(value: Any) -> int:
-    """Bytes ``value`` takes once pickled the way rtq ships it (out-of-band buffers included).
+class ShippedValues(dict):  # type: ignore[type-arg]
+    """Variables pickled once, as they are added: measured and checked here, shipped as those bytes.
 
-    Pickles into a counting sink, so large buffers (numpy arrays) are measured, not copied.
-
-    Raises:
-        Exception: whatever pickling ``value`` raises.
+    The magic must name a variable that cannot be pickled, and warn about big ones, before the
+    cell is submitted; a worker must know which pulled variables can come back before it returns
+    them. Pickling each variable for that and again to ship the cell would pay the pickling twice
+    (seconds for a big object graph, a column of strings say). Here one pickler with one memo
+    pickles the variables in turn, and the cell travels with those bytes (out of band, uncopied),
+    so variables that share objects (a model and its optimizer) still share them at the other
+    end, and an array two variables hold travels once. It unpickles as a plain ``dict``.
     """
-    sink = _CountingSink()
-    sizes: list[int] = []
 
-    def buffer(buf: pickle.PickleBuffer) -> None:
-        sizes.append(buf.raw().nbytes)
-
-    cloudpickle.dump(value, sink, protocol=5, buffer_callback=buffer)
-    return sink.count + sum(sizes)
-
-
-class _CountingSink(io.RawIOBase):
     def __init__(self) -> None:
         super().__init__()
-        self.count = 0
+        self._file = io.BytesIO()
+        self._buffers: list[pickle.PickleBuffer] = []
+        self._pickler = cloudpickle.CloudPickler(self._file, protocol=5, buffer_callback=self._buffers.append)
 
-    def writable(self) -> bool:
-        return True
+    def add(self, name: str, value: Any) -> int:
+        """Pickle ``value`` as ``name``; returns the bytes it takes (its out-of-band buffers included).
 
-    def write(self, b: Any) -> int:
-        n = memoryview(b).nbytes
-        self.count += n
-        return n
+        Raises:
+            Exception: whatever pickling ``value`` raises; this object is then unusable (its
+                stream holds part of a pickle), so start a new one.
+        """
+        start, first = self._file.tell(), len(self._buffers)
+        self._pickler.dump(value)
+        self[name] = value
+        return self._file.tell() - start + sum(b.raw().nbytes for b in self._buffers[first:])
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return _load_values, (tuple(self), pickle.PickleBuffer(self._file.getbuffer()), self._buffers)
+
+
+def _load_values(names: tuple[str, ...], stream: Any, buffers: list[Any]) -> dict[str, Any]:
+    unpickler = pickle.Unpickler(io.BytesIO(stream), buffers=buffers)
+    return {name: unpickler.load() for name in names}
+
+
+VALUE_KEY = ""
+"""Where a cell's last expression value travels among its :class:`ShippedValues` (no variable
+has this name)."""
 
 
 # -- running a cell (on the worker) ------------------------------------------------------------
@@ -306,6 +318,11 @@ class CellResult:
     has_value: bool = False
     value: Any = None
     host: str = ""
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        if VALUE_KEY in self.values:  # the value traveled with the variables (sharing their objects)
+            self.value = self.values.pop(VALUE_KEY)
 
 
 class RemoteDisplay:
@@ -387,15 +404,6 @@ def compile_cell(spec: CellSpec) -> tuple[types.CodeType, types.CodeType | None]
     return body, (compile(last, spec.filename, "eval", dont_inherit=True) if last else None)
 
 
-def _is_picklable(value: Any) -> str | None:
-    """None when ``value`` can be shipped back, else why not."""
-    try:
-        pickled_size(value)
-    except Exception as exc:
-        return f"{type(value).__module__}.{type(value).__qualname__} cannot be pickled ({type(exc).__name__}: {exc})"
-    return None
-
-
 def run_cell(spec: CellSpec) -> CellResult:
     """Run a ``%%rtq`` cell here (on a worker) and return what the notebook gets back.
 
@@ -418,8 +426,7 @@ def run_cell(spec: CellSpec) -> CellResult:
         _annotate(exc, host)
         raise
     result = CellResult(host=host, has_value=last is not None and value is not None)
-    if result.has_value:
-        result.value = value if _is_picklable(value) is None else _display_of(value)
+    pulled: list[tuple[str, Any]] = [(VALUE_KEY, value)] if result.has_value else []
     for name in spec.pull:
         if name not in namespace:
             continue
@@ -429,12 +436,31 @@ def run_cell(spec: CellSpec) -> CellResult:
         if isinstance(obj, types.ModuleType):
             result.modules[name] = obj.__name__
             continue
-        problem = _is_picklable(obj)
-        if problem is None:
-            result.values[name] = obj
-        else:
-            result.skipped[name] = problem
+        pulled.append((name, obj))
+    result.values, problems = _ship_back(pulled)
+    if result.has_value and VALUE_KEY in problems:
+        result.value = _display_of(value)
+    result.skipped = {name: why for name, why in problems.items() if name != VALUE_KEY}
     return result
+
+
+def _ship_back(pulled: list[tuple[str, Any]]) -> tuple[ShippedValues, dict[str, str]]:
+    """The values that can go back, pickled once; and why each of the others cannot."""
+    problems: dict[str, str] = {}
+    while True:  # a failed pickle spoils the stream: start over without that value
+        shipped = ShippedValues()
+        for name, obj in pulled:
+            if name in problems:
+                continue
+            try:
+                shipped.add(name, obj)
+            except Exception as exc:
+                problems[name] = (
+                    f"{type(obj).__module__}.{type(obj).__qualname__} cannot be pickled ({type(exc).__name__}: {exc})"
+                )
+                break
+        else:
+            return shipped, problems
 
 
 def _import(module: str, var: str, host: str) -> types.ModuleType:

@@ -29,12 +29,13 @@ from IPython.core.error import UsageError
 from IPython.core.magic import Magics, cell_magic, line_magic, magics_class, no_var_expand
 from IPython.core.magic_arguments import argument, magic_arguments, parse_argstring
 
+from ..closures import ship_local_modules
 from ..connection import connect, redact_url
 from ..errors import RtqError, SerializationError
 from ..keys import check_name
 from ..serialization import describe_unpicklable
 from ..store import text
-from .cells import CellSpec, analyze, pickled_size, run_cell
+from .cells import CellSpec, ShippedValues, analyze, run_cell
 from .tracebacks import short_error
 from .waiting import CellContext, CellExecutor, CellFuture, RemoteModule, deferred_interrupts, wait_cell
 
@@ -337,16 +338,17 @@ class RtqMagics(Magics):
                 raise UsageError(f"%%rtq --push: not defined in the notebook: {', '.join(missing)}")
         else:
             push = tuple(n for n in analysis.reads if n in ns and not (n in hidden and hidden[n] is ns[n]))
-        values: dict[str, Any] = {}
+        values = ShippedValues()  # pickled here once: measured, checked, and shipped as is
         modules: dict[str, str] = {}
         threshold = parse_size(args.size_warn)
+        ship_local_modules()  # code from local modules goes by value, as the executor's submit does
         for n in push:
             value = ns[n]
             if isinstance(value, (types.ModuleType, RemoteModule)) and not _by_value(value):
                 modules[n] = value.__name__
                 continue
             try:
-                size = pickled_size(value)
+                size = values.add(n, value)
             except Exception as exc:
                 err = SerializationError(describe_unpicklable(value, f"variable {n!r}", exc))
                 raise short_error(err, str(err)) from None
@@ -356,7 +358,6 @@ class RtqMagics(Magics):
                     "shipping it anyway (pass --push to choose what goes)",
                     file=sys.stderr,
                 )
-            values[n] = value
         explicit_pull = args.pull is not None
         pull = _names(args.pull) if explicit_pull else analysis.assigns
         display = analysis.last_expr and not DisplayHook.semicolon_at_end_of_expression(cell)
@@ -375,8 +376,6 @@ class RtqMagics(Magics):
 
 def _by_value(module: Any) -> bool:
     """Whether a module is local code that cloudpickle ships by value (not importable remotely)."""
-    from ..closures import ship_local_modules
-
     return isinstance(module, types.ModuleType) and module.__name__ in ship_local_modules()
 
 
