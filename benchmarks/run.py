@@ -422,6 +422,9 @@ def bench_celery(url: str, procs: Processes, logs: Path, args: argparse.Namespac
         "--without-heartbeat",
     ]
     workers = [procs.start(cmd, peer_env(url), logs / "celery.log")]
+    # A result collected by the cyclic GC unsubscribes from inside the pubsub read it interrupts
+    # (AsyncResult.__del__), which can hang Celery's client for good: collect only at the end.
+    gc.disable()
     try:
 
         def ready() -> bool:
@@ -440,6 +443,7 @@ def bench_celery(url: str, procs: Processes, logs: Path, args: argparse.Namespac
     finally:
         # Celery's results unsubscribe when collected, reconnecting (with long retries) if the
         # server is gone: collect them now, while it still runs.
+        gc.enable()
         gc.collect()
         procs.stop(workers)
 
@@ -545,7 +549,8 @@ def bench_server(label: str, url: str, procs: Processes, logs: Path, args: argpa
         say(f"[{label}] {name} ...")
         start = time.perf_counter()
         try:
-            result["systems"][name] = run()
+            with time_limit(args.system_timeout, name):
+                result["systems"][name] = run()
             if "floor" in result["systems"][name]:
                 result["raw"] = result["systems"][name].pop("floor")
         except Exception as exc:  # one broken peer must not cost the whole run
@@ -726,6 +731,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--updates", type=int, default=1_000_000, help="task.update() calls (default 10**6)")
     parser.add_argument("--worker-procs", type=int, default=2, help="worker processes per system (default 2)")
     parser.add_argument("--slots", type=int, default=4, help="task slots per rtq worker process (default 4)")
+    parser.add_argument(
+        "--system-timeout", type=float, default=600, help="seconds one system may take before it is skipped (600)"
+    )
     parser.add_argument("--out", type=Path, default=HERE / "results" / "latest.json", help="JSON results file")
     parser.add_argument("--markdown", type=Path, default=HERE / "RESULTS.md", help="Markdown copy of the table")
     args = parser.parse_args(argv)
@@ -737,6 +745,22 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         args.peer_round_trips = min(args.peer_round_trips, 100)
         args.peer_tasks = min(args.peer_tasks, 300)
     return args
+
+
+@contextlib.contextmanager
+def time_limit(seconds: float, what: str) -> Iterator[None]:
+    """Raise ``TimeoutError`` in the main thread after ``seconds``: a hung peer costs one row."""
+
+    def handler(signum: int, frame: Any) -> None:
+        raise TimeoutError(f"{what} took more than {seconds:.0f}s")
+
+    old = signal.signal(signal.SIGALRM, handler)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, old)
 
 
 @contextlib.contextmanager
