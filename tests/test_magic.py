@@ -171,6 +171,10 @@ def test_exception_keeps_its_type_and_shows_the_cells_line(cells: Kernel) -> Non
     tb = traceback_text(cell)
     assert errors(cell)[0].ename == "ZeroDivisionError"
     assert "----> 5 f(0)" in tb and "----> 3     return 1 / n" in tb, tb
+    # A generator expression runs in a frame of its own: that frame points at the line too.
+    cell = cells.run("%%rtq cells\ny = 2\ntotal = sum(1 / (i - i) for i in range(y))")
+    tb = traceback_text(cell)
+    assert tb.count("----> 3 total = sum(1 / (i - i) for i in range(y))") == 2, tb
     assert cells.value("isinstance(sys.last_value, ZeroDivisionError) if (sys := __import__('sys')) else 0") == "True"
 
 

@@ -28,6 +28,11 @@ class _Marker(Exception):
 
 
 def _frame(filename: str, lineno: int, name: str, tb_next: types.TracebackType | None) -> types.TracebackType | None:
+    if name.startswith("<"):
+        # A comprehension, generator expression or lambda: IPython's printer cannot place such
+        # a scope in a cell (whose ``%%rtq`` line is not Python) and would show the cell's first
+        # line; as a module-level frame it shows the failing line.
+        name = "<module>"
     try:
         code = compile("\n" * max(lineno - 1, 0) + "raise __rtq_marker__", filename, "exec", dont_inherit=True)
         code = code.replace(co_name=name)
