@@ -474,6 +474,24 @@ def test_listener_runs_up_to_workers_tasks_and_claims_no_more(r, workers, tmp_pa
     assert len(lines(started)) == 5
 
 
+def test_one_slot_serves_several_queues_one_task_at_a_time(r, workers, tmp_path):
+    workers.start("a", "b", "c", args=("--workers", "1"))
+    q = make_queue(r)
+    started, release = tmp_path / "started", tmp_path / "release"
+    tasks = [
+        q.build_task(f"m{name}", name, {"action": "touch_then_wait", "started": str(started), "path": str(release)})
+        for name in ("a", "b", "c")
+    ]
+    for task in tasks:
+        q.submit(task, timeout=20)
+    wait_for(lambda: len(lines(started)) == 1, 10, "one task to start")
+    hold(lambda: len(running_ids(r)) == 1 and len(lines(started)) == 1, 1.0, "only one task claimed and running")
+    release.touch()
+    for task in tasks:
+        q.wait(task)
+    assert len(lines(started)) == 3  # every queue was served
+
+
 def test_listener_skips_ids_whose_data_expired(r, workers):
     q = make_queue(r)
     q.submit(q.build_task("stale", "q", {"action": "echo", "value": "stale"}), timeout=0.2)
