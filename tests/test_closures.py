@@ -91,6 +91,16 @@ def test_numpy_array_64mib_round_trip(ex):
     assert float(out[-1]) == float(data[-1]) * 2 and bool((out[:1000] == data[:1000] * 2).all())
 
 
+def test_big_frames_are_gone_once_the_result_arrived(ex, r):
+    np = pytest.importorskip("numpy")
+    data = np.arange(2**18, dtype=np.float64)  # 2 MiB: its frame goes under a key of its own
+    fut = ex.submit(lambda a: a + 1, data)
+    assert float(fut.result(30)[-1]) == float(data[-1]) + 1
+    frames = f"test|task-queue|task-result:{fut.task_id}|*"
+    wait_for(lambda: not list(r.scan_iter(match=frames)), 10, "the call's frames to be deleted")
+    assert not r.exists(f"test|task-queue|task-result:{fut.task_id}")
+
+
 def test_remote_exception_keeps_type(ex):
     with pytest.raises(ZeroDivisionError):
         ex.submit(lambda: 1 / 0).result(10)

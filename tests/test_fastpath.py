@@ -81,11 +81,16 @@ def test_frames_are_read_straight_into_their_buffers(channel: fastpath.Channel) 
     frames = [b"a" * 1000, b"b" * 70_000]
     channel.execute("HSET", "frames", "f0", frames[0], "f1", frames[1], "small", "x")
     targets = [memoryview(bytearray(len(f))) for f in frames]
-    assert channel.hmget_into("frames", ["f0", "f1"], targets)
+    assert channel.read_into(("HMGET", "frames", "f0", "f1"), targets)
     assert [bytes(t) for t in targets] == frames
     wrong = [memoryview(bytearray(10)), memoryview(bytearray(len(frames[1])))]
-    assert not channel.hmget_into("frames", ["f0", "f1"], wrong)  # a frame of another size
+    assert not channel.read_into(("HMGET", "frames", "f0", "f1"), wrong)  # a frame of another size
     assert channel.execute("HGET", "frames", "small") == b"x"  # and the connection is in step
+    channel.pipeline([("SET", "k0", frames[0]), ("SET", "k1", frames[1])])
+    targets = [memoryview(bytearray(len(f))) for f in frames]
+    assert channel.read_into(("MGET", "k0", "k1"), targets)  # frames under keys of their own
+    assert [bytes(t) for t in targets] == frames
+    assert not channel.read_into(("MGET", "k0", "gone"), targets)  # a missing frame
 
 
 def test_a_blocking_read_wakes_with_the_reads_behind_it(channel: fastpath.Channel, r: redis.Redis) -> None:

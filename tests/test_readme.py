@@ -40,7 +40,8 @@ def test_key_layout_table_matches_keys_module() -> None:
     # and keys.py builds exactly those names
     keys = rtq.keys.Keys("<p>", "<s>")
     built = {
-        keys.queue("<name>"), keys.task("<id>"), keys.listen("<name>"), keys.done("<id>"), keys.events("<id>"),
+        keys.queue("<name>"), keys.task("<id>"), keys.frame("<id>", "<frame>"), keys.listen("<name>"),
+        keys.done("<id>"), keys.events("<id>"),
         keys.running("<worker>"), keys.worker("<worker>"), keys.workers(), keys.dead(), keys.inbox("<client>"),
     }  # fmt: skip
     assert built == set(documented)

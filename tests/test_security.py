@@ -111,7 +111,9 @@ def test_worker_with_a_secret_never_unpickles_forged_payloads(tmp_path, r, worke
     proc = workers.start("sec", task_fn=None, env={"RTQ_SECRET": SECRET})
     q = client(r)
     # A call signed with the right secret, for a task that never runs; the attacker copies it.
-    signed_elsewhere = q.store.encode(KEYS.task("original"), "params", Call(os.mkdir, (str(marker),)), "t", "params")
+    signed_elsewhere = q.store.encode(
+        KEYS.task("original"), "params", Call(os.mkdir, (str(marker),)), "t", "params"
+    ).fields
     forged = {
         "unsigned": envelope(evil),
         "random-mac": envelope(evil, flags=FLAG_SIGNED, mac=os.urandom(MAC_SIZE)),
@@ -186,7 +188,7 @@ def test_client_never_unpickles_a_forged_outcome(tmp_path, r):
     assert not isinstance(info.value, RemoteTaskError) and "trust me" not in str(info.value)
 
     copied = submitted("copied-result")
-    genuine = q.store.encode(KEYS.task("another-task"), "result", 42, "t", "result")
+    genuine = q.store.encode(KEYS.task("another-task"), "result", 42, "t", "result").fields
     finish("copied-result", state="done", **genuine)
     with pytest.raises(SignatureError, match="bad signature"):
         q.wait(copied)

@@ -492,6 +492,24 @@ def test_one_slot_serves_several_queues_one_task_at_a_time(r, workers, tmp_path)
     assert len(lines(started)) == 3  # every queue was served
 
 
+def test_big_frames_live_in_keys_of_their_own_and_go_with_their_record(r, workers):
+    """A payload of 1 MiB or more keeps its buffers under keys that expire; replacing the task
+    (a reused id) or reading it once deletes them, and nothing of it is left behind."""
+    np = pytest.importorskip("numpy")
+    workers.start("q")
+    q = make_queue(r)
+    arr = np.arange(2**18, dtype=np.float64)  # 2 MiB: one extra frame each way
+    for run in range(2):
+        out = q.query("big", "q", {"action": "echo", "value": arr + run}, policy=P.Remote)
+        assert float(out[-1]) == float(arr[-1]) + run
+        frames = sorted(k.decode() for k in r.scan_iter(match=f"{HEAD}task-result:big|*"))
+        assert [f.split("|")[-1].split(".")[0] for f in frames] == ["params", "result"], frames
+        assert all(r.pttl(k) > 30_000 for k in frames)  # they outlive the record's deadline
+        assert not [f for f in r.hkeys(task_key("big")) if f.count(b".") == 2]  # not inside the record
+    assert float(q.get_task("big", once=True).result[-1]) == float(arr[-1]) + 1
+    assert not list(r.scan_iter(match=f"{HEAD}task-*:big*")), "record, done list, events or frames left"
+
+
 def test_listener_skips_ids_whose_data_expired(r, workers):
     q = make_queue(r)
     q.submit(q.build_task("stale", "q", {"action": "echo", "value": "stale"}), timeout=0.2)

@@ -306,25 +306,32 @@ class Executor(concurrent.futures.Executor):
         fetched = iter(channel.pipeline(unread) if unread else [])
         outcomes = [read[i] if i in read else next(fetched) for i, _ in live]
         settled = []
+        n = len(OUTCOME_FIELDS)
         for (task_id, fut), values in zip(live, outcomes, strict=True):
             try:
                 if isinstance(values, Exception):
                     raise values
-                fut._keep_progress(values[-2])  # its final progress stays readable once the record is gone
-                state, value = store.outcome(task_id, values[:-2])
+                progress, attempts, params_list = values[n:]
+                fut._keep_progress(progress)  # its final progress stays readable once the record is gone
+                state, value = store.outcome(task_id, values[:n])
             except Exception as exc:
                 _settle(fut, fut.set_exception, exc)
                 continue
-            if state == "cancelled" and _attempts(values[-1]) == 0:
+            if state == "cancelled" and _attempts(attempts) == 0:
                 state = "cancelled while queued"  # no worker holds a claim on it: it never ran
-            settled.append((task_id, fut, state, value))
+            lists = {
+                "params": params_list,
+                "result": values[OUTCOME_FIELDS.index("result#")],
+                "error": values[OUTCOME_FIELDS.index("error#")],
+            }
+            settled.append((task_id, fut, state, value, store.frame_keys(keys.task(task_id), lists)))
         cleanup: list[tuple[Any, ...]] = []
-        for task_id, _, state, _ in settled:
+        for task_id, _, state, _, frames in settled:
             if state in ("done", "failed", "cancelled", "cancelled while queued"):
-                cleanup.append(("UNLINK", keys.task(task_id)))
+                cleanup.append(("UNLINK", keys.task(task_id), *frames))
                 # Watchers may still be reading the events.
                 cleanup.append(("PEXPIRE", keys.events(task_id), int(EVENTS_KEEP_S * 1000)))
-        for task_id, fut, state, value in settled:
+        for task_id, fut, state, value, _ in settled:
             if state == "done":
                 _settle(fut, fut.set_result, value)
             elif state == "failed":
@@ -373,8 +380,8 @@ def _attempts(raw: Any) -> int:
 
 
 def _read_outcome(keys: Any, task_id: str) -> tuple[Any, ...]:
-    """The command reading what settles a task's future: its outcome, progress and attempts."""
-    return ("HMGET", keys.task(task_id), *OUTCOME_FIELDS, "progress", "attempt")
+    """The command reading what settles a task's future: outcome, progress, attempts, params' frames."""
+    return ("HMGET", keys.task(task_id), *OUTCOME_FIELDS, "progress", "attempt", "params#")
 
 
 def _settle(fut: TaskFuture, setter: Callable[[Any], None], value: Any) -> None:

@@ -114,8 +114,8 @@ class Channel:
             raise
         return replies
 
-    def hmget_into(self, key: str, fields: Sequence[str], targets: Sequence[memoryview]) -> bool:
-        """``HMGET key fields`` with each value read straight into its target buffer.
+    def read_into(self, command: Sequence[Any], targets: Sequence[memoryview]) -> bool:
+        """Run ``command`` (``HMGET`` or ``MGET``) with each value read straight into its target buffer.
 
         For big payload frames: no intermediate copies (the parser's buffer, a ``bytes`` object,
         a join). Returns False when a value is missing or not exactly its target's size (the
@@ -124,7 +124,7 @@ class Channel:
         conn = self._connection()
         reader = self._reader
         if reader is None:
-            values = self.pipeline([("HMGET", key, *fields)])[0]
+            values = self.pipeline([command])[0]
             if isinstance(values, Exception):
                 raise values
             for value, target in zip(values, targets, strict=True):
@@ -133,7 +133,7 @@ class Channel:
                 target[:] = value
             return True
         try:
-            conn.send_packed_command(_pack([("HMGET", key, *fields)], self._encoding))
+            conn.send_packed_command(_pack([command], self._encoding))
             ok = reader.bulks_into(targets)
             if reader.pending():
                 raise redis_py.ConnectionError("unexpected data after the reply")
@@ -345,7 +345,7 @@ class _Reader:
         """Read an array reply of bulk strings, each straight into its target."""
         head = self._line()
         if head[:1] not in (b"*", b"~") or int(head[1:]) != len(targets):
-            raise redis_py.ConnectionError(f"unexpected reply to HMGET: {head[:40]!r}")
+            raise redis_py.ConnectionError(f"unexpected reply to a read of frames: {head[:40]!r}")
         ok = True
         for target in targets:
             line = self._line()

@@ -9,6 +9,7 @@ key                                            type      holds
 =============================================  ========  ==========================================
 ``<p>|<s>|task-queue|<name>``                  list      ids of queued tasks (head is served first)
 ``<p>|<s>|task-result:<id>``                   hash      the task: data, state, progress, result
+``<p>|<s>|task-result:<id>|<frame>``           string    a big payload's extra frame; expires
 ``<p>|<s>|task-listen|<name>``                 string    listener marker, expires after ``timeout``
 ``<p>|<s>|task-done:<id>``                     list      one token pushed when the task ends
 ``<p>|<s>|task-events:<id>``                   stream    progress and output events, in order
@@ -69,6 +70,15 @@ class Keys:
 
     def task(self, task_id: str) -> str:
         return f"{self.head}task-result:{task_id}"
+
+    def frame(self, task_id: str, frame: str) -> str:
+        """Where one extra frame of a big payload of the task is stored (see :mod:`rtq.store`)."""
+        return self.frame_of(self.task(task_id), frame)
+
+    @staticmethod
+    def frame_of(task_key: str, frame: str) -> str:
+        """:meth:`frame`, from the task's key (the separator cannot occur in a task id)."""
+        return f"{task_key}{SEPARATOR}{frame}"
 
     def listen(self, name: str) -> str:
         return f"{self.head}task-listen{SEPARATOR}{name}"

@@ -58,19 +58,22 @@ class OutcomeWriter:
         tag = f"a{attempt}"
         if state == "done":
             try:
-                fields = self.store.encode(key, "result", value, tag, "result")
+                enc = self.store.encode(key, "result", value, tag, "result")
             except SerializationError as exc:
                 state, value = "failed", exc
         if state == "failed":
-            fields = self.store.encode_error(key, value, tag)
-        first, rest = _split_frames(fields, ("result", "error", "error_text"))
+            enc = self.store.encode_error(key, value, tag)
+        first, rest = _split_frames(enc.fields, ("result", "error", "error_text"))
+        # Big frames: SET under their own keys; their attempt tag keeps them fenced too.
+        rest_commands = [("HSET", key, *_flatten(rest))] if rest else []
+        rest_commands += enc.frame_commands(task.expiry)
         # Redis away (restarting): keep the outcome and retry with backoff, rather than leave
         # the task running forever in a live worker's list.
         give_up = max(task.expiry, time.time() + 60)
         backoff = 0.1
         while True:
             try:
-                stored = self._store(task, key, attempt, state, first, rest)
+                stored = self._store(task, key, attempt, state, first, rest_commands)
                 break
             except (redis_py.ConnectionError, redis_py.TimeoutError) as exc:
                 if time.time() + backoff > give_up:
@@ -84,7 +87,7 @@ class OutcomeWriter:
             logger.info("task %s in %s failed: %s", task.id, task.name, _short(value))
 
     def _store(
-        self, task: RedisTask, key: str, attempt: str, state: str, first: dict[str, Any], rest: dict[str, Any]
+        self, task: RedisTask, key: str, attempt: str, state: str, first: dict[str, Any], rest: list[tuple[Any, ...]]
     ) -> bool:
         finish = self.store.scripts["finish"]
         keys = [key, self.running_key, task._notify, self.keys.events(task.id)]  # type: ignore[attr-defined]
@@ -101,16 +104,14 @@ class OutcomeWriter:
         if not rest:
             # Tasks ending together share one round trip (a lone one is sent at once).
             return bool(self.finisher.call(finish, keys=keys, args=args))
-        # Big frames go in a plain HSET (sent as they are, uncopied; their attempt tag keeps
-        # them fenced), in the same write as finish.lua, which deletes the record again if it had
-        # vanished (flush, restart) and the HSET re-created it with the frames alone.
+        # The extra frames are written as they are (uncopied), in the same write as finish.lua,
+        # which deletes the record again if it had vanished (flush, restart) and an HSET of small
+        # frames re-created it with those alone.
         with self.store.channels.channel() as channel:
-            frames, stored = channel.pipeline(
-                [("HSET", key, *_flatten(rest)), ("EVALSHA", finish.sha, len(keys), *keys, *args)]
-            )
+            *written, stored = channel.pipeline([*rest, ("EVALSHA", finish.sha, len(keys), *keys, *args)])
             if isinstance(stored, redis_py.exceptions.NoScriptError):  # a restarted or flushed server
                 stored = call_script(channel, finish, keys, args)
-        for reply in (frames, stored):
+        for reply in (*written, stored):
             if isinstance(reply, Exception):
                 raise reply
         return bool(stored)

@@ -74,7 +74,7 @@ class Reaper:
                 f"task {task_id} in {name} was lost with its worker {worker} "
                 f"after {attempt or '?'} attempt(s) (max_attempts={self.queue.max_attempts})"
             )
-            fields = self.store.encode_error(key, error, "lost")
+            fields = self.store.encode_error(key, error, "lost").fields
             outcome = text(
                 self.store.scripts["recover"](
                     keys=[

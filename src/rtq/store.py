@@ -17,9 +17,14 @@ result        envelope of the return value, when done
 error         envelope of the exception, when failed; error_text: JSON fallback
 ============  ==========================================================================
 
-A payload bigger than one frame stores its extra frames in fields ``<field>.<tag>.<i>`` and
-``<field>#`` = ``"<tag> <n>"``; the tag is the attempt that wrote them, so a fenced-out worker
-can never overwrite the frames of a newer attempt's result.
+A payload bigger than one frame stores its extra frames (out-of-band buffers, numpy arrays) in
+fields ``<field>.<tag>.<i>`` and ``<field>#`` = ``"<tag> <n>"``; the tag is the submission token
+or the attempt that wrote them, so a fenced-out worker can never overwrite the frames of a newer
+attempt's result. With 1 MiB of buffers or more the frames go under keys of their own instead,
+``<task key>|<field>.<tag>.<i>`` (then ``<field>#`` = ``"<tag> <n> keys"``): a server copies a
+value it stores in a hash (Redis 7.0 and Valkey 8.1 both take twice as long to HSET 64 MiB as to
+SET it), and keeps a plain string as it came. They expire a while after the record can, and are
+deleted with it where rtq deletes a record (a consumed outcome, ``once``, a reused id).
 """
 
 from __future__ import annotations
@@ -30,6 +35,7 @@ import math
 import time
 import traceback
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 from typing import Any, cast
 
 import redis as redis_py
@@ -110,73 +116,99 @@ class TaskStore:
         self.channels = ChannelPool(self.redis)  # held connections for the hot paths
 
     # -- payload fields --------------------------------------------------------------------
-    def encode(self, key: str, name: str, value: Any, tag: str, what: str) -> dict[str, Any]:
+    def encode(self, key: str, name: str, value: Any, tag: str, what: str) -> Encoded:
+        """``value`` as the fields of the task's hash at ``key`` (and big frames' own keys)."""
         frames = self.serializer.dumps(value, key=key, field=name, what=what)
-        fields: dict[str, Any] = {name: frames[0]}
-        if len(frames) > 1:
-            fields[f"{name}#"] = f"{tag} {len(frames) - 1}"
-            fields.update({f"{name}.{tag}.{i}": f for i, f in enumerate(frames[1:])})
-        return fields
+        out = Encoded({name: frames[0]})
+        extra = frames[1:]
+        if extra:
+            apart = sum(memoryview(f).nbytes for f in extra) >= FRAME_KEYS_MIN
+            out.fields[f"{name}#"] = f"{tag} {len(extra)}" + (" keys" if apart else "")
+            for i, frame in enumerate(extra):
+                if apart:
+                    out.frames[Keys.frame_of(key, f"{name}.{tag}.{i}")] = frame
+                else:
+                    out.fields[f"{name}.{tag}.{i}"] = frame
+        return out
+
+    def frame_keys(self, key: str, lists: dict[str, Any]) -> list[str]:
+        """The keys of the big frames that the frame lists ``{field: <field># value}`` name."""
+        found = []
+        for name, listed in lists.items():
+            parts = text(listed).split()
+            if len(parts) == 3 and parts[2] == "keys" and parts[1].isdigit():
+                found += [Keys.frame_of(key, f"{name}.{parts[0]}.{i}") for i in range(int(parts[1]))]
+        return found
 
     def decode(self, key: str, name: str, first: bytes | None, extra: bytes | None) -> Any:
         frames: list[Any] = [first]
         if extra and first is not None:
             # The frame list comes from Redis: check it against the envelope before fetching.
+            parts = text(extra).split()
             try:
-                tag, n = text(extra).split()
-                count = int(n)
+                if len(parts) not in (2, 3) or parts[2:] not in ([], ["keys"]):
+                    raise ValueError(f"{len(parts)} parts")
+                tag, count = parts[0], int(parts[1])
             except ValueError as exc:
                 raise SerializationError(f"payload at {key} [{name}] has a malformed frame list {extra!r}") from exc
             if count != self.serializer.frame_count(first, f" at {key} [{name}]"):
                 raise SerializationError(f"payload at {key} [{name}] lists {count} frames; its envelope says otherwise")
-            fields = [f"{name}.{tag}.{i}" for i in range(count)]
+            names = [f"{name}.{tag}.{i}" for i in range(count)]
             sizes = self.serializer.buffer_sizes(first)
+            if parts[2:]:
+                command: tuple[Any, ...] = ("MGET", *(Keys.frame_of(key, n) for n in names))
+                return self._decode_direct(key, name, first, command, count, sizes)
             if sum(sizes) >= DIRECT_READ_MIN:
-                return self._decode_direct(key, name, first, fields, sizes)
-            frames += self.redis.hmget(key, fields)
+                return self._decode_direct(key, name, first, ("HMGET", key, *names), count, sizes)
+            frames += self.redis.hmget(key, names)
         return self.serializer.loads(frames, key=key, field=name)
 
-    def _decode_direct(self, key: str, name: str, first: bytes, fields: list[str], sizes: list[int]) -> Any:
+    def _decode_direct(
+        self, key: str, name: str, first: bytes, command: tuple[Any, ...], count: int, sizes: list[int]
+    ) -> Any:
         """Read a big payload's frames straight into its buffers: one allocation, no copies."""
         buffers = [bytearray(size) for size in sizes]
         targets = []
         for buffer in buffers:
             view = memoryview(buffer)
             targets += [view[i : i + CHUNK] for i in range(0, max(len(buffer), 1), CHUNK)]
-        if len(targets) != len(fields):
+        if len(targets) != count:
             where = f"payload at {key} [{name}]"
-            raise SerializationError(f"{where} lists {len(fields)} frames; its envelope says otherwise")
+            raise SerializationError(f"{where} lists {count} frames; its envelope says otherwise")
         with self.channels.channel() as channel:
-            complete = channel.hmget_into(key, fields, targets)
+            complete = channel.read_into(command, targets)
         if not complete:
             raise SerializationError(f"payload at {key} [{name}] is missing a frame, or one has the wrong size")
         return self.serializer.loads([first, *buffers], key=key, field=name, joined=True)
 
     # -- caller side -----------------------------------------------------------------------
-    def record(self, task: RedisTask, *, token: str, state: str, notify: str | None) -> dict[str, Any]:
+    def record(self, task: RedisTask, *, token: str, state: str, notify: str | None) -> Encoded:
         key = self.keys.task(task.id)
-        fields: dict[str, Any] = {
-            "name": task.name,
-            "expiry": repr(task.expiry),
-            "token": token,
-            "state": state,
-            "notify": notify or self.keys.done(task.id),
-            "progress": f"{task.current_progress!r} {task.total_progress!r} {task.update_progress_time!r}",
-        }
-        fields.update(self.encode(key, "params", task.params, token, "params"))
+        out = Encoded(
+            {
+                "name": task.name,
+                "expiry": repr(task.expiry),
+                "token": token,
+                "state": state,
+                "notify": notify or self.keys.done(task.id),
+                "progress": f"{task.current_progress!r} {task.total_progress!r} {task.update_progress_time!r}",
+            }
+        )
+        out.add(self.encode(key, "params", task.params, token, "params"))
         if task.error is not None:
-            fields.update(self.encode_error(key, task.error, token))
+            out.add(self.encode_error(key, task.error, token))
         elif task.result is not None or state == "done":
-            fields.update(self.encode(key, "result", task.result, token, "result"))
-        return fields
+            out.add(self.encode(key, "result", task.result, token, "result"))
+        return out
 
     def submit(self, tasks: Sequence[tuple[RedisTask, str, str | None]], *, listened: str | None = None) -> bool:
         """Store and enqueue tasks in one round trip: ``(task, token, notify)`` each.
 
         A reused id starts clean: its old record, done list and events are replaced in the same
         atomic step, so no stale result or notification leaks into the new run. Small records
-        go through ``submit.lua`` (one command per task); records with extra payload frames
-        through a MULTI transaction of plain commands, so big buffers are never copied into Lua.
+        go through ``submit.lua`` (one command per task); big ones through a MULTI transaction of
+        plain commands, so big buffers are never copied into Lua (and the frames of the id's
+        previous big payloads are deleted with its record).
 
         Args:
             tasks: What to store.
@@ -184,16 +216,24 @@ class TaskStore:
                 the enqueue are one atomic step); returns False, storing nothing, if none does.
         """
         records = [(t, self.record(t, token=tok, state="queued", notify=n)) for t, tok, n in tasks]
-        if any(_payload_size(fields) > SCRIPT_ARGS_MAX for _, fields in records):
-            if listened is not None and not self.redis.exists(self.keys.listen(listened)):
+        if any(enc.frames or _payload_size(enc.fields) > SCRIPT_ARGS_MAX for _, enc in records):
+            # One round trip first: the listener check, and the frame lists of records replaced.
+            with self.channels.channel() as channel:
+                looked = channel.pipeline(
+                    [("EXISTS", self.keys.listen(listened or "-"))]
+                    + [("HMGET", self.keys.task(t.id), *LIST_FIELDS) for t, _ in records]
+                )
+            if listened is not None and not looked[0]:
                 return False
             commands: list[tuple[Any, ...]] = [("MULTI",)]
-            for task, fields in records:
+            for (task, enc), old in zip(records, looked[1:], strict=True):
                 key = self.keys.task(task.id)
+                stale = self.frame_keys(key, dict(zip(LIST_NAMES, old, strict=True))) if isinstance(old, list) else []
                 commands += [
-                    ("DEL", key, self.keys.done(task.id), self.keys.events(task.id)),
-                    ("HSET", key, *(item for pair in fields.items() for item in pair)),
+                    ("DEL", key, self.keys.done(task.id), self.keys.events(task.id), *stale),
+                    ("HSET", key, *_flatten(enc.fields)),
                     ("PEXPIREAT", key, int(task.expiry * 1000) + 1),
+                    *enc.frame_commands(task.expiry),
                     ("RPUSH", self.keys.queue(task.name), task.id),
                 ]
             commands.append(("EXEC",))
@@ -205,7 +245,8 @@ class TaskStore:
             return True
         script = self.scripts["submit"]
         calls = []
-        for task, fields in records:
+        for task, enc in records:
+            fields = enc.fields
             keys = [
                 self.keys.task(task.id),
                 self.keys.done(task.id),
@@ -254,12 +295,14 @@ class TaskStore:
                 if task.error is not None
                 else ("done" if task.result is not None else text(old[1]) or "running")
             )
-        fields = self.record(task, token=token, state=state, notify=None)
+        enc = self.record(task, token=token, state=state, notify=None)
         ttl_ms = max(int((task.expiry - time.time()) * 1000), int(KEEP_S * 1000) if state in ("done", "failed") else 1)
         pipe = self.redis.pipeline(transaction=True)
         pipe.hdel(key, *_OUTCOME_FIELDS[1:])
-        pipe.hset(key, mapping=cast("dict[Any, Any]", fields))
+        pipe.hset(key, mapping=cast("dict[Any, Any]", enc.fields))
         pipe.pexpire(key, ttl_ms)
+        for command in enc.frame_commands(task.expiry):
+            pipe.execute_command(*command)
         pipe.execute()
 
     def read(self, task_id: str, *, once: bool = False) -> RedisTask | None:
@@ -288,7 +331,17 @@ class TaskStore:
             task.result = self.decode(key, "result", raw.get("result"), raw.get("result#"))
         elif state == "failed":
             task.error = self.error_of(key, raw)
+        if once:  # the big frames read above go with the record
+            frames = self.frame_keys(key, {name: raw.get(f"{name}#") for name in LIST_NAMES})
+            if frames:
+                self.redis.delete(*frames)
         return task
+
+    def discard(self, task_id: str) -> None:
+        """Delete a task's record, done list, events and big frames (its outcome was consumed)."""
+        key = self.keys.task(task_id)
+        frames = self.frame_keys(key, dict(zip(LIST_NAMES, self.redis.hmget(key, LIST_FIELDS), strict=True)))
+        self.redis.delete(key, self.keys.done(task_id), self.keys.events(task_id), *frames)
 
     def outcome(self, task_id: str, values: Sequence[Any] | None = None) -> tuple[str, Any]:
         """``(state, value)`` of a task: its result when done, its exception when failed.
@@ -314,18 +367,16 @@ class TaskStore:
             return state, self.error_of(key, raw)
         return state, None
 
-    def encode_error(self, key: str, exc: BaseException, tag: str) -> dict[str, Any]:
+    def encode_error(self, key: str, exc: BaseException, tag: str) -> Encoded:
         """The fields that carry ``exc``: its envelope, or a :class:`RemoteTaskError` if it cannot travel."""
         tb = _clip("".join(traceback.format_exception(type(exc), exc, exc.__traceback__)))
         info = {"type": _qualname(type(exc)), "message": _clip(_safe_str(exc)), "traceback": tb}
-        fields: dict[str, Any] = {"error_text": json.dumps(info)}
+        out = Encoded({"error_text": json.dumps(info)})
         try:
-            fields.update(self.encode(key, "error", exc, tag, "exception"))
+            out.add(self.encode(key, "error", exc, tag, "exception"))
         except SerializationError:
-            fields.update(
-                self.encode(key, "error", RemoteTaskError(info["type"], info["message"], tb), tag, "exception")
-            )
-        return fields
+            out.add(self.encode(key, "error", RemoteTaskError(info["type"], info["message"], tb), tag, "exception"))
+        return out
 
     def error_of(self, key: str, raw: dict[str, Any]) -> BaseException:
         info = _error_info(raw.get("error_text"))
@@ -346,12 +397,46 @@ class TaskStore:
 
 DIRECT_READ_MIN = 1 << 20
 """Payloads with at least this many bytes of buffers are read straight into place (rtq.fastpath)."""
+FRAME_KEYS_MIN = 1 << 20
+"""Payloads with at least this many bytes of buffers keep their extra frames under keys of their own."""
+FRAME_SLACK_S = 60.0
+"""Seconds a big frame outlives the longest its record can live (the deadline plus ``KEEP_S``)."""
+LIST_NAMES = ("params", "result", "error")
+"""The payload fields of a record, whose ``<name>#`` fields list their extra frames."""
+LIST_FIELDS = [f"{name}#" for name in LIST_NAMES]
+
+
+@dataclass
+class Encoded:
+    """Payloads as stored: fields of the task's hash, and big frames under keys of their own."""
+
+    fields: dict[str, Any]
+    frames: dict[str, Any] = field(default_factory=dict)
+
+    def add(self, other: Encoded) -> None:
+        self.fields.update(other.fields)
+        self.frames.update(other.frames)
+
+    def frame_commands(self, expiry: float) -> list[tuple[Any, ...]]:
+        """The ``SET`` commands of the big frames (sent as they are, uncopied).
+
+        They expire after the record can: a record lives until its deadline, or ``KEEP_S``
+        past the moment it ends when that is later.
+        """
+        at_ms = int((max(expiry, time.time()) + KEEP_S + FRAME_SLACK_S) * 1000)
+        return [("SET", key, frame, "PXAT", at_ms) for key, frame in self.frames.items()]
+
+
 SCRIPT_ARGS_MAX = 256 * 1024
 """Largest record (bytes of field values) stored through ``submit.lua``; bigger ones skip Lua."""
 
 
 def _payload_size(fields: dict[str, Any]) -> int:
     return sum(len(v) if isinstance(v, (bytes, bytearray, memoryview, str)) else 32 for v in fields.values())
+
+
+def _flatten(fields: dict[str, Any]) -> list[Any]:
+    return [item for pair in fields.items() for item in pair]
 
 
 def _safe_str(exc: BaseException) -> str:

@@ -236,7 +236,7 @@ class RedisTaskQueue:
                         continue
                 state, value = store.outcome(task.id, values)
                 if once:
-                    store.redis.delete(self.keys.task(task.id), done, self.keys.events(task.id))
+                    store.discard(task.id)
             except (redis_py.ConnectionError, redis_py.TimeoutError) as exc:
                 # Redis restarting: keep waiting (with backoff) until it is back or the deadline.
                 backoff = min(max(backoff * 2, 0.1), 2.0, max(remaining, 0.01))
