@@ -583,6 +583,9 @@ def test_garbage_in_redis_is_logged_and_the_worker_keeps_serving(r, workers):
     proc = workers.start("junk", task_fn=None)
     q = client(r, secret=None)
     sound = envelope(pickle.dumps(Call(operator.add, (1, 1)), protocol=5))
+    one_frame = Serializer().dumps(
+        Call(len, (pickle.PickleBuffer(bytearray(10)),)), key=KEYS.task("lost-frame"), field="params"
+    )[0]
     failing = {
         "garbage": ({"params": b"\x00\xffnot an envelope"}, "is not an rtq envelope \\(bad magic\\)"),
         "truncated": ({"params": MAGIC + b"\x01"}, "is not an rtq envelope \\(too short\\)"),
@@ -591,13 +594,18 @@ def test_garbage_in_redis_is_logged_and_the_worker_keeps_serving(r, workers):
         "not-a-pickle": ({"params": envelope(b"\x80\x05junk")}, "cannot be unpickled here"),
         "bad-frames": ({"params": sound, "params#": "nonsense"}, "malformed frame list"),
         "huge-frames": ({"params": sound, "params#": "t 1000000000000"}, "lists 1000000000000 frames"),
+        # A big payload whose frame (stored under a key of its own) is gone.
+        "lost-frame": ({"params": one_frame, "params#": "t 1 keys"}, "missing a frame"),
         "bad-name": ({"params": sound, "name": b"\xff\xfe"}, "malformed fields"),
     }
     for task_id, (fields, _) in failing.items():
         plant(r, task_id, "junk", **fields)
     plant(r, "bad-expiry", "junk", params=sound, expiry="soon")
+    plant(r, "no-frames", "junk", params=sound, **{"params#": "t 0 keys"})  # an empty list: nothing to read
 
     assert q.query("after", "junk", Call(operator.add, (3, 4)), policy=REMOTE) == 7
+    wait_for(lambda: ended(r, "no-frames"), 10, "no-frames to end")
+    assert q.store.outcome("no-frames") == ("done", 2)
     for task_id, (_, message) in failing.items():
         wait_for(lambda task_id=task_id: ended(r, task_id), 10, f"{task_id} to end")
         state, error = q.store.outcome(task_id)

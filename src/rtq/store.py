@@ -155,6 +155,8 @@ class TaskStore:
                 raise SerializationError(f"payload at {key} [{name}] lists {count} frames; its envelope says otherwise")
             names = [f"{name}.{tag}.{i}" for i in range(count)]
             sizes = self.serializer.buffer_sizes(first)
+            if not names:
+                return self.serializer.loads(frames, key=key, field=name)
             if parts[2:]:
                 command: tuple[Any, ...] = ("MGET", *(Keys.frame_of(key, n) for n in names))
                 return self._decode_direct(key, name, first, command, count, sizes)
