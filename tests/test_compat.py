@@ -8,6 +8,7 @@ paths through it, so a command newer than 6.2 anywhere on those paths fails here
 from __future__ import annotations
 
 import os
+import pickle
 import subprocess
 import sys
 import time
@@ -71,6 +72,11 @@ def test_query_executor_progress_and_cancel_on_redis_6_2(old_server, old_worker,
     fut = ex.submit(counted)
     assert fut.result(10) == "ok"
     assert fut.progress == (4.0, 4.0)
+
+    # A big array: its frames go under keys of their own (SET ... PXAT, MGET), both ways.
+    data = bytearray(range(256)) * 8192  # 2 MiB
+    echoed = ex.submit(lambda b: b, pickle.PickleBuffer(data)).result(30)
+    assert bytes(echoed) == bytes(data)
 
     gate = tmp_path / "gate"
 
