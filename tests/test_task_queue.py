@@ -508,6 +508,11 @@ def test_big_frames_live_in_keys_of_their_own_and_go_with_their_record(r, worker
         assert not [f for f in r.hkeys(task_key("big")) if f.count(b".") == 2]  # not inside the record
     assert float(q.get_task("big", once=True).result[-1]) == float(arr[-1]) + 1
     assert not list(r.scan_iter(match=f"{HEAD}task-*:big*")), "record, done list, events or frames left"
+    # Replaced by a small payload (which goes through submit.lua): the big frames go too.
+    q.query("swap", "q", {"action": "echo", "value": arr}, policy=P.Remote)
+    assert list(r.scan_iter(match=f"{HEAD}task-result:swap|*"))
+    assert q.query("swap", "q", {"action": "echo", "value": 1}, policy=P.Remote) == 1
+    assert not list(r.scan_iter(match=f"{HEAD}task-result:swap|*"))
 
 
 def test_listener_skips_ids_whose_data_expired(r, workers):

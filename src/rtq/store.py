@@ -261,17 +261,27 @@ class TaskStore:
             calls.append((keys, args))
         with self.channels.channel() as channel:
             if len(calls) == 1:
-                return bool(call_script(channel, script, *calls[0]))
-            # A batch is one transaction: a connection lost before EXEC queues none of it.
-            replies = self._send_batch(channel, script, calls)
-            if any(isinstance(r, redis_py.exceptions.NoScriptError) for r in replies):
-                # The server lost its scripts (restart, flush): none ran (every call is the
-                # same script), so load it and send the batch again.
-                channel.execute("SCRIPT", "LOAD", script.script)
+                replies = [call_script(channel, script, *calls[0])]
+            else:
+                # A batch is one transaction: a connection lost before EXEC queues none of it.
                 replies = self._send_batch(channel, script, calls)
+                if any(isinstance(r, redis_py.exceptions.NoScriptError) for r in replies):
+                    # The server lost its scripts (restart, flush): none ran (every call is the
+                    # same script), so load it and send the batch again.
+                    channel.execute("SCRIPT", "LOAD", script.script)
+                    replies = self._send_batch(channel, script, calls)
         for reply in replies:
             if isinstance(reply, Exception):
                 raise reply
+        # Replaced records that had big frames: submit.lua handed back their frame lists.
+        stale = [
+            frame
+            for (task, _), reply in zip(records, replies, strict=True)
+            if isinstance(reply, list)
+            for frame in self.frame_keys(self.keys.task(task.id), dict(zip(LIST_NAMES, reply[1:], strict=True)))
+        ]
+        if stale:
+            self.redis.unlink(*stale)
         return all(replies)
 
     @staticmethod
