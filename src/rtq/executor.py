@@ -319,11 +319,7 @@ class Executor(concurrent.futures.Executor):
                 continue
             if state == "cancelled" and _attempts(attempts) == 0:
                 state = "cancelled while queued"  # no worker holds a claim on it: it never ran
-            lists = {
-                "params": params_list,
-                "result": values[OUTCOME_FIELDS.index("result#")],
-                "error": values[OUTCOME_FIELDS.index("error#")],
-            }
+            lists = [params_list, values[OUTCOME_FIELDS.index("result#")], values[OUTCOME_FIELDS.index("error#")]]
             settled.append((task_id, fut, state, value, store.frame_keys(keys.task(task_id), lists)))
         cleanup: list[tuple[Any, ...]] = []
         for task_id, _, state, _, frames in settled:

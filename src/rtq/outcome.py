@@ -4,7 +4,8 @@ A task's result (or exception) becomes payload fields (:meth:`TaskStore.encode`)
 stores them only while this worker's claim still holds (owner, attempt and submission token),
 takes the id off the worker's in-progress list and wakes the caller, in one atomic step. Small
 outcomes of tasks ending together share one round trip (:class:`~rtq.batching.GroupCommit`); a
-big result's extra frames go in a plain ``HSET`` in the same write as ``finish.lua``. While Redis
+result's extra frames (hash fields, or keys of their own when big) are written in the same write
+as ``finish.lua``. While Redis
 is away (restarting) the outcome is kept and retried with backoff, rather than leave the task
 running forever in a live worker's list.
 """
@@ -21,7 +22,7 @@ from .batching import GroupCommit
 from .errors import SerializationError
 from .fastpath import call_script
 from .keys import Keys
-from .store import KEEP_S, TaskStore
+from .store import KEEP_S, TaskStore, flatten
 from .task import RedisTask
 
 __all__ = ["OutcomeWriter"]
@@ -65,7 +66,7 @@ class OutcomeWriter:
             enc = self.store.encode_error(key, value, tag)
         first, rest = _split_frames(enc.fields, ("result", "error", "error_text"))
         # Big frames: SET under their own keys; their attempt tag keeps them fenced too.
-        rest_commands = [("HSET", key, *_flatten(rest))] if rest else []
+        rest_commands = [("HSET", key, *flatten(rest))] if rest else []
         rest_commands += enc.frame_commands(task.expiry)
         # Redis away (restarting): keep the outcome and retry with backoff, rather than leave
         # the task running forever in a live worker's list.
@@ -99,7 +100,7 @@ class OutcomeWriter:
             repr(time.time()),
             int(KEEP_S * 1000),
             getattr(task, "_token", ""),  # fences out a run of an earlier submission of this id
-            *_flatten(first),
+            *flatten(first),
         ]
         if not rest:
             # Tasks ending together share one round trip (a lone one is sent at once).
@@ -121,10 +122,6 @@ def _split_frames(fields: dict[str, Any], small: tuple[str, ...]) -> tuple[dict[
     first = {k: v for k, v in fields.items() if k in small or k.endswith("#")}
     rest = {k: v for k, v in fields.items() if k not in first}
     return first, rest
-
-
-def _flatten(fields: dict[str, Any]) -> list[Any]:
-    return [item for pair in fields.items() for item in pair]
 
 
 def _short(exc: BaseException) -> str:

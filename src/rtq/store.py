@@ -131,33 +131,37 @@ class TaskStore:
                     out.fields[f"{name}.{tag}.{i}"] = frame
         return out
 
-    def frame_keys(self, key: str, lists: dict[str, Any]) -> list[str]:
-        """The keys of the big frames that the frame lists ``{field: <field># value}`` name."""
+    @staticmethod
+    def frame_keys(key: str, lists: Sequence[Any]) -> list[str]:
+        """The keys of the big frames that a record's frame lists name.
+
+        Args:
+            key: The task's key.
+            lists: The record's :data:`LIST_FIELDS` values, in that order (None where absent).
+        """
         found = []
-        for name, listed in lists.items():
-            parts = text(listed).split()
-            if len(parts) == 3 and parts[2] == "keys" and parts[1].isdigit():
-                found += [Keys.frame_of(key, f"{name}.{parts[0]}.{i}") for i in range(int(parts[1]))]
+        for name, listed in zip(LIST_NAMES, lists, strict=True):
+            parsed = _frame_list(listed) if listed else None
+            if parsed is not None and parsed[2]:
+                tag, count, _ = parsed
+                found += [Keys.frame_of(key, f"{name}.{tag}.{i}") for i in range(count)]
         return found
 
     def decode(self, key: str, name: str, first: bytes | None, extra: bytes | None) -> Any:
         frames: list[Any] = [first]
         if extra and first is not None:
             # The frame list comes from Redis: check it against the envelope before fetching.
-            parts = text(extra).split()
-            try:
-                if len(parts) not in (2, 3) or parts[2:] not in ([], ["keys"]):
-                    raise ValueError(f"{len(parts)} parts")
-                tag, count = parts[0], int(parts[1])
-            except ValueError as exc:
-                raise SerializationError(f"payload at {key} [{name}] has a malformed frame list {extra!r}") from exc
+            parsed = _frame_list(extra)
+            if parsed is None:
+                raise SerializationError(f"payload at {key} [{name}] has a malformed frame list {extra!r}")
+            tag, count, apart = parsed
             if count != self.serializer.frame_count(first, f" at {key} [{name}]"):
                 raise SerializationError(f"payload at {key} [{name}] lists {count} frames; its envelope says otherwise")
             names = [f"{name}.{tag}.{i}" for i in range(count)]
             sizes = self.serializer.buffer_sizes(first)
             if not names:
                 return self.serializer.loads(frames, key=key, field=name)
-            if parts[2:]:
+            if apart:
                 command: tuple[Any, ...] = ("MGET", *(Keys.frame_of(key, n) for n in names))
                 return self._decode_direct(key, name, first, command, count, sizes)
             if sum(sizes) >= DIRECT_READ_MIN:
@@ -230,10 +234,10 @@ class TaskStore:
             commands: list[tuple[Any, ...]] = [("MULTI",)]
             for (task, enc), old in zip(records, looked[1:], strict=True):
                 key = self.keys.task(task.id)
-                stale = self.frame_keys(key, dict(zip(LIST_NAMES, old, strict=True))) if isinstance(old, list) else []
+                stale = self.frame_keys(key, old) if isinstance(old, list) else []
                 commands += [
                     ("DEL", key, self.keys.done(task.id), self.keys.events(task.id), *stale),
-                    ("HSET", key, *_flatten(enc.fields)),
+                    ("HSET", key, *flatten(enc.fields)),
                     ("PEXPIREAT", key, int(task.expiry * 1000) + 1),
                     *enc.frame_commands(task.expiry),
                     ("RPUSH", self.keys.queue(task.name), task.id),
@@ -257,7 +261,7 @@ class TaskStore:
             ]
             if listened is not None:
                 keys.append(self.keys.listen(listened))
-            args = [task.id, int(task.expiry * 1000) + 1, *(item for pair in fields.items() for item in pair)]
+            args = [task.id, int(task.expiry * 1000) + 1, *flatten(fields)]
             calls.append((keys, args))
         with self.channels.channel() as channel:
             if len(calls) == 1:
@@ -278,7 +282,7 @@ class TaskStore:
             frame
             for (task, _), reply in zip(records, replies, strict=True)
             if isinstance(reply, list)
-            for frame in self.frame_keys(self.keys.task(task.id), dict(zip(LIST_NAMES, reply[1:], strict=True)))
+            for frame in self.frame_keys(self.keys.task(task.id), reply[1:])
         ]
         if stale:
             self.redis.unlink(*stale)
@@ -344,7 +348,7 @@ class TaskStore:
         elif state == "failed":
             task.error = self.error_of(key, raw)
         if once:  # the big frames read above go with the record
-            frames = self.frame_keys(key, {name: raw.get(f"{name}#") for name in LIST_NAMES})
+            frames = self.frame_keys(key, [raw.get(f) for f in LIST_FIELDS])
             if frames:
                 self.redis.delete(*frames)
         return task
@@ -352,7 +356,7 @@ class TaskStore:
     def discard(self, task_id: str) -> None:
         """Delete a task's record, done list, events and big frames (its outcome was consumed)."""
         key = self.keys.task(task_id)
-        frames = self.frame_keys(key, dict(zip(LIST_NAMES, self.redis.hmget(key, LIST_FIELDS), strict=True)))
+        frames = self.frame_keys(key, self.redis.hmget(key, LIST_FIELDS))
         self.redis.delete(key, self.keys.done(task_id), self.keys.events(task_id), *frames)
 
     def outcome(self, task_id: str, values: Sequence[Any] | None = None) -> tuple[str, Any]:
@@ -447,8 +451,17 @@ def _payload_size(fields: dict[str, Any]) -> int:
     return sum(len(v) if isinstance(v, (bytes, bytearray, memoryview, str)) else 32 for v in fields.values())
 
 
-def _flatten(fields: dict[str, Any]) -> list[Any]:
+def flatten(fields: dict[str, Any]) -> list[Any]:
+    """``{field: value}`` as ``[field, value, field, value, …]`` (HSET's and a script's arguments)."""
     return [item for pair in fields.items() for item in pair]
+
+
+def _frame_list(listed: Any) -> tuple[str, int, bool] | None:
+    """A ``<field>#`` value as ``(tag, count, under keys of their own)``; None when malformed."""
+    parts = text(listed).split()
+    if len(parts) not in (2, 3) or parts[2:] not in ([], ["keys"]) or not parts[1].isdigit():
+        return None
+    return parts[0], int(parts[1]), len(parts) == 3
 
 
 def _safe_str(exc: BaseException) -> str:
