@@ -290,6 +290,8 @@ def bench_rtq(url: str, procs: Processes, logs: Path, args: argparse.Namespace) 
             elapsed = time.perf_counter() - start
             assert len(results) == count
             out["throughput"] = {"tasks": count, "seconds": elapsed, "tasks_s": count / elapsed}
+            out["footprint"] = footprint(ex, client, args.footprint_tasks)
+            out["concurrent"] = concurrent_queries(url, args.concurrent)
 
             out["echo"] = {}
             for size in args.sizes:
@@ -321,6 +323,67 @@ def bench_rtq(url: str, procs: Processes, logs: Path, args: argparse.Namespace) 
     finally:
         procs.stop(workers)
     return out
+
+
+def footprint(ex: Any, client: Any, n: int) -> dict[str, Any]:
+    """Server memory (``INFO memory``) before and after ``n`` no-op calls whose results were consumed.
+
+    What a finished, consumed task leaves in Redis: the clean-up runs right after each future
+    settles, so the figure is taken once the key count stops falling (at most a few seconds).
+    """
+    gc.collect()
+    before = client.info("memory")["used_memory"]
+    keys_before = client.dbsize()
+    results = list(ex.map(bench_tasks.noop, range(n), timeout=600))
+    assert len(results) == n
+    settled, last = time.monotonic() + 10, -1
+    while time.monotonic() < settled and client.dbsize() != last:
+        last = client.dbsize()
+        time.sleep(0.2)  # a clean-up in flight on the server: nothing to block on
+    after = client.info("memory")["used_memory"]
+    return {
+        "tasks": n,
+        "before_bytes": before,
+        "after_bytes": after,
+        "bytes_per_task": (after - before) / n,
+        "keys_left": client.dbsize() - keys_before,
+    }
+
+
+def concurrent_queries(url: str, n: int) -> dict[str, Any]:
+    """``n`` threads each in one ``query()`` no-op on ONE client at once: time and connections used."""
+    import threading
+
+    import redis
+
+    import rtq
+    from rtq.calls import Call
+
+    name = f"bench-{uuid.uuid4().hex[:6]}"
+    q = rtq.connect(url, PREFIX, client_name=name)
+    spy = redis.Redis.from_url(url)
+    errors: list[BaseException] = []
+    gate = threading.Barrier(n + 1)
+
+    def call(i: int) -> None:
+        gate.wait()
+        try:
+            q.query(f"cq-{i}-{uuid.uuid4().hex[:6]}", QUEUE, Call(bench_tasks.noop))
+        except BaseException as exc:  # counted, not raised: the figure is how many succeed
+            errors.append(exc)
+
+    threads = [threading.Thread(target=call, args=(i,), daemon=True) for i in range(n)]
+    for t in threads:
+        t.start()
+    peak = 0
+    gate.wait()
+    start = time.perf_counter()
+    while any(t.is_alive() for t in threads):
+        peak = max(peak, sum(1 for c in spy.client_list() if c.get("name") == name))
+        threads[-1].join(0.01)
+    elapsed = time.perf_counter() - start
+    spy.close()
+    return {"calls": n, "seconds": elapsed, "failed": len(errors), "peak_connections": peak}
 
 
 def progress_overhead(ex: Any, n: int) -> dict[str, Any]:
@@ -661,6 +724,21 @@ def render_server(res: dict[str, Any]) -> list[str]:
             f"{rtq['query']['median_ms'] / bare:.1f}x the bare queue, `Executor.submit().result()` "
             f"{rtq['submit']['median_ms'] / bare:.1f}x.",
         ]
+    if "concurrent" in rtq:
+        c = rtq["concurrent"]
+        lines += [
+            "",
+            f"Concurrency: {c['calls']:,} threads each in one `query()` no-op on one client: "
+            f"{c['seconds']:.2f} s for all, {c['failed']} failed, at most {c['peak_connections']} connections open.",
+        ]
+    if "footprint" in rtq:
+        f = rtq["footprint"]
+        lines += [
+            "",
+            f"Footprint: after {f['tasks']:,} no-op calls through `Executor.map`, results consumed, the server "
+            f"holds {f['bytes_per_task']:.0f} bytes per task above its starting memory "
+            f"({f['before_bytes'] / MB:.1f} → {f['after_bytes'] / MB:.1f} MB, {f['keys_left']} keys left).",
+        ]
     if "progress" in rtq:
         p = rtq["progress"]
         lines += [
@@ -728,6 +806,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--peer-tasks", type=int, default=1000, help="peer no-op tasks for throughput (default 1000)")
     parser.add_argument("--peer-echo-mib", type=int, default=32, help="peer echo size in MiB (default 32)")
     parser.add_argument("--sizes-mib", type=int, nargs="+", default=[1, 32, 256], help="echo sizes (default 1 32 256)")
+    parser.add_argument("--footprint-tasks", type=int, default=20_000, help="consumed no-ops for memory (20000)")
+    parser.add_argument("--concurrent", type=int, default=1000, help="concurrent query() calls on one client (1000)")
     parser.add_argument("--updates", type=int, default=1_000_000, help="task.update() calls (default 10**6)")
     parser.add_argument("--worker-procs", type=int, default=2, help="worker processes per system (default 2)")
     parser.add_argument("--slots", type=int, default=4, help="task slots per rtq worker process (default 4)")

@@ -80,6 +80,8 @@ class GroupCommit:
 
     def _send(self, batch: list[_Call]) -> None:
         try:
+            if self.channel.stale():  # the server closed it while it sat idle (a restart)
+                self.channel.reset()
             if len(batch) == 1:
                 only = batch[0]
                 only.reply = call_script(self.channel, only.script, only.keys, only.args)

@@ -1,9 +1,9 @@
 """``rtq.Executor``: a ``concurrent.futures.Executor`` whose calls run on remote workers.
 
 ``submit(fn, *args, **kwargs)`` stores a :class:`~rtq.calls.Call` as a seed task and returns a
-:class:`TaskFuture` at once. Every task of one executor announces its end by pushing its id on
-the executor's *inbox* list, so one collector thread wakes for all of them (no polling), reads
-the outcome and resolves the future. ``map`` submits in pipelined batches.
+:class:`TaskFuture` at once. Every task announces its end on its queue object's inbox, where
+the queue's one collector (:mod:`rtq.collector`, shared with ``query()``) wakes for all of them
+(no polling), reads the outcome and resolves the future. ``map`` submits in pipelined batches.
 """
 
 from __future__ import annotations
@@ -16,16 +16,17 @@ import threading
 import time
 import uuid
 from collections.abc import Callable, Generator, Iterable, Iterator
+from functools import partial
 from typing import TYPE_CHECKING, Any
 
 import redis as redis_py
 
 from .calls import Call
 from .closures import check_worker_versions, ship_local_modules
-from .errors import TaskCancelled, TaskLost, TaskTimeout
-from .fastpath import Channel
+from .collector import Ended, Wait
+from .errors import TaskCancelled
 from .keys import check_name
-from .store import OUTCOME_FIELDS, text
+from .store import connection_error, text
 from .task import RedisTask
 
 if TYPE_CHECKING:
@@ -37,10 +38,6 @@ logger = logging.getLogger(__name__)
 
 SUBMIT_BATCH = 500
 """Tasks stored per round trip by ``map``."""
-COLLECT_BATCH = 1000
-"""Most finished ids the collector takes from the inbox per round trip."""
-EVENTS_KEEP_S = 60.0
-"""Seconds a resolved task's events (progress, output) stay readable for late watchers."""
 
 
 class TaskFuture(concurrent.futures.Future):  # type: ignore[type-arg]
@@ -135,12 +132,14 @@ class Executor(concurrent.futures.Executor):
         self.name = name
         self.timeout = queue.timeout if timeout is None else timeout
         self.check_versions = check_versions
-        self.client_id = uuid.uuid4().hex
-        self.inbox = queue.keys.inbox(self.client_id)
         self._pending: dict[str, TaskFuture] = {}
         self._lock = threading.Condition()
         self._shutdown = False
-        self._collector: threading.Thread | None = None
+
+    @property
+    def inbox(self) -> str:
+        """The list this executor's tasks announce their end on (its queue's collector inbox)."""
+        return self.queue.collector.inbox
 
     def __repr__(self) -> str:
         return f"<rtq.Executor {self.name!r} on {self.queue!r}, {len(self._pending)} pending>"
@@ -168,14 +167,22 @@ class Executor(concurrent.futures.Executor):
         with self._lock:
             for fut in futures:
                 self._pending[fut.task_id] = fut
-            self._ensure_collector()
-            self._lock.notify_all()
+        collector = self.queue.collector
+        waits = [
+            Wait(f.task_id, self.name, expiry, self.timeout, partial(self._ended, f), consume=True) for f in futures
+        ]
+        inbox = collector.add(waits)
         try:
-            self.queue.store.submit([(t, uuid.uuid4().hex, self.inbox) for t in tasks])
-        except BaseException:
+            self.queue.store.submit([(t, uuid.uuid4().hex, inbox) for t in tasks])
+            for wait in waits:
+                wait.submitted = True
+        except BaseException as exc:
+            collector.remove([f.task_id for f in futures])
             with self._lock:
                 for fut in futures:
                     self._pending.pop(fut.task_id, None)
+            if isinstance(exc, (redis_py.ConnectionError, redis_py.TimeoutError)):
+                raise connection_error(exc, self.queue.store.redis) from exc
             raise
         return futures
 
@@ -224,160 +231,29 @@ class Executor(concurrent.futures.Executor):
                 fut.cancel()
         if wait:
             concurrent.futures.wait(pending)
-            if self._collector is not None:
-                self._collector.join()
 
     # -- collecting ------------------------------------------------------------------------
     def _forget(self, task_id: str) -> None:
+        self.queue.collector.remove([task_id])
         with self._lock:
             self._pending.pop(task_id, None)
+            self._lock.notify_all()
 
-    def _ensure_collector(self) -> None:
-        if self._collector is None or not self._collector.is_alive():
-            self._collector = threading.Thread(target=self._collect, name=f"rtq-collector-{self.name}", daemon=True)
-            self._collector.start()
-
-    def _collect(self) -> None:
-        channel = Channel(self.queue.store.redis)  # the collector's own connection
-        try:
-            self._collect_on(channel)
-        finally:
-            channel.close()
-
-    def _collect_on(self, channel: Channel) -> None:
-        store = self.queue.store
-        backoff = 0.0
-        while True:
-            with self._lock:
-                while not self._pending and not self._shutdown:
-                    self._lock.wait()
-                if not self._pending and self._shutdown:
-                    return
-                nearest = min(f.expiry for f in self._pending.values())
-                # One call awaited (``submit().result()``): its outcome rides along the wake-up.
-                sole = next(iter(self._pending)) if len(self._pending) == 1 else None
-            wait = max(0.01, min(self.queue.interval, store.cap, nearest - time.time() + 0.01))
-            try:
-                # One round trip wakes and drains: the LPOP runs right after the BLPOP returns.
-                commands: list[tuple[Any, ...]] = [("BLPOP", self.inbox, wait), ("LPOP", self.inbox, COLLECT_BATCH)]
-                if sole is not None:
-                    commands.append(_read_outcome(self.queue.keys, sole))
-                item, more, *ahead = channel.pipeline(commands)
-                for reply in (item, more, *ahead):
-                    if isinstance(reply, Exception):
-                        raise reply
-                if item is None and not more:
-                    self._check_stragglers()
-                    continue
-                ids = [text(i) for i in ([item[1]] if item else []) + (more or [])]
-                # Read after the pop, so final if the sole call is among those that ended.
-                self._resolve_many(ids, channel, {sole: ahead[0]} if sole in ids else None)
-                backoff = 0.0
-            except (redis_py.ConnectionError, redis_py.TimeoutError) as exc:
-                backoff = min(max(backoff * 2, 0.1), 2.0)
-                logger.warning("lost Redis while collecting results (%s); retrying in %.1fs", exc, backoff)
-                time.sleep(backoff)
-            except Exception:  # a collector that dies would hang every future: log and go on
-                logger.exception("error while collecting results")
-
-    def _resolve(self, task_id: str) -> None:
-        with self.queue.store.channels.channel() as channel:
-            self._resolve_many([task_id], channel)
-
-    def _resolve_many(self, task_ids: list[str], channel: Channel, read: dict[str, Any] | None = None) -> None:
-        """Settle the futures of ended tasks: their outcomes are read in one round trip.
-
-        The records are removed after the futures are settled, so a waiting caller is not held
-        up by the clean-up.
-
-        Args:
-            task_ids: Tasks that ended.
-            channel: The connection to read through.
-            read: Outcomes already read (``_read_outcome``'s reply), by task id.
-        """
+    def _ended(self, fut: TaskFuture, how: Ended) -> None:
+        """Settle ``fut`` with how its task ended (called by the queue's collector)."""
         with self._lock:
-            futures = [(i, self._pending.pop(i, None)) for i in task_ids]
-        live = [(i, fut) for i, fut in futures if fut is not None and not fut.done()]
-        if not live:
-            return
-        store, keys = self.queue.store, self.queue.keys
-        read = read or {}
-        unread = [_read_outcome(keys, i) for i, _ in live if i not in read]
-        fetched = iter(channel.pipeline(unread) if unread else [])
-        outcomes = [read[i] if i in read else next(fetched) for i, _ in live]
-        settled = []
-        n = len(OUTCOME_FIELDS)
-        for (task_id, fut), values in zip(live, outcomes, strict=True):
-            try:
-                if isinstance(values, Exception):
-                    raise values
-                progress, attempts, params_list = values[n:]
-                fut._keep_progress(progress)  # its final progress stays readable once the record is gone
-                state, value = store.outcome(task_id, values[:n])
-            except Exception as exc:
-                _settle(fut, fut.set_exception, exc)
-                continue
-            if state == "cancelled" and _attempts(attempts) == 0:
-                state = "cancelled while queued"  # no worker holds a claim on it: it never ran
-            lists = [params_list, values[OUTCOME_FIELDS.index("result#")], values[OUTCOME_FIELDS.index("error#")]]
-            settled.append((task_id, fut, state, value, store.frame_keys(keys.task(task_id), lists)))
-        cleanup: list[tuple[Any, ...]] = []
-        for task_id, _, state, _, frames in settled:
-            if state in ("done", "failed", "cancelled", "cancelled while queued"):
-                cleanup.append(("UNLINK", keys.task(task_id), *frames))
-                # Watchers may still be reading the events.
-                cleanup.append(("PEXPIRE", keys.events(task_id), int(EVENTS_KEEP_S * 1000)))
-        for task_id, fut, state, value, _ in settled:
-            if state == "done":
-                _settle(fut, fut.set_result, value)
-            elif state == "failed":
-                _settle(fut, fut.set_exception, value)
-            elif state == "cancelled while queued":
-                fut._mark_cancelled()  # as Future.cancel() does, whichever thread gets here first
-            elif state == "cancelled":
-                _settle(fut, fut.set_exception, TaskCancelled(f"task {task_id} on {self.name!r} was cancelled"))
-        if cleanup:
-            channel.pipeline(cleanup)
-
-    def _check_stragglers(self) -> None:
-        """No push came: time out expired calls, fail vanished ones, reap lapsed workers."""
-        now = time.time()
-        with self._lock:
-            futures = list(self._pending.values())
-        expired = [f for f in futures if f.expiry <= now]
-        for fut in expired:
-            self.queue._cancel_quietly(fut.task_id)
-            self._forget(fut.task_id)
-            _settle(fut, fut.set_exception, TaskTimeout(f"task {fut.task_id} on {self.name!r} has expired"))
-        live = [f for f in futures if f.expiry > now]
-        if not live:
-            return
-        redis, keys = self.queue.store.redis, self.queue.keys
-        pipe = redis.pipeline(transaction=False)
-        for fut in live:
-            pipe.hget(keys.task(fut.task_id), "state")
-        states = pipe.execute()
-        for fut, state in zip(live, states, strict=True):
-            if state is None:
-                self._forget(fut.task_id)
-                lost = TaskLost(f"task {fut.task_id}'s data vanished from Redis (restart, eviction or flush)")
-                _settle(fut, fut.set_exception, lost)
-            elif text(state) not in ("queued", "running"):
-                self._resolve(fut.task_id)  # ended, but its push was lost (e.g. Redis restarted)
-        if any(text(s) == "running" for s in states if s is not None):
-            self.queue.reaper.reap()
-
-
-def _attempts(raw: Any) -> int:
-    try:
-        return int(text(raw) or 0)
-    except ValueError:
-        return 1
-
-
-def _read_outcome(keys: Any, task_id: str) -> tuple[Any, ...]:
-    """The command reading what settles a task's future: outcome, progress, attempts, params' frames."""
-    return ("HMGET", keys.task(task_id), *OUTCOME_FIELDS, "progress", "attempt", "params#")
+            self._pending.pop(fut.task_id, None)
+            self._lock.notify_all()
+        if how.progress:
+            fut._keep_progress(how.progress)  # its final progress stays readable once the record is gone
+        if how.state == "done":
+            _settle(fut, fut.set_result, how.value)
+        elif how.state in ("failed", "error"):
+            _settle(fut, fut.set_exception, how.value)
+        elif how.attempts == 0:  # cancelled while queued: no worker holds a claim on it, it never ran
+            fut._mark_cancelled()  # as Future.cancel() does, whichever thread gets here first
+        else:
+            _settle(fut, fut.set_exception, TaskCancelled(f"task {fut.task_id} on {self.name!r} was cancelled"))
 
 
 def _settle(fut: TaskFuture, setter: Callable[[Any], None], value: Any) -> None:

@@ -23,6 +23,7 @@ a time.
 from __future__ import annotations
 
 import os
+import select
 import socket
 import threading
 from collections.abc import Iterator, Sequence
@@ -150,6 +151,23 @@ class Channel:
                 conn.disconnect()
             finally:
                 self.pool.release(conn)
+
+    def stale(self) -> bool:
+        """Whether the idle held connection has something to read: then it must carry nothing.
+
+        An idle connection with data waiting was closed by the server (a restart, a client
+        timeout) or holds stray bytes; a command sent on it would fail, or read the wrong reply.
+        One ``poll`` of the socket, no round trip.
+        """
+        sock = getattr(self._conn, "_sock", None)
+        if not isinstance(sock, socket.socket):
+            return False
+        try:
+            poller = select.poll()
+            poller.register(sock, select.POLLIN | select.POLLERR | select.POLLHUP)
+            return bool(poller.poll(0))
+        except (OSError, ValueError):
+            return True
 
     def close(self) -> None:
         """Give the held connection back to the pool."""
@@ -397,6 +415,8 @@ class ChannelPool:
             channel = self._idle.pop() if self._idle else None
         if channel is None:
             channel = Channel(self.client)
+        elif channel.stale():  # the server closed it while it sat idle: start afresh
+            channel.reset()
         try:
             yield channel
         finally:

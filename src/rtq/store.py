@@ -41,8 +41,9 @@ from typing import Any, cast
 import redis as redis_py
 
 from . import scripts
-from .errors import RemoteTaskError, SerializationError, TaskLost
-from .fastpath import ChannelPool, call_script
+from .batching import GroupCommit
+from .errors import RemoteTaskError, RtqConnectionError, SerializationError, TaskLost
+from .fastpath import ChannelPool
 from .keys import Keys
 from .serialization import CHUNK, Serializer, UnreadablePayload
 from .task import RedisTask
@@ -60,6 +61,22 @@ def text(value: Any) -> str:
     if isinstance(value, (bytes, bytearray, memoryview)):
         return bytes(value).decode()
     return "" if value is None else str(value)
+
+
+def connection_error(exc: BaseException, client: redis_py.Redis | None = None) -> RtqConnectionError:
+    """The :class:`RtqConnectionError` that says what a redis-py connection failure means.
+
+    A pool with every connection checked out is not an unreachable server: say so, with the
+    limit and how to raise it.
+    """
+    if isinstance(exc, getattr(redis_py.exceptions, "MaxConnectionsError", ())) or "Too many connections" in str(exc):
+        limit = getattr(getattr(client, "connection_pool", None), "max_connections", None)
+        return RtqConnectionError(
+            f"the Redis client's connection pool is exhausted: all {limit or 'its'} connections are in use in "
+            "this process; raise the limit with redis.Redis(..., max_connections=N) or "
+            "rtq.connect(url, max_connections=N)"
+        )
+    return RtqConnectionError(f"Redis is unreachable: {exc}")
 
 
 def raw_client(client: redis_py.Redis) -> redis_py.Redis:
@@ -114,6 +131,7 @@ class TaskStore:
         self.scripts = scripts.load(self.redis)
         self.cap = block_cap(self.redis)
         self.channels = ChannelPool(self.redis)  # held connections for the hot paths
+        self.submitter = GroupCommit(self.redis)  # submit.lua calls of concurrent submitters
 
     # -- payload fields --------------------------------------------------------------------
     def encode(self, key: str, name: str, value: Any, tag: str, what: str) -> Encoded:
@@ -263,10 +281,12 @@ class TaskStore:
                 keys.append(self.keys.listen(listened))
             args = [task.id, int(task.expiry * 1000) + 1, *flatten(fields)]
             calls.append((keys, args))
-        with self.channels.channel() as channel:
-            if len(calls) == 1:
-                replies = [call_script(channel, script, *calls[0])]
-            else:
+        if len(calls) == 1:
+            # Concurrent submits (a thousand threads in query()) share one connection and leave
+            # together in one write, instead of taking a connection each.
+            replies = [self.submitter.call(script, *calls[0])]
+        else:
+            with self.channels.channel() as channel:
                 # A batch is one transaction: a connection lost before EXEC queues none of it.
                 replies = self._send_batch(channel, script, calls)
                 if any(isinstance(r, redis_py.exceptions.NoScriptError) for r in replies):

@@ -13,17 +13,19 @@ import logging
 import os
 import time
 import uuid
-from collections.abc import Callable, Sequence
-from threading import Event
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from threading import Event, Lock
 from typing import Any
 
 import redis as redis_py
 
-from .errors import RtqConnectionError, TaskCancelled, TaskLost, TaskTimeout
+from .collector import Collector, _Blocking
+from .errors import TaskCancelled, TaskTimeout
 from .keys import Keys, check_name
 from .recovery import Reaper
 from .serialization import DEFAULT_MAX_PAYLOAD, Serializer
-from .store import KEEP_S, OUTCOME_FIELDS, TaskStore, text
+from .store import KEEP_S, TaskStore, connection_error, text
 from .task import RedisTask, TaskExecutePolicy, running
 
 __all__ = ["RedisTask", "RedisTaskQueue", "TaskExecutePolicy"]
@@ -81,6 +83,8 @@ class RedisTaskQueue:
         self.serializer = Serializer(secret, max_payload=max_payload)
         self.store = TaskStore(redis, self.keys, self.serializer)
         self.reaper = Reaper(self)
+        self._collector: Collector | None = None
+        self._collector_lock = Lock()
 
     def __repr__(self) -> str:
         kwargs = self.redis.connection_pool.connection_kwargs
@@ -103,7 +107,7 @@ class RedisTaskQueue:
 
     def set_task(self, task: RedisTask) -> str:
         """Store ``task`` as it is now; returns its id."""
-        with _wrap_connection_errors():
+        with _wrap_connection_errors(self.store.redis):
             self.store.write(task)
         return task.id
 
@@ -114,7 +118,7 @@ class RedisTaskQueue:
             id: The task id.
             once: Delete the task's data after reading it.
         """
-        with _wrap_connection_errors():
+        with _wrap_connection_errors(self.store.redis):
             task = self.store.read(text(id), once=once)
         if task is not None:
             task._save = lambda: self.set_task(task)
@@ -122,19 +126,19 @@ class RedisTaskQueue:
 
     def has_task(self, id: str) -> bool:
         """Whether data for task ``id`` is stored."""
-        with _wrap_connection_errors():
+        with _wrap_connection_errors(self.store.redis):
             return bool(self.store.redis.exists(self.keys.task(text(id))))
 
     # -- listeners -------------------------------------------------------------------------
     def set_queue_listened(self, name: str) -> None:
         """Mark queue ``name`` as listened for the next ``timeout`` seconds."""
         check_name("queue name", name)
-        with _wrap_connection_errors():
+        with _wrap_connection_errors(self.store.redis):
             self.store.redis.set(self.keys.listen(name), "1", px=int(self.timeout * 1000))
 
     def is_listened(self, name: str) -> bool:
         """Whether a listener marked queue ``name`` within the last ``timeout`` seconds."""
-        with _wrap_connection_errors():
+        with _wrap_connection_errors(self.store.redis):
             return bool(self.store.redis.exists(self.keys.listen(name)))
 
     def listen(self, names: Sequence[str], workers: int = 128, event: Event | None = None) -> None:
@@ -178,11 +182,19 @@ class RedisTaskQueue:
 
         Raises:
             rtq.errors.TaskTimeout: The deadline passed first (also a ``TimeoutError``).
-            rtq.errors.TaskLost: The task's data vanished from Redis while waiting.
+            rtq.errors.TaskLost: The task's data vanished from Redis, or its queue entry did.
             Exception: Whatever the task raised, re-raised as its own type.
         """
-        self.submit(task, timeout=timeout)
-        return self.wait(task, once=once)
+        if timeout is not None:
+            task.expiry = time.time() + timeout
+        blocking = self._expect(task)
+        try:
+            self.submit(task, notify=self.collector.inbox)
+        except BaseException:
+            self.collector.remove([task.id])
+            raise
+        blocking.wait.submitted = True
+        return self._await(task, blocking, once=once)
 
     def submit(
         self, task: RedisTask, *, timeout: float | None = None, notify: str | None = None, if_listened: bool = False
@@ -195,61 +207,54 @@ class RedisTaskQueue:
         if timeout is not None:
             task.expiry = time.time() + timeout
         token = uuid.uuid4().hex
-        with _wrap_connection_errors():
+        with _wrap_connection_errors(self.store.redis):
             queued = self.store.submit([(task, token, notify)], listened=task.name if if_listened else None)
         return token if queued else None
 
+    @property
+    def collector(self) -> Collector:
+        """The one blocking reader that wakes every waiter of this queue object (see :mod:`rtq.collector`)."""
+        if self._collector is None:
+            with self._collector_lock:
+                if self._collector is None:
+                    self._collector = Collector(self)
+        return self._collector
+
+    def _expect(self, task: RedisTask, *, done: str | None = None) -> _Blocking:
+        """Register a waiter for ``task``; a ``done`` list means it was submitted already."""
+        timeout = self.timeout if task.expiry <= 0 else max(0.0, task.expiry - time.time())
+        return self.collector.expect(task.id, task.name, task.expiry, _round(timeout), done=done, submitted=bool(done))
+
     def wait(self, task: RedisTask, *, once: bool = False) -> Any:
-        """Block until ``task`` (already submitted) ends; returns its result or raises its error."""
-        store, done, key = self.store, self.keys.done(task.id), self.keys.task(task.id)
-        backoff = 0.0
-        while True:
-            remaining = task.expiry - time.time()
-            if remaining <= 0:
-                self._cancel_quietly(task.id)
-                raise TaskTimeout(f"Task {task.id} in {task.name} has expired")
-            try:
-                # The outcome is read in the wake-up's round trip: the server runs the HMGET
-                # right after the BLPOP returns (when the task ended, or at the timeout).
-                with store.channels.channel() as channel:
-                    woke, values = channel.pipeline(
-                        [
-                            ("BLPOP", done, max(0.01, min(remaining, self.interval, store.cap))),
-                            ("HMGET", key, *OUTCOME_FIELDS),
-                        ]
-                    )
-                for reply in (woke, values):
-                    if isinstance(reply, Exception):
-                        raise reply
-                if woke is None:
-                    try:
-                        state, _ = store.outcome(task.id, values)  # raises TaskLost when the data vanished
-                    except TaskLost:
-                        # The data expires with the deadline: at (or, with clock skew, just
-                        # before) it, a vanished task timed out; the loop top raises TaskTimeout.
-                        if time.time() >= task.expiry - 1.0:
-                            continue
-                        raise
-                    if state == "running" and self.reaper.owner_lapsed(task.id):
-                        self.reaper.reap()
-                    if state in ("queued", "running"):
-                        continue
-                state, value = store.outcome(task.id, values)
-                if once:
-                    store.discard(task.id)
-            except (redis_py.ConnectionError, redis_py.TimeoutError) as exc:
-                # Redis restarting: keep waiting (with backoff) until it is back or the deadline.
-                backoff = min(max(backoff * 2, 0.1), 2.0, max(remaining, 0.01))
-                logger.warning("lost Redis while waiting for task %s (%s); retrying in %.1fs", task.id, exc, backoff)
-                time.sleep(backoff)
-                continue
-            backoff = 0.0
-            if state == "done":
-                return value
-            if state == "failed":
-                raise value
-            if state == "cancelled":
-                raise TaskCancelled(f"Task {task.id} in {task.name} was cancelled")
+        """Block until ``task`` (already submitted) ends; returns its result or raises its error.
+
+        The task is expected to announce its end on its done list (``submit``'s default); one
+        announced elsewhere is still found, from its record, within a second.
+        """
+        return self._await(task, self._expect(task, done=self.keys.done(task.id)), once=once)
+
+    def _await(self, task: RedisTask, blocking: _Blocking, *, once: bool) -> Any:
+        """Block on ``blocking`` (the collector settles it) and return or raise the outcome."""
+        try:
+            # The collector ends every wait at its deadline; the extra margin only guards
+            # against a collector that cannot reach Redis to say so.
+            while not blocking.event.wait(max(0.0, task.expiry - time.time()) + _MARGIN_S):
+                if time.time() > task.expiry + _MARGIN_S:
+                    self._cancel_quietly(task.id)
+                    raise TaskTimeout(f"Task {task.id} in {task.name} ran past its deadline (Redis unreachable?)")
+        finally:
+            if blocking.ended is None:  # interrupted, or given up: stop waiting for it
+                self.collector.remove([task.id])
+        ended = blocking.ended
+        assert ended is not None
+        if once and ended.state != "error":
+            with _wrap_connection_errors(self.store.redis):
+                self.store.discard(task.id)
+        if ended.state == "done":
+            return ended.value
+        if ended.state == "cancelled":
+            raise TaskCancelled(f"Task {task.id} in {task.name} was cancelled")
+        raise ended.value  # failed: the task's own exception; error: TaskTimeout, TaskLost, …
 
     def _cancel_quietly(self, id: str) -> None:
         try:
@@ -268,7 +273,7 @@ class RedisTaskQueue:
         task is unknown).
         """
         key = self.keys.task(id)
-        with _wrap_connection_errors():
+        with _wrap_connection_errors(self.store.redis):
             name, notify = self.store.redis.hmget(key, ["name", "notify"])
             if name is None:
                 return None
@@ -305,8 +310,16 @@ class RedisTaskQueue:
             task.expiry = time.time() + timeout
         if policy is TaskExecutePolicy.Auto:
             # Remote when a listener marks the queue: checked and queued in one round trip.
-            if self.submit(task, timeout=timeout, if_listened=True) is not None:
-                return self.wait(task, once=once)
+            blocking = self._expect(task)
+            try:
+                queued = self.submit(task, notify=self.collector.inbox, if_listened=True)
+            except BaseException:
+                self.collector.remove([task.id])
+                raise
+            if queued is not None:
+                blocking.wait.submitted = True
+                return self._await(task, blocking, once=once)
+            self.collector.remove([task.id])
             policy = TaskExecutePolicy.Local
         if policy is TaskExecutePolicy.Local:
             return self.execute_task_locally(task, timeout)
@@ -328,12 +341,19 @@ class RedisTaskQueue:
         raise ValueError(f"unknown policy {policy!r}")
 
 
-class _wrap_connection_errors:
+@contextmanager
+def _wrap_connection_errors(client: redis_py.Redis) -> Iterator[None]:
     """Re-raise redis-py's connection failures as :class:`RtqConnectionError`."""
+    try:
+        yield
+    except (redis_py.ConnectionError, redis_py.TimeoutError) as exc:
+        raise connection_error(exc, client) from exc
 
-    def __enter__(self) -> None:
-        return None
 
-    def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
-        if exc_type is not None and issubclass(exc_type, (redis_py.ConnectionError, redis_py.TimeoutError)):
-            raise RtqConnectionError(f"Redis is unreachable: {exc}") from exc
+def _round(seconds: float) -> float:
+    """A timeout as a user would have written it (29.9996 -> 30) for messages."""
+    return float(f"{seconds:.3g}")
+
+
+_MARGIN_S = 5.0
+"""Seconds past a deadline a caller waits for the collector to time its task out."""

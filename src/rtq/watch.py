@@ -14,7 +14,7 @@ Two ways in:
 * :class:`Follower` follows **many** tasks with one blocking read and returns :class:`Event`
   objects; :func:`rtq.progress` is built on it.
 
-A finished task's events stay readable for a while (``rtq.executor.EVENTS_KEEP_S`` after an
+A finished task's events stay readable for a while (``rtq.collector.EVENTS_KEEP_S`` after an
 ``Executor`` resolves its future, else as long as the task's record), so watching a task that
 already ended replays what it wrote and then returns its final state.
 """

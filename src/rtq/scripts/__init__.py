@@ -10,7 +10,7 @@ from __future__ import annotations
 from importlib.resources import files
 from typing import Any
 
-NAMES = ("claim", "finish", "progress", "cancel", "recover", "heartbeat", "output", "submit")
+NAMES = ("claim", "finish", "progress", "cancel", "recover", "heartbeat", "output", "submit", "consume")
 
 
 def load(client: Any) -> dict[str, Any]:
