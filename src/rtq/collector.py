@@ -2,11 +2,16 @@
 
 Every task submitted through one :class:`~rtq.task_queue.RedisTaskQueue` object — by
 ``query()``, ``execute_task_remotely()`` or any ``rtq.Executor`` on it — announces its end by
-pushing its id on that queue object's *inbox* (``<p>|<s>|inbox:<client>``). One collector
-thread per queue object blocks on the inbox, reads the outcomes of the ids it pops in the same
-round trip, and hands each to its waiter: a blocked ``query()`` thread or a ``TaskFuture``. So
-a thousand threads waiting in ``query()`` on one client hold one connection between them, not
-a thousand (redis-py's pool would refuse the 101st), and nobody polls.
+pushing its id on that queue object's *inbox* (``<p>|<s>|inbox:<client>``). One collector at a
+time blocks on the inbox, reads the outcomes of the ids it pops in the same round trip, and
+hands each to its waiter: a blocked ``query()`` thread or a ``TaskFuture``. So a thousand
+threads waiting in ``query()`` on one client hold one connection between them, not a thousand
+(redis-py's pool would refuse the 101st), and nobody polls.
+
+Who collects (leader and followers): a thread blocked in ``query()`` collects itself while nobody
+else does — a lone call's outcome rides along its own wake-up, with no hand-off between threads
+— and, once settled, wakes another blocked caller to take over. Futures, which have no thread of
+their own, are served by a collector thread that runs while any future is pending.
 
 A waiter is settled only by its task's *final* state read from the record: an id that arrives
 in the inbox while the record still says queued or running (a stray push) changes nothing.
@@ -46,7 +51,7 @@ from .store import OUTCOME_FIELDS, text
 if TYPE_CHECKING:
     from .task_queue import RedisTaskQueue
 
-__all__ = ["CHECK_PERIOD", "LOST_AFTER", "Collector", "Ended", "Wait"]
+__all__ = ["CHECK_PERIOD", "LOST_AFTER", "Blocking", "Collector", "Ended", "Wait"]
 
 logger = logging.getLogger("rtq.client")
 
@@ -110,6 +115,7 @@ class Wait:
     consume: bool = False
     done: str | None = None
     submitted: bool = False  # set by the submitter once the task is stored: until then no record is expected
+    wake: threading.Event | None = None  # a blocked thread's: it collects itself when woken with nobody collecting
     since: float = field(default_factory=time.monotonic)
     next_locate: float = 0.0  # monotonic time of its next look for the id in a list
     locate_gap: float = LOST_AFTER
@@ -135,6 +141,9 @@ class Collector:
         self.inbox = self.queue.keys.inbox(self.client_id)
         self._waits: dict[str, Wait] = {}
         self._thread: threading.Thread | None = None
+        self._leader = threading.Lock()  # held by whoever collects now: a blocked caller or the thread
+        self._backoff = 0.0
+        self._last_check = time.monotonic()
 
     def __len__(self) -> int:
         return len(self._waits)
@@ -143,14 +152,15 @@ class Collector:
     def add(self, waits: Sequence[Wait]) -> str:
         """Expect the ends of these tasks (call before submitting them); returns the inbox key.
 
-        The tasks must be submitted with the returned inbox as their ``notify`` list.
+        The tasks must be submitted with the returned inbox as their ``notify`` list. Waiters
+        settled by a callback (futures) are served by the collector thread, started here.
         """
         with self._cond:
             if self._pid != os.getpid():
                 self._reset()
             for wait in waits:
                 self._waits[wait.task_id] = wait
-            if self._thread is None or not self._thread.is_alive():
+            if any(w.wake is None for w in waits) and (self._thread is None or not self._thread.is_alive()):
                 self._thread = threading.Thread(target=self._run, name="rtq-collector", daemon=True)
                 self._thread.start()
             self._cond.notify_all()
@@ -171,73 +181,115 @@ class Collector:
         *,
         done: str | None = None,
         submitted: bool = False,
-    ) -> _Blocking:
-        """Register a waiter that a thread then blocks on (``query()``); see :class:`_Blocking`."""
-        blocking = _Blocking()
-        blocking.wait = Wait(task_id, name, expiry, timeout, blocking.settle, done=done, submitted=submitted)
+    ) -> Blocking:
+        """Register a waiter that a thread then blocks on with :meth:`block` (``query()``)."""
+        blocking = Blocking()
+        blocking.wait = Wait(
+            task_id, name, expiry, timeout, blocking.settle, done=done, submitted=submitted, wake=blocking.wake
+        )
         self.add([blocking.wait])
         return blocking
 
-    # -- the collector thread --------------------------------------------------------------
+    def block(self, blocking: Blocking, timeout: float) -> bool:
+        """Wait up to ``timeout`` seconds for ``blocking`` to be settled; True once it is.
+
+        While nobody else collects, the calling thread collects itself — for every waiter, its
+        own outcome riding along its wake-up — so a lone ``query()`` costs no hand-off between
+        threads. Otherwise it sleeps until settled, or until the collector hands on the lead.
+        """
+        end = time.monotonic() + timeout
+        while blocking.ended is None:
+            if self._leader.acquire(blocking=False):
+                try:
+                    with self.queue.store.channels.channel() as channel:
+                        while blocking.ended is None and time.monotonic() < end:
+                            self._round(channel)
+                finally:
+                    self._leader.release()
+                    self._hand_on()
+                break
+            left = end - time.monotonic()
+            if left <= 0:
+                break
+            # Woken when settled or handed the lead; a second at most, to try for the lead again.
+            blocking.wake.wait(min(left, CHECK_PERIOD))
+            blocking.wake.clear()
+        return blocking.ended is not None
+
+    def _hand_on(self) -> None:
+        """Wake one blocked caller to collect next, now that this one is done."""
+        with self._cond:
+            nxt = next((w.wake for w in self._waits.values() if w.wake is not None), None)
+        if nxt is not None:
+            nxt.set()
+
+    # -- collecting ------------------------------------------------------------------------
     def _run(self) -> None:
-        channel = Channel(self.queue.store.redis)  # the collector's own connection
+        """The collector thread: collects while waiters settled by callbacks (futures) remain."""
+        channel = Channel(self.queue.store.redis)  # the thread's own connection
         try:
-            self._loop(channel)
+            while True:
+                with self._cond:
+                    if not self._serves():
+                        self._cond.wait_for(self._serves, timeout=IDLE_EXIT)
+                        if not self._serves():
+                            self._thread = None  # the next add() of a future starts a new one
+                            return
+                with self._leader:
+                    self._round(channel)
         except BaseException:  # never silently: every waiter would hang
             logger.exception("the result collector stopped")
             raise
         finally:
             channel.close()
 
-    def _loop(self, channel: Channel) -> None:
+    def _serves(self) -> bool:
+        return any(w.wake is None for w in self._waits.values())
+
+    def _round(self, channel: Channel) -> None:
+        """One wake-up: block on the inbox, settle what ended; or the periodic checks. Never raises."""
         store, keys = self.queue.store, self.queue.keys
-        backoff = 0.0
-        last_check = time.monotonic()
-        while True:
-            with self._cond:
-                if not self._waits:
-                    self._cond.wait_for(lambda: bool(self._waits), timeout=IDLE_EXIT)
-                    if not self._waits:
-                        self._thread = None  # the next add() starts a new one
-                        return
-                nearest = min(w.expiry for w in self._waits.values())
-                # One call awaited (``query()``, ``submit().result()``): its outcome rides along
-                # the wake-up, read right after the pop in the same round trip.
-                sole = next(iter(self._waits)) if len(self._waits) == 1 else None
-                inbox = self.inbox
-                lists = [w.done for w in self._waits.values() if w.done][:MAX_DONE_LISTS]
-            now = time.monotonic()
-            block = min(self.queue.interval, store.cap, CHECK_PERIOD, max(0.0, nearest - time.time()) + 0.01)
-            try:
-                if now - last_check >= CHECK_PERIOD:
-                    last_check = now
-                    self._check(channel)
-                    continue
-                commands: list[tuple[Any, ...]] = [
-                    ("BLPOP", inbox, *lists, max(0.01, block)),
-                    ("LPOP", inbox, COLLECT_BATCH),
-                ]
-                if sole is not None:
-                    commands.append(("HMGET", keys.task(sole), *_READ))
-                item, more, *ahead = channel.pipeline(commands)
-                for reply in (item, more, *ahead):
-                    if isinstance(reply, Exception):
-                        raise reply
-                backoff = 0.0
-                if item is None and not more:
-                    last_check = time.monotonic()
-                    self._check(channel)
-                    continue
-                ids = [text(i) for i in ([item[1]] if item else []) + (more or [])]
-                # Read after the pop: final if the sole call is among those that ended.
-                self._settle(ids, channel, {sole: ahead[0]} if sole is not None and sole in ids else {})
-            except (redis_py.ConnectionError, redis_py.TimeoutError) as exc:
-                backoff = min(max(backoff * 2, 0.1), 2.0)
-                logger.warning("lost Redis while collecting results (%s); retrying in %.1fs", exc, backoff)
-                time.sleep(backoff)  # Redis is away: nothing to block on but the clock
-            except Exception:  # a collector that dies would hang every waiter: log and go on
-                logger.exception("error while collecting results")
-                time.sleep(0.1)  # never a hot loop on a persistent error
+        with self._cond:
+            if not self._waits:
+                return
+            nearest = min(w.expiry for w in self._waits.values())
+            # One call awaited (``query()``, ``submit().result()``): its outcome rides along
+            # the wake-up, read right after the pop in the same round trip.
+            sole = next(iter(self._waits)) if len(self._waits) == 1 else None
+            inbox = self.inbox
+            lists = [w.done for w in self._waits.values() if w.done][:MAX_DONE_LISTS]
+        now = time.monotonic()
+        block = min(self.queue.interval, store.cap, CHECK_PERIOD, max(0.0, nearest - time.time()) + 0.01)
+        try:
+            if now - self._last_check >= CHECK_PERIOD:
+                self._last_check = now
+                self._check(channel)
+                return
+            commands: list[tuple[Any, ...]] = [
+                ("BLPOP", inbox, *lists, max(0.01, block)),
+                ("LPOP", inbox, COLLECT_BATCH),
+            ]
+            if sole is not None:
+                commands.append(("HMGET", keys.task(sole), *_READ))
+            item, more, *ahead = channel.pipeline(commands)
+            for reply in (item, more, *ahead):
+                if isinstance(reply, Exception):
+                    raise reply
+            self._backoff = 0.0
+            if item is None and not more:
+                self._last_check = time.monotonic()
+                self._check(channel)
+                return
+            ids = [text(i) for i in ([item[1]] if item else []) + (more or [])]
+            # Read after the pop: final if the sole call is among those that ended.
+            self._settle(ids, channel, {sole: ahead[0]} if sole is not None and sole in ids else {})
+        except (redis_py.ConnectionError, redis_py.TimeoutError) as exc:
+            self._backoff = min(max(self._backoff * 2, 0.1), 2.0)
+            logger.warning("lost Redis while collecting results (%s); retrying in %.1fs", exc, self._backoff)
+            time.sleep(self._backoff)  # Redis is away: nothing to block on but the clock
+        except Exception:  # a collector that dies would hang every waiter: log and go on
+            logger.exception("error while collecting results")
+            time.sleep(0.1)  # never a hot loop on a persistent error
 
     def _settle(self, task_ids: list[str], channel: Channel, read: dict[str, Any]) -> None:
         """Settle the waiters of tasks that ended, from their records (one round trip).
@@ -402,17 +454,17 @@ class Collector:
             logger.exception("a waiter of task %s failed", wait.task_id)
 
 
-class _Blocking:
-    """A thread blocked on one task, woken by the collector."""
+class Blocking:
+    """A thread blocked on one task (see :meth:`Collector.block`)."""
 
     def __init__(self) -> None:
-        self.event = threading.Event()
+        self.wake = threading.Event()  # set when settled, or when handed the lead
         self.ended: Ended | None = None
         self.wait: Wait
 
     def settle(self, how: Ended) -> None:
         self.ended = how
-        self.event.set()
+        self.wake.set()
 
 
 def _attempts(raw: Any) -> int:

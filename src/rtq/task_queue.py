@@ -20,7 +20,7 @@ from typing import Any
 
 import redis as redis_py
 
-from .collector import Collector, _Blocking
+from .collector import Blocking, Collector
 from .errors import TaskCancelled, TaskTimeout
 from .keys import Keys, check_name
 from .recovery import Reaper
@@ -220,7 +220,7 @@ class RedisTaskQueue:
                     self._collector = Collector(self)
         return self._collector
 
-    def _expect(self, task: RedisTask, *, done: str | None = None) -> _Blocking:
+    def _expect(self, task: RedisTask, *, done: str | None = None) -> Blocking:
         """Register a waiter for ``task``; a ``done`` list means it was submitted already."""
         timeout = self.timeout if task.expiry <= 0 else max(0.0, task.expiry - time.time())
         return self.collector.expect(task.id, task.name, task.expiry, _round(timeout), done=done, submitted=bool(done))
@@ -233,12 +233,12 @@ class RedisTaskQueue:
         """
         return self._await(task, self._expect(task, done=self.keys.done(task.id)), once=once)
 
-    def _await(self, task: RedisTask, blocking: _Blocking, *, once: bool) -> Any:
+    def _await(self, task: RedisTask, blocking: Blocking, *, once: bool) -> Any:
         """Block on ``blocking`` (the collector settles it) and return or raise the outcome."""
         try:
             # The collector ends every wait at its deadline; the extra margin only guards
             # against a collector that cannot reach Redis to say so.
-            while not blocking.event.wait(max(0.0, task.expiry - time.time()) + _MARGIN_S):
+            while not self.collector.block(blocking, max(0.0, task.expiry - time.time()) + _MARGIN_S):
                 if time.time() > task.expiry + _MARGIN_S:
                     self._cancel_quietly(task.id)
                     raise TaskTimeout(f"Task {task.id} in {task.name} ran past its deadline (Redis unreachable?)")
