@@ -224,6 +224,34 @@ def test_attempts_exhausted_fail_with_worker_lost_and_a_dead_letter(r, workers, 
     assert field(r, "x1", "state") == "failed"
 
 
+def test_the_attempt_limit_a_task_was_submitted_under_holds_whoever_reaps_it(r, workers, tmp_path):
+    # A record written by an older rtq carries no limit: the reaper applies its own.
+    for limit, outcome in ((2, "queued"), (1, "failed")):
+        task_id = f"old-{limit}"
+        fields = {"name": "served-by-none", "state": "running", "owner": "ghost", "attempt": 1, "expiry": 1e10}
+        r.hset(K.task(task_id), mapping=fields)
+        r.rpush(K.running("ghost"), task_id)
+        r.zadd(K.workers(), {"ghost": 0})
+        assert make_queue(r, max_attempts=limit).reaper.reap() == 1
+        assert field(r, task_id, "state") == outcome
+    assert "(max_attempts=1)" in json.loads(r.lpop(K.dead()))["error"]
+
+    # The caller allows one attempt; the workers, which reap each other's tasks, allow three.
+    queue = make_queue(r, max_attempts=1)
+    started, release = tmp_path / "started", tmp_path / "release"
+    a = start(workers, "--max-attempts", "3")
+    task = submit(queue, "lim1", {"action": "wait", "started": str(started), "release": str(release)})
+    wait_for(lambda: pids(started) == [a.pid], what="worker A to start the task")
+    start(workers, "--max-attempts", "3")  # B reaps A's task (the caller is not waiting yet)
+    a.kill()
+    a.wait(10)
+    wait_for(lambda: field(r, "lim1", "state") == "failed" or len(pids(started)) > 1, 20, "the task to be recovered")
+    assert pids(started) == [a.pid], "the task was claimed again past the limit it was submitted under"
+    with pytest.raises(WorkerLost, match=r"after 1 attempt\(s\) \(max_attempts=1\)"):
+        queue.wait(task)
+    assert [json.loads(e)["id"] for e in r.lrange(K.dead(), 0, -1)] == ["lim1"]
+
+
 # -- cancellation ----------------------------------------------------------------------------
 def test_cancel_a_queued_task_it_never_runs(r, workers, tmp_path):
     queue = make_queue(r)

@@ -53,7 +53,9 @@ def _parser() -> argparse.ArgumentParser:
     worker.add_argument("--task-fn", help="module:function to run plain seed tasks (default: shipped calls)")
     worker.add_argument("--grace", type=float, default=30.0, help="seconds running tasks get on SIGTERM (default 30)")
     worker.add_argument("--lease", type=float, default=10.0, help="heartbeat lease in seconds (default 10)")
-    worker.add_argument("--max-attempts", type=int, default=3, help="claims before a task fails (default 3)")
+    worker.add_argument(
+        "--max-attempts", type=int, default=3, help="claims before a task this worker reaps fails (default 3)"
+    )
     worker.add_argument(
         "--insecure",
         action="store_true",

@@ -11,6 +11,8 @@ token         random id of this submission; a reused task id gets a new one
 state         queued | running | done | failed | cancelled
 notify        list to push the id to when the task ends (done list or a client inbox)
 attempt       how many times a worker claimed it; owner / claimed: the current claim
+max_attempts  claims it may use before it fails with ``WorkerLost``: the submitter's limit,
+              which every reaper applies (to a record an older rtq wrote without it, its own)
 progress      "current total time"
 params        envelope of the parameters (``params#`` lists extra frames, see below)
 result        envelope of the return value, when done
@@ -105,12 +107,20 @@ def _socket_timeout(pool: Any) -> float | None:
 
 
 class TaskStore:
-    """The task-record operations of one queue namespace, over a bytes-returning client."""
+    """The task-record operations of one queue namespace, over a bytes-returning client.
 
-    def __init__(self, client: redis_py.Redis, keys: Keys, serializer: Serializer) -> None:
+    Args:
+        client: The user's client (a twin that returns bytes is made if it decodes).
+        keys: The namespace's key names.
+        serializer: Envelopes payloads.
+        max_attempts: The attempt limit stored with each task this side submits.
+    """
+
+    def __init__(self, client: redis_py.Redis, keys: Keys, serializer: Serializer, *, max_attempts: int = 3) -> None:
         self.redis = raw_client(client)
         self.keys = keys
         self.serializer = serializer
+        self.max_attempts = max_attempts
         self.scripts = scripts.load(self.redis)
         self.cap = block_cap(self.redis)
         self.channels = ChannelPool(self.redis)  # held connections for the hot paths
@@ -197,6 +207,7 @@ class TaskStore:
                 "token": token,
                 "state": state,
                 "notify": notify or self.keys.done(task.id),
+                "max_attempts": str(self.max_attempts),
                 "progress": f"{task.current_progress!r} {task.total_progress!r} {task.update_progress_time!r}",
             }
         )
