@@ -335,8 +335,7 @@ class Listener:
         except (SerializationError, SignatureError) as exc:
             level = logging.ERROR if isinstance(exc, SignatureError) else logging.WARNING
             logger.log(level, "refused task %s in %s: %s", task_id, task.name, exc)
-            self.outcomes.finish(task, "failed", exc)
-            self.reaper.dead_letter(task_id, task.name, exc)
+            self.outcomes.finish(task, "failed", exc, dead_letter=True)
             return None
         return task
 

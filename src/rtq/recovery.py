@@ -6,7 +6,8 @@ clock). Any live worker — and any caller waiting on a task — can reap a laps
 its claimed tasks goes back to the front of its queue, or fails with ``WorkerLost`` once it has
 used up its ``max_attempts`` (the limit it was submitted under, stored with it, whoever reaps).
 Each step is one Lua call that first removes the id from the dead worker's list, so two reapers
-never requeue the same task twice.
+never requeue the same task twice. A worker that died while sending a result leaves none of it:
+a result with extra frames is one transaction with ``finish.lua`` (see :mod:`rtq.outcome`).
 """
 
 from __future__ import annotations
@@ -116,19 +117,24 @@ class Reaper:
 
     @staticmethod
     def _entry(task_id: str, name: str, error: BaseException, worker: str) -> str:
-        return json.dumps(
-            {
-                "id": task_id,
-                "queue": name,
-                "error": f"{type(error).__name__}: {error}",
-                "worker": worker,
-                "time": time.time(),
-            }
-        )
+        return dead_letter_entry(task_id, name, error, worker)
 
     def dead_letters(self, count: int = 100) -> list[dict[str, object]]:
         """The newest ``count`` dead-letter entries, newest first."""
         return [json.loads(text(e)) for e in self.redis.lrange(self.keys.dead(), 0, count - 1)]
+
+
+def dead_letter_entry(task_id: str, name: str, error: BaseException, worker: str = "") -> str:
+    """The dead-letter list's JSON entry for task ``task_id`` of queue ``name``, failed with ``error``."""
+    return json.dumps(
+        {
+            "id": task_id,
+            "queue": name,
+            "error": f"{type(error).__name__}: {error}",
+            "worker": worker,
+            "time": time.time(),
+        }
+    )
 
 
 def _limit(stored: str, own: int) -> int:

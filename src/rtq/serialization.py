@@ -121,12 +121,12 @@ class Serializer:
         total = len(body) + sum(r.nbytes for r in raws)
         if total > self.max_payload:
             raise SerializationError(
-                f"{what} is {_size(total)} pickled, over the {_size(self.max_payload)} payload limit "
+                f"{what} is {size_text(total)} pickled, over the {size_text(self.max_payload)} payload limit "
                 "(raise it with max_payload=... on both sides, or ship less)"
             )
         if len(body) > MAX_VALUE:
             raise SerializationError(
-                f"{what} pickles to a {_size(len(body))} stream, over the {_size(MAX_VALUE)} a single "
+                f"{what} pickles to a {size_text(len(body))} stream, over the {size_text(MAX_VALUE)} a single "
                 "Redis value can hold; only out-of-band buffers (numpy arrays) are split"
             )
         flags = FLAG_SIGNED if self.secrets else 0
@@ -208,7 +208,8 @@ class Serializer:
             ) from exc
 
 
-def _size(n: int) -> str:
+def size_text(n: int) -> str:
+    """``n`` bytes, for people: ``"1.5 MiB"``."""
     for unit, scale in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
         if n >= scale:
             return f"{n / scale:.1f} {unit}"

@@ -44,7 +44,7 @@ import redis as redis_py
 
 from . import scripts
 from .errors import RemoteTaskError, SerializationError, TaskLost
-from .fastpath import ChannelPool, call_script
+from .fastpath import ChannelPool, call_script, raise_errors
 from .keys import Keys
 from .serialization import CHUNK, Serializer, UnreadablePayload
 from .task import RedisTask
@@ -256,9 +256,7 @@ class TaskStore:
             commands.append(("EXEC",))
             with self.channels.channel() as channel:  # sends the frames as they are, uncopied
                 replies = channel.pipeline(commands)
-            for reply in replies:
-                if isinstance(reply, Exception):
-                    raise reply
+            raise_errors(replies, _what_submit(records))
             return True
         script = self.scripts["submit"]
         calls = []
@@ -276,7 +274,10 @@ class TaskStore:
             calls.append((keys, args))
         with self.channels.channel() as channel:
             if len(calls) == 1:
-                replies = [call_script(channel, script, *calls[0])]
+                try:
+                    replies = [call_script(channel, script, *calls[0])]
+                except redis_py.ResponseError as exc:
+                    replies = [exc]
             else:
                 # A batch is one transaction: a connection lost before EXEC queues none of it.
                 replies = self._send_batch(channel, script, calls)
@@ -285,9 +286,7 @@ class TaskStore:
                     # same script), so load it and send the batch again.
                     channel.execute("SCRIPT", "LOAD", script.script)
                     replies = self._send_batch(channel, script, calls)
-        for reply in replies:
-            if isinstance(reply, Exception):
-                raise reply
+        raise_errors(replies, _what_submit(records))
         # Replaced records that had big frames: submit.lua handed back their frame lists.
         stale = [
             frame
@@ -304,12 +303,11 @@ class TaskStore:
         """One MULTI/EXEC of ``script`` calls by SHA; the replies of the calls."""
         commands = [("MULTI",), *(("EVALSHA", script.sha, len(k), *k, *a) for k, a in calls), ("EXEC",)]
         replies = channel.pipeline(commands)
-        for reply in replies[:-1]:  # MULTI's OK and each QUEUED, or an error queueing a call
-            if isinstance(reply, Exception):
-                raise reply
-        if isinstance(replies[-1], Exception):
-            raise replies[-1]
-        return list(replies[-1])
+        # MULTI's OK and each QUEUED, or an error queueing a call (then EXEC aborts); the calls'
+        # own replies go back unchecked (a NOSCRIPT among them means: load, send again).
+        *queued, result = replies
+        raise_errors(queued if isinstance(result, list) else replies, f"a batch of {len(calls)} tasks")
+        return list(result)
 
     def write(self, task: RedisTask, *, state: str | None = None) -> None:
         """Store ``task`` as it is now (``RedisTask.save``), keeping its claim and token."""
@@ -456,6 +454,12 @@ class Encoded:
 
 SCRIPT_ARGS_MAX = 256 * 1024
 """Largest record (bytes of field values) stored through ``submit.lua``; bigger ones skip Lua."""
+
+
+def _what_submit(records: Sequence[tuple[RedisTask, Encoded]]) -> str:
+    if len(records) == 1:
+        return f"task {records[0][0].id} in {records[0][0].name}"
+    return f"a batch of {len(records)} tasks"
 
 
 def _payload_size(fields: dict[str, Any]) -> int:
