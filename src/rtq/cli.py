@@ -57,6 +57,13 @@ def _parser() -> argparse.ArgumentParser:
         "--max-attempts", type=int, default=3, help="claims before a task this worker reaps fails (default 3)"
     )
     worker.add_argument(
+        "--max-payload",
+        type=int,
+        default=None,
+        metavar="BYTES",
+        help="largest payload a task may ship or return (default 400 MiB; set the same on clients)",
+    )
+    worker.add_argument(
         "--insecure",
         action="store_true",
         help="serve a Redis on another machine without RTQ_SECRET (tasks are pickles)",
@@ -150,6 +157,7 @@ def worker_main(args: argparse.Namespace) -> int:
             interval=args.interval,
             task_fn=task_fn,
             max_attempts=args.max_attempts,
+            **({"max_payload": args.max_payload} if args.max_payload is not None else {}),
         )
     except RtqError as exc:
         print(f"rtq worker: {exc}", file=sys.stderr)

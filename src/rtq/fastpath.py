@@ -27,7 +27,7 @@ from __future__ import annotations
 import os
 import socket
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
 
@@ -118,26 +118,46 @@ class Channel:
             raise
         return replies
 
-    def read_into(self, command: Sequence[Any], targets: Sequence[memoryview]) -> bool:
+    def read_into(
+        self,
+        command: Sequence[Any],
+        targets: Sequence[memoryview] | Callable[[list[Any]], Sequence[memoryview]],
+        *,
+        measure: Sequence[Sequence[Any]] = (),
+    ) -> bool:
         """Run ``command`` (``HMGET`` or ``MGET``) with each value read straight into its target buffer.
 
         For big payload frames: no intermediate copies (the parser's buffer, a ``bytes`` object,
         a join). Returns False when a value is missing or not exactly its target's size (the
         targets' contents are then undefined); raises on connection errors.
+
+        Args:
+            command: The read.
+            targets: One buffer per value; or, with ``measure``, a function given the replies
+                of ``measure`` that returns them (allocating nothing before it knows the sizes).
+                An exception it raises is raised here, the read left unread (the connection is
+                dropped).
+            measure: Commands sent in the same write, just before ``command`` (``STRLEN``…).
         """
         conn = self._connection()
         reader = self._reader
         if reader is None:
-            values = self.pipeline([command])[0]
+            *held, values = self.pipeline([*measure, command])
             if isinstance(values, Exception):
                 raise values
+            if callable(targets):
+                targets = targets(held)
             for value, target in zip(values, targets, strict=True):
                 if value is None or len(value) != target.nbytes:
                     return False
                 target[:] = value
             return True
         try:
-            conn.send_packed_command(_pack([command], self._encoding))
+            conn.send_packed_command(_pack([*measure, command], self._encoding))
+            if callable(targets):
+                # rtq's own parser, never hiredis's: hiredis may buffer the start of the read's
+                # reply, which bulks_into must find in rtq's buffer.
+                targets = targets([reader.own_reply() for _ in measure])
             ok = reader.bulks_into(targets)
             if reader.pending():
                 raise redis_py.ConnectionError("unexpected data after the reply")
@@ -312,6 +332,10 @@ class _Reader:
             fast.feed(chunk)
             reply = fast.gets()
         return _typed_errors(reply)
+
+    def own_reply(self) -> Any:
+        """The next reply, parsed from rtq's own buffer (never through hiredis's)."""
+        return self._reply()
 
     def _reply(self) -> Any:
         line = self._line()

@@ -158,6 +158,16 @@ class TaskStore:
         return found
 
     def decode(self, key: str, name: str, first: bytes | None, extra: bytes | None) -> Any:
+        """The value stored at ``key``/``name``: its first frame as read, ``extra`` its frame list.
+
+        Nothing is fetched or allocated for the extra frames on the word of their envelope alone
+        (it is not verified before they are read): their number and sizes are checked against
+        ``max_payload`` first, and big ones against what Redis actually holds.
+
+        Raises:
+            SerializationError: the payload is malformed, too big, or its frames do not match.
+            SignatureError: it does not verify (a secret is set).
+        """
         frames: list[Any] = [first]
         if extra and first is not None:
             # The frame list comes from Redis: check it against the envelope before fetching.
@@ -165,36 +175,55 @@ class TaskStore:
             if parsed is None:
                 raise SerializationError(f"payload at {key} [{name}] has a malformed frame list {extra!r}")
             tag, count, apart = parsed
-            if count != self.serializer.frame_count(first, f" at {key} [{name}]"):
+            lengths = self.serializer.frame_sizes(first, f" at {key} [{name}]")
+            if count != len(lengths):
                 raise SerializationError(f"payload at {key} [{name}] lists {count} frames; its envelope says otherwise")
             names = [f"{name}.{tag}.{i}" for i in range(count)]
-            sizes = self.serializer.buffer_sizes(first)
             if not names:
                 return self.serializer.loads(frames, key=key, field=name)
-            if apart:
-                command: tuple[Any, ...] = ("MGET", *(Keys.frame_of(key, n) for n in names))
-                return self._decode_direct(key, name, first, command, count, sizes)
-            if sum(sizes) >= DIRECT_READ_MIN:
-                return self._decode_direct(key, name, first, ("HMGET", key, *names), count, sizes)
+            if apart or sum(lengths) >= DIRECT_READ_MIN:
+                return self._decode_direct(key, name, first, names, apart, lengths)
             frames += self.redis.hmget(key, names)
         return self.serializer.loads(frames, key=key, field=name)
 
     def _decode_direct(
-        self, key: str, name: str, first: bytes, command: tuple[Any, ...], count: int, sizes: list[int]
+        self, key: str, name: str, first: bytes, names: list[str], apart: bool, lengths: list[int]
     ) -> Any:
-        """Read a big payload's frames straight into its buffers: one allocation, no copies."""
-        buffers = [bytearray(size) for size in sizes]
-        targets = []
-        for buffer in buffers:
-            view = memoryview(buffer)
-            targets += [view[i : i + CHUNK] for i in range(0, max(len(buffer), 1), CHUNK)]
-        if len(targets) != count:
-            where = f"payload at {key} [{name}]"
-            raise SerializationError(f"{where} lists {count} frames; its envelope says otherwise")
+        """Read a big payload's frames straight into its buffers: one allocation, no copies.
+
+        The frames' lengths in Redis (``STRLEN`` / ``HSTRLEN``) travel in the same write as
+        their read, and the buffers are allocated only once they match the envelope: a forged
+        envelope announcing gigabytes costs nothing but its refusal.
+        """
+        where = f"payload at {key} [{name}]"
+        if apart:
+            frame_keys = [Keys.frame_of(key, n) for n in names]
+            measure: list[tuple[Any, ...]] = [("STRLEN", k) for k in frame_keys]
+            command: tuple[Any, ...] = ("MGET", *frame_keys)
+        else:
+            measure = [("HSTRLEN", key, n) for n in names]
+            command = ("HMGET", key, *names)
+        buffers: list[bytearray] = []
+
+        def targets(held: list[Any]) -> list[memoryview]:
+            for i, (have, want) in enumerate(zip(held, lengths, strict=True)):
+                if have != want:
+                    stored = f"{have} bytes" if isinstance(have, int) else "not a string"
+                    raise SerializationError(
+                        f"{where} is missing a frame, or one has the wrong size (frame {i}: {stored} in Redis, "
+                        f"{want} announced)"
+                    )
+            buffers.extend(bytearray(size) for size in self.serializer.buffer_sizes(first))
+            views = []
+            for buffer in buffers:
+                view = memoryview(buffer)
+                views += [view[i : i + CHUNK] for i in range(0, max(len(buffer), 1), CHUNK)]
+            return views
+
         with self.channels.channel() as channel:
-            complete = channel.read_into(command, targets)
-        if not complete:
-            raise SerializationError(f"payload at {key} [{name}] is missing a frame, or one has the wrong size")
+            complete = channel.read_into(command, targets, measure=measure)
+        if not complete:  # changed between its length and its read
+            raise SerializationError(f"{where} is missing a frame, or one has the wrong size")
         return self.serializer.loads([first, *buffers], key=key, field=name, joined=True)
 
     # -- caller side -----------------------------------------------------------------------
