@@ -9,6 +9,7 @@ and frames read straight into buffers.
 from __future__ import annotations
 
 from collections.abc import Iterator
+from typing import Any
 
 import pytest
 import redis
@@ -91,6 +92,30 @@ def test_frames_are_read_straight_into_their_buffers(channel: fastpath.Channel) 
     assert channel.read_into(("MGET", "k0", "k1"), targets)  # frames under keys of their own
     assert [bytes(t) for t in targets] == frames
     assert not channel.read_into(("MGET", "k0", "gone"), targets)  # a missing frame
+
+
+def test_buffers_are_allocated_only_once_the_lengths_in_redis_are_known(channel: fastpath.Channel) -> None:
+    frames = [b"a" * 1000, b"b" * 70_000]
+    channel.pipeline([("SET", "k0", frames[0]), ("SET", "k1", frames[1])])
+    measure = [("STRLEN", "k0"), ("STRLEN", "k1")]
+    seen: list[Any] = []
+
+    def allocate(lengths: list[Any]) -> list[memoryview]:
+        seen.append(lengths)
+        return [memoryview(bytearray(n)) for n in lengths]
+
+    assert channel.read_into(("MGET", "k0", "k1"), allocate, measure=measure)
+    assert seen == [[1000, 70_000]]
+
+    class Refused(Exception):
+        pass
+
+    def refuse(lengths: list[Any]) -> list[memoryview]:
+        raise Refused(lengths)
+
+    with pytest.raises(Refused):  # the read's reply is left unread: the connection is dropped
+        channel.read_into(("MGET", "k0", "k1"), refuse, measure=measure)
+    assert channel.execute("GET", "k0") == frames[0]  # a fresh connection, in step
 
 
 def test_a_blocking_read_wakes_with_the_reads_behind_it(channel: fastpath.Channel, r: redis.Redis) -> None:

@@ -17,7 +17,7 @@ from rtq.cli import _parser
 README = ROOT / "README.md"
 DOCS = sorted((ROOT / "docs").glob("*.md"))
 SRC = ROOT / "src" / "rtq"
-INTERNAL_ENV = {"RTQ_TEST_PAUSE_AFTER_MOVE"}  # a test hook, not configuration
+INTERNAL_ENV = {"RTQ_TEST_PAUSE_AFTER_MOVE", "RTQ_TEST_PAUSE_IN_OUTCOME"}  # test hooks, not configuration
 
 
 def _section(text: str, title: str) -> str:

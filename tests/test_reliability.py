@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import socket
 import statistics
@@ -16,12 +17,13 @@ import time
 from pathlib import Path
 from typing import Any
 
+import numpy
 import pytest
 import redis
 
 from conftest import Workers, wait_for
 from relfns import pids
-from rtq.errors import RtqError, TaskCancelled, TaskLost, WorkerLost
+from rtq.errors import RedisFull, RtqError, TaskCancelled, TaskLost, WorkerLost
 from rtq.keys import Keys
 from rtq.server import EmbeddedServer
 from rtq.task import RedisTask
@@ -224,6 +226,34 @@ def test_attempts_exhausted_fail_with_worker_lost_and_a_dead_letter(r, workers, 
     assert field(r, "x1", "state") == "failed"
 
 
+def test_the_attempt_limit_a_task_was_submitted_under_holds_whoever_reaps_it(r, workers, tmp_path):
+    # A record written by an older rtq carries no limit: the reaper applies its own.
+    for limit, outcome in ((2, "queued"), (1, "failed")):
+        task_id = f"old-{limit}"
+        fields = {"name": "served-by-none", "state": "running", "owner": "ghost", "attempt": 1, "expiry": 1e10}
+        r.hset(K.task(task_id), mapping=fields)
+        r.rpush(K.running("ghost"), task_id)
+        r.zadd(K.workers(), {"ghost": 0})
+        assert make_queue(r, max_attempts=limit).reaper.reap() == 1
+        assert field(r, task_id, "state") == outcome
+    assert "(max_attempts=1)" in json.loads(r.lpop(K.dead()))["error"]
+
+    # The caller allows one attempt; the workers, which reap each other's tasks, allow three.
+    queue = make_queue(r, max_attempts=1)
+    started, release = tmp_path / "started", tmp_path / "release"
+    a = start(workers, "--max-attempts", "3")
+    task = submit(queue, "lim1", {"action": "wait", "started": str(started), "release": str(release)})
+    wait_for(lambda: pids(started) == [a.pid], what="worker A to start the task")
+    start(workers, "--max-attempts", "3")  # B reaps A's task (the caller is not waiting yet)
+    a.kill()
+    a.wait(10)
+    wait_for(lambda: field(r, "lim1", "state") == "failed" or len(pids(started)) > 1, 20, "the task to be recovered")
+    assert pids(started) == [a.pid], "the task was claimed again past the limit it was submitted under"
+    with pytest.raises(WorkerLost, match=r"after 1 attempt\(s\) \(max_attempts=1\)"):
+        queue.wait(task)
+    assert [json.loads(e)["id"] for e in r.lrange(K.dead(), 0, -1)] == ["lim1"]
+
+
 # -- cancellation ----------------------------------------------------------------------------
 def test_cancel_a_queued_task_it_never_runs(r, workers, tmp_path):
     queue = make_queue(r)
@@ -351,6 +381,98 @@ def test_the_big_result_of_a_vanished_task_leaves_nothing_behind(r, workers, tmp
     wait_for(lambda: r.llen(K.running(wid)) == 0, what="the worker to end the task")
     assert not r.exists(K.task("big1")), r.hkeys(K.task("big1"))
     assert a.poll() is None
+
+
+def frames_of(r: redis.Redis, task_id: str) -> list[str]:
+    """The big frames stored under keys of their own for ``task_id``, by name (``result.a1.0``…)."""
+    head = K.frame(task_id, "")
+    return sorted(k.decode()[len(head) :] for k in r.scan_iter(match=K.frame(task_id, "*")))
+
+
+def test_a_worker_killed_while_it_writes_a_big_result_leaves_no_frame_behind(r, workers, tmp_path):
+    queue = make_queue(r, timeout=120)
+    release, paused = tmp_path / "release", tmp_path / "paused"
+    release.touch()
+    # The hook makes A send its outcome up to the first big frame and hold the rest back.
+    a = start(workers, env={"RTQ_TEST_PAUSE_IN_OUTCOME": str(paused)})
+    task = submit(queue, "kw1", {"action": "wait", "release": str(release), "result_bytes": 2 << 20})
+    wait_for(lambda: paused.exists() and paused.read_text().split() == ["kw1"], what="A to be writing the result")
+    a.kill()
+    a.wait(10)
+    # A's helper ends its lease at once; any reaper (here the caller's queue) gives the task back.
+    wait_for(lambda: queue.reaper.reap() or field(r, "kw1", "state") == "queued", what="the task to be requeued")
+    assert frames_of(r, "kw1") == [], "frames of a dead worker's result are left in Redis"
+    start(workers)
+    assert len(queue.wait(task)) == 2 << 20
+    assert frames_of(r, "kw1") == ["result.a2.0"]
+
+
+def test_the_big_result_of_a_run_taken_over_is_deleted_when_it_ends(r, workers, tmp_path):
+    queue = make_queue(r)
+    release, paused = tmp_path / "release", tmp_path / "paused"
+    release.touch()
+    a = start(workers, env={"RTQ_TEST_PAUSE_IN_OUTCOME": str(paused)})
+    helper = wait_for(lambda: (record_of(r, a.pid) or {}).get("heartbeat_pid"), what="A's helper")
+    task = submit(queue, "to1", {"action": "wait", "release": str(release), "result_bytes": 2 << 20})
+    wait_for(lambda: paused.exists() and paused.read_text().split() == ["to1"], what="A to be writing the result")
+    a.send_signal(signal.SIGSTOP)  # mid-write, and with its helper gone its lease lapses
+    os.kill(helper, signal.SIGKILL)
+    try:
+        start(workers)
+        assert len(queue.wait(task)) == 2 << 20  # B's run (the waiting caller reaps A)
+    finally:
+        a.send_signal(signal.SIGCONT)
+    assert field(r, "to1", "attempt") == "2"
+    Path(f"{paused}.go").touch()  # A sends the rest of its stale result: discarded, frames and all
+    wait_for(lambda: (record_of(r, a.pid) or {}).get("done", 0) >= 1, 20, "worker A to end its stale run")
+    assert frames_of(r, "to1") == ["result.a2.0"]
+    assert queue.wait(task).nbytes == 2 << 20  # B's result stands
+
+
+SERVERS = {"valkey": None, "redis": shutil.which("redis-server")}
+
+
+@pytest.mark.parametrize("server_kind", list(SERVERS))
+def test_redis_refusing_a_result_for_memory_fails_the_task_and_says_why(tmp_path, server_kind):
+    if server_kind != "valkey" and SERVERS[server_kind] is None:
+        pytest.skip("no redis-server on PATH")
+    server = EmbeddedServer(
+        binary=SERVERS[server_kind], args=("--maxmemory", "16mb", "--maxmemory-policy", "noeviction")
+    ).start()
+    pool = Workers(server.url)
+    client = redis.Redis.from_url(server.url)
+    try:
+        queue = make_queue(client)
+        release = tmp_path / "release"
+        release.touch()
+        pool.start(Q, task_fn=FN, args=("--lease", LEASE))
+        task = submit(queue, "oom1", {"action": "wait", "release": str(release), "result_bytes": 32 << 20})
+        refused = r"Redis refused the result of task oom1 in rel \(32\.\d MiB\) for lack of memory: OOM command"
+        with pytest.raises(RedisFull, match=refused + " not allowed when used memory > 'maxmemory'"):
+            queue.wait(task)
+        assert field(client, "oom1", "state") == "failed" and frames_of(client, "oom1") == []
+        dead = [json.loads(e) for e in client.lrange(K.dead(), 0, -1)]
+        assert [d["id"] for d in dead] == ["oom1"] and dead[0]["error"].startswith("RedisFull: Redis refused")
+        # Still serving, once Redis has let go of the refused transaction's memory.
+        wait_for(lambda: client.info("memory")["used_memory"] < 16 << 20, 30, "Redis to free the refused result")
+        assert queue.wait(submit(queue, "oom2", {"action": "echo", "value": 2})) == 2
+
+        # A submission Redis refuses says so too: a big one (a transaction of plain commands)...
+        big = {"action": "echo", "value": numpy.zeros(32 << 20, dtype=numpy.uint8)}
+        with pytest.raises(RedisFull, match=r"Redis refused task oom3 in rel for lack of memory: OOM command"):
+            submit(queue, "oom3", big)
+        # ... and small ones (submit.lua) once Redis is full for good.
+        client.config_set("maxmemory", max(1, client.info("memory")["used_memory"] // 2))
+        with pytest.raises(RedisFull, match=r"Redis refused task oom4 in rel for lack of memory: OOM command"):
+            submit(queue, "oom4", {"action": "echo", "value": 4})
+        with pytest.raises(RedisFull, match=r"Redis refused a batch of 2 tasks for lack of memory: OOM command"):
+            queue.store.submit([(queue.build_task(f"oom{i}", Q, i), "t", None) for i in (5, 6)])
+        assert not any(client.exists(K.task(f"oom{i}")) for i in (3, 4, 5, 6))
+        assert client.lrange(K.queue(Q), 0, -1) == []
+    finally:
+        pool.kill_all()
+        client.close()
+        server.stop()
 
 
 # -- liveness under load ---------------------------------------------------------------------

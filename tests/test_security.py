@@ -199,6 +199,83 @@ def test_client_never_unpickles_a_forged_outcome(tmp_path, r):
     assert marker.exists()
 
 
+MiB, TiB = 2**20, 2**40
+
+
+def announcing(*sizes: int) -> bytes:
+    """A signed-looking envelope (junk MAC) whose head announces buffers of ``sizes`` bytes."""
+    head = MAGIC + struct.pack(">BBI", VERSION, FLAG_SIGNED, len(sizes)) + b"".join(struct.pack(">Q", s) for s in sizes)
+    return head + os.urandom(MAC_SIZE) + pickle.dumps(None, protocol=5)
+
+
+def peak_rss(pid: int) -> int:
+    """The most memory process ``pid`` has held at once (``VmHWM``), in bytes."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024
+    raise AssertionError(f"no VmHWM for process {pid}")
+
+
+def expect(r: redis.Redis, task_id: str, seconds: float = 20) -> rtq.RedisTask:
+    """The task planted as ``task_id``, as a caller waiting on it holds it."""
+    return rtq.RedisTask(id=task_id, name="sec", params=None, expiry=time.time() + seconds)
+
+
+@pytest.mark.timeout(90)
+def test_sizes_a_forged_header_announces_cost_a_signed_worker_nothing(r, workers):
+    proc = workers.start("sec", task_fn=None, env={"RTQ_SECRET": SECRET})
+    q = client(r)
+    assert q.query("warm-up", "sec", Call(operator.add, (1, 2)), policy=REMOTE) == 3
+    before = peak_rss(proc.pid)
+    # 300 MiB (under the payload limit) in 5 frames of which Redis holds a few bytes each, as keys
+    # of their own and as fields of the record; and 1 TiB (16384 frames, all missing).
+    plant(r, "holds-less", "sec", params=announcing(300 * MiB), **{"params#": "t 5 keys"})
+    r.mset({KEYS.frame("holds-less", f"params.t.{i}"): b"junk" for i in range(5)})
+    plant(r, "in-the-hash", "sec", params=announcing(300 * MiB), **{"params#": "t 5"})
+    r.hset(KEYS.task("in-the-hash"), mapping={f"params.t.{i}": b"junk" for i in range(5)})
+    plant(r, "a-terabyte", "sec", params=announcing(TiB), **{"params#": "t 16384 keys"})
+    refusals = {
+        "holds-less": r"is missing a frame, or one has the wrong size",
+        "in-the-hash": r"is missing a frame, or one has the wrong size",
+        "a-terabyte": r"claims 1024\.0 GiB, over the 400\.0 MiB payload limit",
+    }
+    for task_id, message in refusals.items():
+        # The caller gets the refusal (not TaskTimeout, not MemoryError), naming the payload.
+        with pytest.raises(SerializationError, match=message) as info:
+            q.wait(expect(r, task_id))
+        assert f"{KEYS.task(task_id)} [params]" in str(info.value)
+        assert r.hget(KEYS.task(task_id), "attempt") == b"1"  # failed once, never claimed again
+    grew = peak_rss(proc.pid) - before
+    assert grew < 64 * MiB, f"the worker's peak memory grew by {grew / MiB:.0f} MiB"
+    dead = [d["id"] for d in q.reaper.dead_letters()]
+    assert sorted(dead) == sorted(refusals)
+    assert q.query("after", "sec", Call(operator.add, (2, 3)), policy=REMOTE) == 5
+    log = stop(proc)
+    assert "Traceback" not in log and "MemoryError" not in log, log
+
+
+def test_a_client_reading_a_forged_result_allocates_nothing_for_it(r):
+    import tracemalloc
+
+    q = client(r)
+    for task_id, result, listed in [
+        ("result-holds-less", announcing(300 * MiB), "a1 5 keys"),
+        ("result-terabyte", announcing(TiB), "a1 16384 keys"),
+    ]:
+        task = q.build_task(task_id, "nobody", Call(len, ("abc",)))
+        q.submit(task)
+        r.hset(KEYS.task(task_id), mapping={"state": "done", "result": result, "result#": listed})
+        r.rpush(KEYS.done(task_id), task_id)
+        tracemalloc.start()
+        try:
+            with pytest.raises(SerializationError, match=f"{KEYS.task(task_id)} \\[result\\]"):
+                q.wait(task)
+            peak = tracemalloc.get_traced_memory()[1]
+        finally:
+            tracemalloc.stop()
+        assert peak < 16 * MiB, f"reading {task_id} allocated {peak / MiB:.0f} MiB"
+
+
 def test_rotation_accepts_the_old_secret_and_signs_with_the_new(r, workers):
     workers.start("rot", task_fn=None, env={"RTQ_SECRET": "new-secret,old-secret"})
     old = client(r, secret="old-secret")

@@ -53,7 +53,16 @@ def _parser() -> argparse.ArgumentParser:
     worker.add_argument("--task-fn", help="module:function to run plain seed tasks (default: shipped calls)")
     worker.add_argument("--grace", type=float, default=30.0, help="seconds running tasks get on SIGTERM (default 30)")
     worker.add_argument("--lease", type=float, default=10.0, help="heartbeat lease in seconds (default 10)")
-    worker.add_argument("--max-attempts", type=int, default=3, help="claims before a task fails (default 3)")
+    worker.add_argument(
+        "--max-attempts", type=int, default=3, help="claims before a task this worker reaps fails (default 3)"
+    )
+    worker.add_argument(
+        "--max-payload",
+        type=int,
+        default=None,
+        metavar="BYTES",
+        help="largest payload a task may ship or return (default 400 MiB; set the same on clients)",
+    )
     worker.add_argument(
         "--insecure",
         action="store_true",
@@ -148,6 +157,7 @@ def worker_main(args: argparse.Namespace) -> int:
             interval=args.interval,
             task_fn=task_fn,
             max_attempts=args.max_attempts,
+            **({"max_payload": args.max_payload} if args.max_payload is not None else {}),
         )
     except RtqError as exc:
         print(f"rtq worker: {exc}", file=sys.stderr)

@@ -11,6 +11,7 @@ import concurrent.futures
 
 __all__ = [
     "ConfigurationError",
+    "RedisFull",
     "RemoteTaskError",
     "RtqConnectionError",
     "RtqError",
@@ -62,6 +63,10 @@ class TaskCancelled(RtqError, concurrent.futures.CancelledError):
 
 class WorkerLost(RtqError):
     """Raised when the workers running a task died more times than ``max_attempts`` allows."""
+
+
+class RedisFull(RtqError):
+    """Raised when Redis refused to store a task or its outcome for lack of memory (``maxmemory``)."""
 
 
 class TaskLost(RtqError):

@@ -13,7 +13,9 @@ Any failure disconnects the held connection, so a half-read reply never reaches 
 command; the next command reconnects. Errors reach the caller as redis-py raises them
 (``ConnectionError``, ``TimeoutError``; a ``ResponseError`` of one pipelined command is returned
 in its place), and rtq's callers already retry connection errors with backoff. Commands here are
-never retried transparently: a claim or a submit must not run twice.
+never retried transparently: a claim or a submit must not run twice. :func:`raise_errors` raises
+the first error among a pipeline's replies, a refusal for lack of memory (``maxmemory``) as
+:class:`~rtq.errors.RedisFull`.
 
 What this is NOT: a general client. Replies come raw (no response callbacks: ``BLPOP`` gives a
 list, ``HGETALL`` a flat list in RESP2 and a dict in RESP3), and a channel serves one thread at
@@ -26,11 +28,13 @@ import os
 import select
 import socket
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
 
 import redis as redis_py
+
+from .errors import RedisFull
 
 hiredis: Any = None
 try:  # optional (the ``fast`` extra): RESP packing and parsing in C; 3.0 reads RESP3 too
@@ -45,7 +49,7 @@ BIG_ARG = 1 << 16
 """Arguments bigger than this are sent as they are, not copied into the packed command."""
 READ_SIZE = 1 << 16
 
-__all__ = ["Channel", "ChannelPool", "call_script"]
+__all__ = ["Channel", "ChannelPool", "call_script", "out_of_memory", "raise_errors"]
 
 
 @contextmanager
@@ -115,26 +119,46 @@ class Channel:
             raise
         return replies
 
-    def read_into(self, command: Sequence[Any], targets: Sequence[memoryview]) -> bool:
+    def read_into(
+        self,
+        command: Sequence[Any],
+        targets: Sequence[memoryview] | Callable[[list[Any]], Sequence[memoryview]],
+        *,
+        measure: Sequence[Sequence[Any]] = (),
+    ) -> bool:
         """Run ``command`` (``HMGET`` or ``MGET``) with each value read straight into its target buffer.
 
         For big payload frames: no intermediate copies (the parser's buffer, a ``bytes`` object,
         a join). Returns False when a value is missing or not exactly its target's size (the
         targets' contents are then undefined); raises on connection errors.
+
+        Args:
+            command: The read.
+            targets: One buffer per value; or, with ``measure``, a function given the replies
+                of ``measure`` that returns them (allocating nothing before it knows the sizes).
+                An exception it raises is raised here, the read left unread (the connection is
+                dropped).
+            measure: Commands sent in the same write, just before ``command`` (``STRLEN``…).
         """
         conn = self._connection()
         reader = self._reader
         if reader is None:
-            values = self.pipeline([command])[0]
+            *held, values = self.pipeline([*measure, command])
             if isinstance(values, Exception):
                 raise values
+            if callable(targets):
+                targets = targets(held)
             for value, target in zip(values, targets, strict=True):
                 if value is None or len(value) != target.nbytes:
                     return False
                 target[:] = value
             return True
         try:
-            conn.send_packed_command(_pack([command], self._encoding))
+            conn.send_packed_command(_pack([*measure, command], self._encoding))
+            if callable(targets):
+                # rtq's own parser, never hiredis's: hiredis may buffer the start of the read's
+                # reply, which bulks_into must find in rtq's buffer.
+                targets = targets([reader.own_reply() for _ in measure])
             ok = reader.bulks_into(targets)
             if reader.pending():
                 raise redis_py.ConnectionError("unexpected data after the reply")
@@ -250,7 +274,12 @@ def _small(args: Sequence[Any]) -> bool:
 _MORE = object()
 """hiredis's answer while a reply is incomplete (its default, False, is also a RESP3 boolean)."""
 
-_ERRORS = {"NOSCRIPT": redis_py.exceptions.NoScriptError, "LOADING": redis_py.exceptions.BusyLoadingError}
+_ERRORS = {
+    "NOSCRIPT": redis_py.exceptions.NoScriptError,
+    "LOADING": redis_py.exceptions.BusyLoadingError,
+    "OOM": redis_py.exceptions.OutOfMemoryError,
+    "EXECABORT": redis_py.exceptions.ExecAbortError,
+}
 
 
 class _Reader:
@@ -321,6 +350,10 @@ class _Reader:
             fast.feed(chunk)
             reply = fast.gets()
         return _typed_errors(reply)
+
+    def own_reply(self) -> Any:
+        """The next reply, parsed from rtq's own buffer (never through hiredis's)."""
+        return self._reply()
 
     def _reply(self) -> Any:
         line = self._line()
@@ -438,3 +471,37 @@ def call_script(channel: Channel, script: Any, keys: Sequence[Any], args: Sequen
     if isinstance(reply, Exception):
         raise reply
     return reply
+
+
+def out_of_memory(replies: Sequence[Any]) -> redis_py.ResponseError | None:
+    """Redis's refusal for lack of memory among ``replies`` (or inside an EXEC's reply), if any."""
+    for reply in replies:
+        found = out_of_memory(reply) if isinstance(reply, list) else reply
+        if isinstance(found, redis_py.exceptions.OutOfMemoryError) or (
+            isinstance(found, redis_py.ResponseError) and str(found).startswith("OOM ")
+        ):
+            return found
+    return None
+
+
+def server_message(error: redis_py.ResponseError) -> str:
+    """An error reply as the server sent it (redis-py's own parser drops an ``OOM`` code)."""
+    message = str(error)
+    if isinstance(error, redis_py.exceptions.OutOfMemoryError) and not message.startswith("OOM "):
+        return f"OOM {message}"
+    return message
+
+
+def raise_errors(replies: Sequence[Any], what: str) -> None:
+    """Raise the first error among ``replies``: :class:`RedisFull` when Redis refused ``what`` for lack of memory."""
+    refused = out_of_memory(replies)
+    if refused is not None:
+        raise RedisFull(
+            f"Redis refused {what} for lack of memory: {server_message(refused)} "
+            "(free memory in Redis or raise its maxmemory)"
+        ) from refused
+    for reply in replies:
+        if isinstance(reply, list):  # an EXEC's replies
+            raise_errors(reply, what)
+        elif isinstance(reply, Exception):
+            raise reply

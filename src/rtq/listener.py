@@ -331,12 +331,18 @@ class Listener:
                 task._notify = text(notify) or self.keys.done(task_id)  # type: ignore[attr-defined]
             except ValueError as exc:
                 raise SerializationError(f"task {task_id} has malformed fields: {exc}") from exc
-            task.params = self.store.decode(key, "params", first, extra or None)
+            try:
+                task.params = self.store.decode(key, "params", first, extra or None)
+            except (SerializationError, SignatureError, redis_py.RedisError):
+                raise  # refused below; Redis trouble leaves the id listed, for the audit to give back
+            except Exception as exc:  # MemoryError and the like: the next claim would fail alike
+                raise SerializationError(
+                    f"payload at {key} [params] cannot be read here: {type(exc).__name__}: {exc}"
+                ) from exc
         except (SerializationError, SignatureError) as exc:
             level = logging.ERROR if isinstance(exc, SignatureError) else logging.WARNING
             logger.log(level, "refused task %s in %s: %s", task_id, task.name, exc)
-            self.outcomes.finish(task, "failed", exc)
-            self.reaper.dead_letter(task_id, task.name, exc)
+            self.outcomes.finish(task, "failed", exc, dead_letter=True)
             return None
         return task
 

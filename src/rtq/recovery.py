@@ -4,8 +4,10 @@ A worker's lease is its heartbeat key, which expires on the Redis server's clock
 sorted set only says *when to look* (its score is when the lease should end, on the worker's
 clock). Any live worker — and any caller waiting on a task — can reap a lapsed worker: each of
 its claimed tasks goes back to the front of its queue, or fails with ``WorkerLost`` once it has
-used up ``max_attempts``. Each step is one Lua call that first removes the id from the dead
-worker's list, so two reapers never requeue the same task twice.
+used up its ``max_attempts`` (the limit it was submitted under, stored with it, whoever reaps).
+Each step is one Lua call that first removes the id from the dead worker's list, so two reapers
+never requeue the same task twice. A worker that died while sending a result leaves none of it:
+a result with extra frames is one transaction with ``finish.lua`` (see :mod:`rtq.outcome`).
 """
 
 from __future__ import annotations
@@ -69,12 +71,13 @@ class Reaper:
         for raw_id in self.redis.lrange(running, 0, -1) if only is None else only:
             task_id = text(raw_id)
             key = self.keys.task(task_id)
-            name, notify, attempt = (text(v) for v in self.redis.hmget(key, ["name", "notify", "attempt"]))
+            fields = ["name", "notify", "attempt", "max_attempts"]
+            name, notify, attempt, limit = (text(v) for v in self.redis.hmget(key, fields))
             error = WorkerLost(
                 f"task {task_id} in {name} was lost with its worker {worker} "
-                f"after {attempt or '?'} attempt(s) (max_attempts={self.queue.max_attempts})"
+                f"after {attempt or '?'} attempt(s) (max_attempts={_limit(limit, self.queue.max_attempts)})"
             )
-            fields = self.store.encode_error(key, error, "lost").fields
+            payload = self.store.encode_error(key, error, "lost").fields
             outcome = text(
                 self.store.scripts["recover"](
                     keys=[
@@ -90,8 +93,8 @@ class Reaper:
                         self.queue.max_attempts,
                         repr(time.time()),
                         int(KEEP_S * 1000),
-                        fields["error"],
-                        fields["error_text"],
+                        payload["error"],
+                        payload["error_text"],
                         self._entry(task_id, name, error, worker),
                         "1" if refund else "0",
                     ],
@@ -114,16 +117,29 @@ class Reaper:
 
     @staticmethod
     def _entry(task_id: str, name: str, error: BaseException, worker: str) -> str:
-        return json.dumps(
-            {
-                "id": task_id,
-                "queue": name,
-                "error": f"{type(error).__name__}: {error}",
-                "worker": worker,
-                "time": time.time(),
-            }
-        )
+        return dead_letter_entry(task_id, name, error, worker)
 
     def dead_letters(self, count: int = 100) -> list[dict[str, object]]:
         """The newest ``count`` dead-letter entries, newest first."""
         return [json.loads(text(e)) for e in self.redis.lrange(self.keys.dead(), 0, count - 1)]
+
+
+def dead_letter_entry(task_id: str, name: str, error: BaseException, worker: str = "") -> str:
+    """The dead-letter list's JSON entry for task ``task_id`` of queue ``name``, failed with ``error``."""
+    return json.dumps(
+        {
+            "id": task_id,
+            "queue": name,
+            "error": f"{type(error).__name__}: {error}",
+            "worker": worker,
+            "time": time.time(),
+        }
+    )
+
+
+def _limit(stored: str, own: int) -> int:
+    """A record's attempt limit as recover.lua reads it: its own field, else the reaper's."""
+    try:
+        return int(stored)
+    except ValueError:  # absent (an older rtq wrote the record) or garbage, as tonumber() sees it
+        return own

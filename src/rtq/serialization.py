@@ -16,6 +16,9 @@ under and every byte that follows it, so a payload copied to another task is rej
 checked in constant time *before* anything is unpickled. Every configured secret is tried, so a
 worker given ``"new,old"`` accepts payloads signed with either and signs its own with ``new``.
 Signing does not stop a payload from being stored again at its *own* key and field (a replay).
+Since the MAC covers the frames, the head can only be verified once they are read: a reader
+bounds what it announces first (at most ``MAX_FRAMES`` frames, ``max_payload`` bytes in all, and
+:mod:`rtq.store` checks each big frame against what Redis holds), so a forged head costs nothing.
 
 What this is NOT for: storage. A payload is meant to be read back by the same code, on the same
 Python major.minor and cloudpickle version, within a task's lifetime.
@@ -121,12 +124,12 @@ class Serializer:
         total = len(body) + sum(r.nbytes for r in raws)
         if total > self.max_payload:
             raise SerializationError(
-                f"{what} is {_size(total)} pickled, over the {_size(self.max_payload)} payload limit "
+                f"{what} is {size_text(total)} pickled, over the {size_text(self.max_payload)} payload limit "
                 "(raise it with max_payload=... on both sides, or ship less)"
             )
         if len(body) > MAX_VALUE:
             raise SerializationError(
-                f"{what} pickles to a {_size(len(body))} stream, over the {_size(MAX_VALUE)} a single "
+                f"{what} pickles to a {size_text(len(body))} stream, over the {size_text(MAX_VALUE)} a single "
                 "Redis value can hold; only out-of-band buffers (numpy arrays) are split"
             )
         flags = FLAG_SIGNED if self.secrets else 0
@@ -147,16 +150,41 @@ class Serializer:
         Raises:
             SerializationError: ``first`` is not an envelope, or claims more than ``MAX_FRAMES``.
         """
-        _, _, sizes, _ = _parse_head(first, where)
-        count = sum(max(1, -(-s // CHUNK)) for s in sizes)
-        if count > MAX_FRAMES:
-            raise SerializationError(f"payload{where} claims {count} frames, more than the {MAX_FRAMES} rtq writes")
-        return count
+        return _frame_count(_parse_head(first, where)[2], where)
 
     @staticmethod
     def buffer_sizes(first: bytes, where: str = "") -> list[int]:
         """Sizes of the out-of-band buffers the envelope ``first`` announces."""
         return _parse_head(first, where)[2]
+
+    def frame_sizes(self, first: bytes, where: str = "") -> list[int]:
+        """The size of each frame stored after ``first``, as its envelope announces them.
+
+        The envelope comes from Redis and is not verified yet (its MAC covers the frames): this
+        is what a reader checks before it fetches or allocates anything for the frames.
+
+        Raises:
+            SerializationError: ``first`` is not an envelope, claims more than ``MAX_FRAMES``
+                frames, or more bytes than ``max_payload``.
+        """
+        sizes = self._head(first, where)[2]
+        _frame_count(sizes, where)
+        chunks = []
+        for size in sizes:
+            chunks += [CHUNK] * (size // CHUNK) + ([size % CHUNK] if size % CHUNK or not size else [])
+        return chunks
+
+    def _head(self, first: bytes, where: str) -> tuple[int, int, list[int]]:
+        """``(flags, offset, buffer sizes)`` of ``first``, refused when it claims over ``max_payload``."""
+        flags, offset, sizes, _ = _parse_head(first, where)
+        body = len(first) - offset - (MAC_SIZE if flags & FLAG_SIGNED else 0)
+        total = max(body, 0) + sum(sizes)
+        if total > self.max_payload:
+            raise SerializationError(
+                f"payload{where} claims {size_text(total)}, over the {size_text(self.max_payload)} payload limit of "
+                "this side (raise it with max_payload=... on both sides, or ship less)"
+            )
+        return flags, offset, sizes
 
     def loads(self, frames: Sequence[Any], *, key: str, field: str, joined: bool = False) -> Any:
         """Verify and unpickle the frames stored at ``key``/``field``.
@@ -173,7 +201,7 @@ class Serializer:
         if not frames or frames[0] is None:
             raise SerializationError(f"no payload stored at {key} [{field}]")
         first = frames[0]
-        flags, offset, sizes, _ = _parse_head(first, f" at {key} [{field}]")
+        flags, offset, sizes = self._head(first, f" at {key} [{field}]")
         rest = list(frames[1:])
         if any(f is None for f in rest):
             raise SerializationError(f"payload at {key} [{field}] is missing a frame")
@@ -208,7 +236,8 @@ class Serializer:
             ) from exc
 
 
-def _size(n: int) -> str:
+def size_text(n: int) -> str:
+    """``n`` bytes, for people: ``"1.5 MiB"``."""
     for unit, scale in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
         if n >= scale:
             return f"{n / scale:.1f} {unit}"
@@ -226,11 +255,21 @@ def _parse_head(first: bytes, where: str = "") -> tuple[int, int, list[int], int
             f"payload{where} has envelope version {version}; this rtq reads version {VERSION} "
             "(are client and worker running the same rtq?)"
         )
+    # The count comes from Redis: bound it before parsing (a payload has fewer buffers than frames).
+    if count > MAX_FRAMES:
+        raise SerializationError(f"payload{where} claims {count} buffers, more than the {MAX_FRAMES} frames rtq writes")
     offset = _HEAD.size + count * _SIZE.size
-    if count > 1_000_000 or len(first) < offset:
+    if len(first) < offset:
         raise SerializationError(f"payload{where} is not an rtq envelope (truncated header)")
-    sizes = [_SIZE.unpack_from(first, _HEAD.size + i * _SIZE.size)[0] for i in range(count)]
+    sizes = list(struct.unpack_from(f">{count}Q", first, _HEAD.size))
     return flags, offset, sizes, count
+
+
+def _frame_count(sizes: list[int], where: str) -> int:
+    count = sum(max(1, -(-s // CHUNK)) for s in sizes)
+    if count > MAX_FRAMES:
+        raise SerializationError(f"payload{where} claims {count} frames, more than the {MAX_FRAMES} rtq writes")
+    return count
 
 
 def _mac(secret: bytes, key: str, field: str, head: bytes, body: bytes, frames: Sequence[Any]) -> bytes:
@@ -253,6 +292,8 @@ def _join(chunks: list[bytes], sizes: list[int], key: str, field: str) -> list[b
         pos += n
         if len(parts) != n:
             raise SerializationError(f"payload at {key} [{field}] is missing a frame")
+        if sum(len(part) for part in parts) != size:  # before allocating what the unverified head says
+            raise SerializationError(f"payload at {key} [{field}] has a frame of the wrong size")
         if n == 1:
             buf: bytes | bytearray = parts[0]
         else:
@@ -261,8 +302,6 @@ def _join(chunks: list[bytes], sizes: list[int], key: str, field: str) -> list[b
             for part in parts:
                 buf[at : at + len(part)] = part
                 at += len(part)
-        if len(buf) != size:
-            raise SerializationError(f"payload at {key} [{field}] has a frame of the wrong size")
         out.append(buf)
     if pos != len(chunks):
         raise SerializationError(f"payload at {key} [{field}] has extra frames")

@@ -11,6 +11,8 @@ token         random id of this submission; a reused task id gets a new one
 state         queued | running | done | failed | cancelled
 notify        list to push the id to when the task ends (done list or a client inbox)
 attempt       how many times a worker claimed it; owner / claimed: the current claim
+max_attempts  claims it may use before it fails with ``WorkerLost``: the submitter's limit,
+              which every reaper applies (to a record an older rtq wrote without it, its own)
 progress      "current total time"
 params        envelope of the parameters (``params#`` lists extra frames, see below)
 result        envelope of the return value, when done
@@ -43,7 +45,7 @@ import redis as redis_py
 from . import scripts
 from .batching import GroupCommit
 from .errors import RemoteTaskError, RtqConnectionError, SerializationError, TaskLost
-from .fastpath import ChannelPool
+from .fastpath import ChannelPool, raise_errors
 from .keys import Keys
 from .serialization import CHUNK, Serializer, UnreadablePayload
 from .task import RedisTask
@@ -122,12 +124,20 @@ def _socket_timeout(pool: Any) -> float | None:
 
 
 class TaskStore:
-    """The task-record operations of one queue namespace, over a bytes-returning client."""
+    """The task-record operations of one queue namespace, over a bytes-returning client.
 
-    def __init__(self, client: redis_py.Redis, keys: Keys, serializer: Serializer) -> None:
+    Args:
+        client: The user's client (a twin that returns bytes is made if it decodes).
+        keys: The namespace's key names.
+        serializer: Envelopes payloads.
+        max_attempts: The attempt limit stored with each task this side submits.
+    """
+
+    def __init__(self, client: redis_py.Redis, keys: Keys, serializer: Serializer, *, max_attempts: int = 3) -> None:
         self.redis = raw_client(client)
         self.keys = keys
         self.serializer = serializer
+        self.max_attempts = max_attempts
         self.scripts = scripts.load(self.redis)
         self.cap = block_cap(self.redis)
         self.channels = ChannelPool(self.redis)  # held connections for the hot paths
@@ -166,6 +176,16 @@ class TaskStore:
         return found
 
     def decode(self, key: str, name: str, first: bytes | None, extra: bytes | None) -> Any:
+        """The value stored at ``key``/``name``: its first frame as read, ``extra`` its frame list.
+
+        Nothing is fetched or allocated for the extra frames on the word of their envelope alone
+        (it is not verified before they are read): their number and sizes are checked against
+        ``max_payload`` first, and big ones against what Redis actually holds.
+
+        Raises:
+            SerializationError: the payload is malformed, too big, or its frames do not match.
+            SignatureError: it does not verify (a secret is set).
+        """
         frames: list[Any] = [first]
         if extra and first is not None:
             # The frame list comes from Redis: check it against the envelope before fetching.
@@ -173,36 +193,55 @@ class TaskStore:
             if parsed is None:
                 raise SerializationError(f"payload at {key} [{name}] has a malformed frame list {extra!r}")
             tag, count, apart = parsed
-            if count != self.serializer.frame_count(first, f" at {key} [{name}]"):
+            lengths = self.serializer.frame_sizes(first, f" at {key} [{name}]")
+            if count != len(lengths):
                 raise SerializationError(f"payload at {key} [{name}] lists {count} frames; its envelope says otherwise")
             names = [f"{name}.{tag}.{i}" for i in range(count)]
-            sizes = self.serializer.buffer_sizes(first)
             if not names:
                 return self.serializer.loads(frames, key=key, field=name)
-            if apart:
-                command: tuple[Any, ...] = ("MGET", *(Keys.frame_of(key, n) for n in names))
-                return self._decode_direct(key, name, first, command, count, sizes)
-            if sum(sizes) >= DIRECT_READ_MIN:
-                return self._decode_direct(key, name, first, ("HMGET", key, *names), count, sizes)
+            if apart or sum(lengths) >= DIRECT_READ_MIN:
+                return self._decode_direct(key, name, first, names, apart, lengths)
             frames += self.redis.hmget(key, names)
         return self.serializer.loads(frames, key=key, field=name)
 
     def _decode_direct(
-        self, key: str, name: str, first: bytes, command: tuple[Any, ...], count: int, sizes: list[int]
+        self, key: str, name: str, first: bytes, names: list[str], apart: bool, lengths: list[int]
     ) -> Any:
-        """Read a big payload's frames straight into its buffers: one allocation, no copies."""
-        buffers = [bytearray(size) for size in sizes]
-        targets = []
-        for buffer in buffers:
-            view = memoryview(buffer)
-            targets += [view[i : i + CHUNK] for i in range(0, max(len(buffer), 1), CHUNK)]
-        if len(targets) != count:
-            where = f"payload at {key} [{name}]"
-            raise SerializationError(f"{where} lists {count} frames; its envelope says otherwise")
+        """Read a big payload's frames straight into its buffers: one allocation, no copies.
+
+        The frames' lengths in Redis (``STRLEN`` / ``HSTRLEN``) travel in the same write as
+        their read, and the buffers are allocated only once they match the envelope: a forged
+        envelope announcing gigabytes costs nothing but its refusal.
+        """
+        where = f"payload at {key} [{name}]"
+        if apart:
+            frame_keys = [Keys.frame_of(key, n) for n in names]
+            measure: list[tuple[Any, ...]] = [("STRLEN", k) for k in frame_keys]
+            command: tuple[Any, ...] = ("MGET", *frame_keys)
+        else:
+            measure = [("HSTRLEN", key, n) for n in names]
+            command = ("HMGET", key, *names)
+        buffers: list[bytearray] = []
+
+        def targets(held: list[Any]) -> list[memoryview]:
+            for i, (have, want) in enumerate(zip(held, lengths, strict=True)):
+                if have != want:
+                    stored = f"{have} bytes" if isinstance(have, int) else "not a string"
+                    raise SerializationError(
+                        f"{where} is missing a frame, or one has the wrong size (frame {i}: {stored} in Redis, "
+                        f"{want} announced)"
+                    )
+            buffers.extend(bytearray(size) for size in self.serializer.buffer_sizes(first))
+            views = []
+            for buffer in buffers:
+                view = memoryview(buffer)
+                views += [view[i : i + CHUNK] for i in range(0, max(len(buffer), 1), CHUNK)]
+            return views
+
         with self.channels.channel() as channel:
-            complete = channel.read_into(command, targets)
-        if not complete:
-            raise SerializationError(f"payload at {key} [{name}] is missing a frame, or one has the wrong size")
+            complete = channel.read_into(command, targets, measure=measure)
+        if not complete:  # changed between its length and its read
+            raise SerializationError(f"{where} is missing a frame, or one has the wrong size")
         return self.serializer.loads([first, *buffers], key=key, field=name, joined=True)
 
     # -- caller side -----------------------------------------------------------------------
@@ -215,6 +254,7 @@ class TaskStore:
                 "token": token,
                 "state": state,
                 "notify": notify or self.keys.done(task.id),
+                "max_attempts": str(self.max_attempts),
                 "progress": f"{task.current_progress!r} {task.total_progress!r} {task.update_progress_time!r}",
             }
         )
@@ -263,9 +303,7 @@ class TaskStore:
             commands.append(("EXEC",))
             with self.channels.channel() as channel:  # sends the frames as they are, uncopied
                 replies = channel.pipeline(commands)
-            for reply in replies:
-                if isinstance(reply, Exception):
-                    raise reply
+            raise_errors(replies, _what_submit(records))
             return True
         script = self.scripts["submit"]
         calls = []
@@ -284,7 +322,10 @@ class TaskStore:
         if len(calls) == 1:
             # Concurrent submits (a thousand threads in query()) share one connection and leave
             # together in one write, instead of taking a connection each.
-            replies = [self.submitter.call(script, *calls[0])]
+            try:
+                replies = [self.submitter.call(script, *calls[0])]
+            except redis_py.ResponseError as exc:
+                replies = [exc]
         else:
             with self.channels.channel() as channel:
                 # A batch is one transaction: a connection lost before EXEC queues none of it.
@@ -294,9 +335,7 @@ class TaskStore:
                     # same script), so load it and send the batch again.
                     channel.execute("SCRIPT", "LOAD", script.script)
                     replies = self._send_batch(channel, script, calls)
-        for reply in replies:
-            if isinstance(reply, Exception):
-                raise reply
+        raise_errors(replies, _what_submit(records))
         # Replaced records that had big frames: submit.lua handed back their frame lists.
         stale = [
             frame
@@ -313,12 +352,11 @@ class TaskStore:
         """One MULTI/EXEC of ``script`` calls by SHA; the replies of the calls."""
         commands = [("MULTI",), *(("EVALSHA", script.sha, len(k), *k, *a) for k, a in calls), ("EXEC",)]
         replies = channel.pipeline(commands)
-        for reply in replies[:-1]:  # MULTI's OK and each QUEUED, or an error queueing a call
-            if isinstance(reply, Exception):
-                raise reply
-        if isinstance(replies[-1], Exception):
-            raise replies[-1]
-        return list(replies[-1])
+        # MULTI's OK and each QUEUED, or an error queueing a call (then EXEC aborts); the calls'
+        # own replies go back unchecked (a NOSCRIPT among them means: load, send again).
+        *queued, result = replies
+        raise_errors(queued if isinstance(result, list) else replies, f"a batch of {len(calls)} tasks")
+        return list(result)
 
     def write(self, task: RedisTask, *, state: str | None = None) -> None:
         """Store ``task`` as it is now (``RedisTask.save``), keeping its claim and token."""
@@ -465,6 +503,12 @@ class Encoded:
 
 SCRIPT_ARGS_MAX = 256 * 1024
 """Largest record (bytes of field values) stored through ``submit.lua``; bigger ones skip Lua."""
+
+
+def _what_submit(records: Sequence[tuple[RedisTask, Encoded]]) -> str:
+    if len(records) == 1:
+        return f"task {records[0][0].id} in {records[0][0].name}"
+    return f"a batch of {len(records)} tasks"
 
 
 def _payload_size(fields: dict[str, Any]) -> int:

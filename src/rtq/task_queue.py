@@ -48,7 +48,8 @@ class RedisTaskQueue:
             secrets (a list, or ``"new,old"``) are accepted for rotation, the first signs.
             Defaults to the ``RTQ_SECRET`` environment variable.
         max_payload: Largest payload in bytes a task may ship.
-        max_attempts: How many workers may claim a task before it fails with ``WorkerLost``.
+        max_attempts: How many workers may claim a task before it fails with ``WorkerLost``; stored
+            with each task this queue submits, and applied to it by whichever process reaps it.
     """
 
     def __init__(
@@ -81,7 +82,7 @@ class RedisTaskQueue:
         if secret is None:
             secret = os.environ.get("RTQ_SECRET") or None
         self.serializer = Serializer(secret, max_payload=max_payload)
-        self.store = TaskStore(redis, self.keys, self.serializer)
+        self.store = TaskStore(redis, self.keys, self.serializer, max_attempts=max_attempts)
         self.reaper = Reaper(self)
         self._collector: Collector | None = None
         self._collector_lock = Lock()

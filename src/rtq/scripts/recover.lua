@@ -8,7 +8,8 @@
 -- KEYS[5]  list  the dead-letter list   <p>|<s>|task-dead
 -- ARGV[1]  the task id
 -- ARGV[2]  the dead worker's id
--- ARGV[3]  max attempts
+-- ARGV[3]  max attempts, for a record that holds none (its own 'max_attempts' field, the limit it
+--          was submitted under, wins; records written by an older rtq lack it)
 -- ARGV[4]  now, in seconds since the epoch
 -- ARGV[5]  milliseconds a failure stays readable at least
 -- ARGV[6]  the WorkerLost error payload (an envelope)
@@ -21,7 +22,7 @@
 if redis.call('LREM', KEYS[2], -1, ARGV[1]) == 0 then
   return 'skipped'
 end
-local cur = redis.call('HMGET', KEYS[1], 'state', 'owner', 'attempt')
+local cur = redis.call('HMGET', KEYS[1], 'state', 'owner', 'attempt', 'max_attempts')
 if cur[1] == 'queued' then
   -- Moved into the worker's list but never claimed (the worker died between BLMOVE and
   -- claim.lua): it left the queue, so it must go back; it used no attempt.
@@ -33,7 +34,7 @@ if cur[1] ~= 'running' or cur[2] ~= ARGV[2] then
 end
 if ARGV[9] == '1' then
   redis.call('HINCRBY', KEYS[1], 'attempt', -1)
-elseif tonumber(cur[3] or '0') >= tonumber(ARGV[3]) then
+elseif tonumber(cur[3] or '0') >= (tonumber(cur[4] or '') or tonumber(ARGV[3])) then
   redis.call('HDEL', KEYS[1], 'result', 'result#', 'error#')
   redis.call('HSET', KEYS[1], 'state', 'failed', 'finished', ARGV[4], 'error', ARGV[6], 'error_text', ARGV[7])
   local keep = tonumber(ARGV[5])

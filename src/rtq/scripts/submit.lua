@@ -17,6 +17,11 @@
 if KEYS[5] and redis.call('EXISTS', KEYS[5]) == 0 then
   return 0
 end
+-- A full Redis (maxmemory reached) refuses a script's commands that need memory only until the
+-- script's first write: after the DEL below the HSET would go through past the limit. Queue
+-- first, so a full Redis refuses the whole submission and nothing is written (within this one
+-- atomic step the order is otherwise invisible).
+redis.call('RPUSH', KEYS[4], ARGV[1])
 -- A reused id starts clean: no stale result, notification or event leaks into the new run.
 -- Big frames of the old record live under keys of their own: their lists go back to the caller,
 -- which deletes them (this script cannot name keys it was not given).
@@ -24,7 +29,6 @@ local lists = redis.call('HMGET', KEYS[1], 'params#', 'result#', 'error#')
 redis.call('DEL', KEYS[1], KEYS[2], KEYS[3])
 redis.call('HSET', KEYS[1], unpack(ARGV, 3))
 redis.call('PEXPIREAT', KEYS[1], ARGV[2])
-redis.call('RPUSH', KEYS[4], ARGV[1])
 for _, listed in ipairs(lists) do
   if listed and string.find(listed, ' keys', 1, true) then
     return {1, lists[1] or '', lists[2] or '', lists[3] or ''}
