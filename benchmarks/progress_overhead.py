@@ -11,7 +11,7 @@
    with no work per step gives the bare cost of one call.
 2. Delay: a task prints time stamps (sparse: one every 200 ms; continuous: one every 1 ms) and
    the client measures when each reaches it through :func:`rtq.watch.watch`. Output is sent at
-   once after a quiet spell, else batched every ``rtq.capture.FLUSH_INTERVAL`` (50 ms).
+   once after a quiet spell, else batched every ``rtq.worker.capture.FLUSH_INTERVAL`` (50 ms).
 
 Usage: ``python benchmarks/progress_overhead.py [--url redis://...] [--steps N] [--work-us W]``
 (without ``--url`` it starts an embedded server). Prints a table, or JSON with ``--json``.

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-import rtq.keys
+import rtq.backend.keys
 from conftest import ROOT
 from rtq.cli import _parser
 
@@ -32,13 +32,13 @@ def _code_blocks(text: str, lang: str) -> list[str]:
 
 
 def test_key_layout_table_matches_keys_module() -> None:
-    documented = re.findall(r"^``(<p>\|<s>\|[^`]+)``", rtq.keys.__doc__ or "", re.M)
+    documented = re.findall(r"^``(<p>\|<s>\|[^`]+)``", rtq.backend.keys.__doc__ or "", re.M)
     assert len(documented) >= 10, documented
     table = _section(README.read_text(), "Key layout")
     in_readme = re.findall(r"^\| `(<p>\|<s>\|[^`]+)` \|", table, re.M)
     assert sorted(in_readme) == sorted(documented)
     # and keys.py builds exactly those names
-    keys = rtq.keys.Keys("<p>", "<s>")
+    keys = rtq.backend.keys.Keys("<p>", "<s>")
     built = {
         keys.queue("<name>"), keys.task("<id>"), keys.frame("<id>", "<frame>"), keys.listen("<name>"),
         keys.done("<id>"), keys.events("<id>"),

@@ -23,8 +23,8 @@ import redis
 
 from conftest import Workers, wait_for
 from relfns import pids
+from rtq.backend.keys import Keys
 from rtq.errors import RedisFull, RtqError, TaskCancelled, TaskLost, WorkerLost
-from rtq.keys import Keys
 from rtq.server import EmbeddedServer
 from rtq.task import RedisTask
 from rtq.task_queue import RedisTaskQueue

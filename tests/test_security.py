@@ -34,10 +34,10 @@ import redis
 import rtq
 from conftest import ROOT, TESTS, Workers, wait_for
 from rtq import RedisTaskQueue, TaskExecutePolicy
+from rtq.backend.keys import Keys
 from rtq.calls import Call
 from rtq.connection import is_local_url
 from rtq.errors import RemoteTaskError, RtqConnectionError, SerializationError, SignatureError
-from rtq.keys import Keys
 from rtq.serialization import FLAG_SIGNED, MAC_SIZE, MAGIC, VERSION, Serializer
 from rtq.server import EmbeddedServer, find_server_binary
 

@@ -21,8 +21,8 @@ import rtq
 import rtq.watch
 from conftest import Workers, wait_for
 from rtq import RedisTaskQueue, TaskExecutePolicy
+from rtq.backend.keys import Keys
 from rtq.errors import RtqConnectionError, TaskLost
-from rtq.keys import Keys
 from rtq.server import EmbeddedServer
 
 K = Keys("test", "task-queue")

@@ -121,11 +121,11 @@ def _url_or_exit(url: str | None, what: str) -> str:
 
 
 def worker_main(args: argparse.Namespace) -> int:
+    from .backend.keys import check_name
     from .calls import run_call
     from .connection import connect, is_local_url, redact_url
     from .errors import RtqError
-    from .keys import check_name
-    from .listener import Listener
+    from .worker.listener import Listener
 
     logging.basicConfig(
         level=logging.INFO if args.verbose else logging.WARNING,
@@ -133,7 +133,7 @@ def worker_main(args: argparse.Namespace) -> int:
     )
     url = _url_or_exit(args.url, "worker")
     if args.gpus is not None:
-        from .gpus import parse_gpus, supervise
+        from .worker.gpus import parse_gpus, supervise
 
         try:
             gpus = parse_gpus(args.gpus)
@@ -173,7 +173,7 @@ def worker_main(args: argparse.Namespace) -> int:
         )
         return 2
     from .closures import runtime_versions
-    from .gpus import visible_gpus
+    from .worker.gpus import visible_gpus
 
     info = {**runtime_versions(), "gpus": visible_gpus()}
     listener = Listener(queue, list(args.names), workers=args.workers, lease=args.lease, grace=args.grace, info=info)

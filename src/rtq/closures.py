@@ -28,8 +28,8 @@ from typing import TYPE_CHECKING, Any
 
 import cloudpickle
 
+from .backend.store import text
 from .errors import VersionMismatch
-from .store import text
 
 if TYPE_CHECKING:
     from .task_queue import RedisTaskQueue

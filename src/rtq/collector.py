@@ -23,7 +23,7 @@ inbox is busy:
   (and its task is cancelled);
 * vanished records: :class:`~rtq.errors.TaskLost` at once;
 * ended tasks whose push was lost (a Redis restart): settled from the record;
-* lapsed workers: their tasks are given back (:class:`~rtq.recovery.Reaper`);
+* lapsed workers: their tasks are given back (:class:`~rtq.worker.recovery.Reaper`);
 * tasks that are in no list: a record that says queued while its id is in neither its queue nor
   any worker's in-progress list — or running on a lapsed worker whose list lacks it — can never
   be served (an eviction under ``maxmemory`` took the entry). Seen so twice, at least
@@ -44,9 +44,9 @@ from typing import TYPE_CHECKING, Any
 
 import redis as redis_py
 
+from .backend.store import OUTCOME_FIELDS, text
+from .backend.wire import Channel
 from .errors import TaskLost, TaskTimeout
-from .fastpath import Channel
-from .store import OUTCOME_FIELDS, text
 
 if TYPE_CHECKING:
     from .task_queue import RedisTaskQueue

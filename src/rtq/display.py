@@ -29,7 +29,7 @@ from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
 
-from .store import text
+from .backend.store import text
 from .watch import Event, Follower
 
 if TYPE_CHECKING:

@@ -21,12 +21,12 @@ from typing import TYPE_CHECKING, Any
 
 import redis as redis_py
 
+from .backend.keys import check_name
+from .backend.store import connection_error, text
 from .calls import Call
 from .closures import check_worker_versions, ship_local_modules
 from .collector import Ended, Wait
 from .errors import TaskCancelled
-from .keys import check_name
-from .store import connection_error, text
 from .task import RedisTask
 
 if TYPE_CHECKING:

@@ -24,9 +24,9 @@ import time
 from typing import IO, TYPE_CHECKING, Any
 from urllib.parse import quote
 
+from .backend.keys import check_name
+from .backend.store import text
 from .errors import ConfigurationError, RtqError
-from .keys import check_name
-from .store import text
 
 if TYPE_CHECKING:
     from .task_queue import RedisTaskQueue

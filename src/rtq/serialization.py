@@ -18,7 +18,7 @@ worker given ``"new,old"`` accepts payloads signed with either and signs its own
 Signing does not stop a payload from being stored again at its *own* key and field (a replay).
 Since the MAC covers the frames, the head can only be verified once they are read: a reader
 bounds what it announces first (at most ``MAX_FRAMES`` frames, ``max_payload`` bytes in all, and
-:mod:`rtq.store` checks each big frame against what Redis holds), so a forged head costs nothing.
+:mod:`rtq.backend.store` checks each big frame against what Redis holds), so a forged head costs nothing.
 
 What this is NOT for: storage. A payload is meant to be read back by the same code, on the same
 Python major.minor and cloudpickle version, within a task's lifetime.

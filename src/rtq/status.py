@@ -6,7 +6,7 @@ import json
 import time
 from typing import TYPE_CHECKING, Any
 
-from .store import text
+from .backend.store import text
 
 if TYPE_CHECKING:
     from .task_queue import RedisTaskQueue

@@ -20,13 +20,13 @@ from typing import Any
 
 import redis as redis_py
 
+from .backend.keys import Keys, check_name
+from .backend.store import KEEP_S, TaskStore, connection_error, text
 from .collector import Blocking, Collector
 from .errors import TaskCancelled, TaskTimeout
-from .keys import Keys, check_name
-from .recovery import Reaper
 from .serialization import DEFAULT_MAX_PAYLOAD, Serializer
-from .store import KEEP_S, TaskStore, connection_error, text
 from .task import RedisTask, TaskExecutePolicy, running
+from .worker.recovery import Reaper
 
 __all__ = ["RedisTask", "RedisTaskQueue", "TaskExecutePolicy"]
 
@@ -150,7 +150,7 @@ class RedisTaskQueue:
         loses it. Listener markers are set at once and kept fresh while every slot is busy.
         Returns within about ``interval`` seconds after ``event`` is set, once running tasks end.
         """
-        from .listener import Listener
+        from .worker.listener import Listener
 
         if self.task_fn is None:
             raise ValueError("listen() needs a task_fn to run the tasks it takes")

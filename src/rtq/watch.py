@@ -1,8 +1,8 @@
 """Follow remote tasks from the client: their progress, their output, their end.
 
 Everything a task reports goes to its events stream (``<p>|<s>|task-events:<id>``, see
-:mod:`rtq.keys`), in the order it happened: progress from ``task.update()`` and ``rtq.tqdm``,
-the text it writes to stdout and stderr (captured on the worker by :mod:`rtq.capture`),
+:mod:`rtq.backend.keys`), in the order it happened: progress from ``task.update()`` and ``rtq.tqdm``,
+the text it writes to stdout and stderr (captured on the worker by :mod:`rtq.worker.capture`),
 description changes, and last — written in the same atomic step that stores the outcome — one
 ``state`` entry. Watchers block on the stream (``XREAD BLOCK``, kept below the client's socket
 timeout), so they wake when something happens; they never sleep between polls.
@@ -29,8 +29,8 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from .backend.store import text
 from .errors import TaskCancelled
-from .store import text
 
 if TYPE_CHECKING:
     from .executor import TaskFuture

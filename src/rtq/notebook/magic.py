@@ -29,12 +29,12 @@ from IPython.core.error import UsageError
 from IPython.core.magic import Magics, cell_magic, line_magic, magics_class, no_var_expand
 from IPython.core.magic_arguments import argument, magic_arguments, parse_argstring
 
+from ..backend.keys import check_name
+from ..backend.store import text
 from ..closures import ship_local_modules
 from ..connection import connect, redact_url
 from ..errors import RtqError, SerializationError
-from ..keys import check_name
 from ..serialization import describe_unpicklable
-from ..store import text
 from .cells import CellSpec, ShippedValues, analyze, run_cell
 from .tracebacks import short_error
 from .waiting import CellContext, CellExecutor, CellFuture, RemoteModule, deferred_interrupts, wait_cell

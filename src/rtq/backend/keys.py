@@ -72,7 +72,7 @@ class Keys:
         return f"{self.head}task-result:{task_id}"
 
     def frame(self, task_id: str, frame: str) -> str:
-        """Where one extra frame of a big payload of the task is stored (see :mod:`rtq.store`)."""
+        """Where one extra frame of a big payload of the task is stored (see :mod:`rtq.backend.store`)."""
         return self.frame_of(self.task(task_id), frame)
 
     @staticmethod

@@ -1,14 +1,14 @@
 """A worker's heartbeat: its lease, its queues' markers, and what it checks on every beat.
 
-Every ``period`` the watchdog thread of a :class:`~rtq.listener.Listener`
+Every ``period`` the watchdog thread of a :class:`~rtq.worker.listener.Listener`
 
 * refreshes the worker's lease and record and the listener markers of its queues;
-* gives back the tasks of workers whose lease lapsed (:class:`~rtq.recovery.Reaper`);
+* gives back the tasks of workers whose lease lapsed (:class:`~rtq.worker.recovery.Reaper`);
 * stops running tasks nobody wants any more — cancelled, taken over, vanished or past their
-  deadline — which is how a task that never calls ``update()`` learns it (:mod:`rtq.stopper`);
+  deadline — which is how a task that never calls ``update()`` learns it (:mod:`rtq.worker.stopper`);
 * gives back ids sitting in the worker's in-progress list that it does not hold.
 
-A task holding the GIL freezes this thread too, so a helper process (:mod:`rtq.heartbeat`)
+A task holding the GIL freezes this thread too, so a helper process (:mod:`rtq.worker.heartbeat`)
 keeps the lease and markers alive as well; the watchdog starts it, restarts it if it died, and
 tells it when the worker drains.
 """
@@ -24,10 +24,10 @@ from typing import TYPE_CHECKING
 
 import redis as redis_py
 
-from .errors import TaskCancelled, TaskTimeout
+from ..backend.store import KEEP_S, text
+from ..errors import TaskCancelled, TaskTimeout
 from .heartbeat import HeartbeatConfig, HeartbeatHelper, connection_settings
 from .stopper import stopper_of
-from .store import KEEP_S, text
 
 if TYPE_CHECKING:
     from .listener import Listener
@@ -159,7 +159,7 @@ class Watchdog:
         """Stop running tasks nobody wants any more: cancelled, taken over, vanished or expired.
 
         A task that calls ``update()`` learns it there; this reaches the ones that never do
-        (see :mod:`rtq.stopper` for what it can and cannot interrupt).
+        (see :mod:`rtq.worker.stopper` for what it can and cannot interrupt).
         """
         listener, keys = self.listener, self.listener.keys
         with listener.lock:

@@ -7,7 +7,7 @@ its claimed tasks goes back to the front of its queue, or fails with ``WorkerLos
 used up its ``max_attempts`` (the limit it was submitted under, stored with it, whoever reaps).
 Each step is one Lua call that first removes the id from the dead worker's list, so two reapers
 never requeue the same task twice. A worker that died while sending a result leaves none of it:
-a result with extra frames is one transaction with ``finish.lua`` (see :mod:`rtq.outcome`).
+a result with extra frames is one transaction with ``finish.lua`` (see :mod:`rtq.worker.outcome`).
 """
 
 from __future__ import annotations
@@ -17,11 +17,11 @@ import logging
 import time
 from typing import TYPE_CHECKING
 
-from .errors import WorkerLost
-from .store import KEEP_S, text
+from ..backend.store import KEEP_S, text
+from ..errors import WorkerLost
 
 if TYPE_CHECKING:
-    from .task_queue import RedisTaskQueue
+    from ..task_queue import RedisTaskQueue
 
 logger = logging.getLogger("rtq.worker")
 

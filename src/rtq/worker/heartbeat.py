@@ -48,10 +48,10 @@ import redis as redis_py
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
-from . import scripts
-from .keys import Keys
+from ..backend import scripts
+from ..backend.keys import Keys
 
-logger = logging.getLogger("rtq.heartbeat")
+logger = logging.getLogger("rtq.worker.heartbeat")
 
 __all__ = ["HeartbeatConfig", "HeartbeatHelper", "parent_state"]
 
@@ -75,7 +75,7 @@ _CONNECTION_SETTINGS = {
 
 _EOF = "<eof>"
 # Run through an import (not ``-m``), so the pickled settings name the very module that runs.
-_ENTRY = "import sys; from rtq.heartbeat import main; sys.exit(main())"
+_ENTRY = "import sys; from rtq.worker.heartbeat import main; sys.exit(main())"
 
 
 @dataclass

@@ -42,13 +42,13 @@ from typing import Any, cast
 
 import redis as redis_py
 
+from ..errors import RemoteTaskError, RtqConnectionError, SerializationError, TaskLost
+from ..serialization import CHUNK, Serializer, UnreadablePayload
+from ..task import RedisTask
 from . import scripts
 from .batching import GroupCommit
-from .errors import RemoteTaskError, RtqConnectionError, SerializationError, TaskLost
-from .fastpath import ChannelPool, raise_errors
 from .keys import Keys
-from .serialization import CHUNK, Serializer, UnreadablePayload
-from .task import RedisTask
+from .wire import ChannelPool, raise_errors
 
 KEEP_S = 300.0
 """Seconds a finished task's outcome stays readable at least, even past its deadline."""
@@ -470,7 +470,7 @@ class TaskStore:
 
 
 DIRECT_READ_MIN = 1 << 20
-"""Payloads with at least this many bytes of buffers are read straight into place (rtq.fastpath)."""
+"""Payloads with at least this many bytes of buffers are read straight into place (rtq.backend.wire)."""
 FRAME_KEYS_MIN = 1 << 20
 """Payloads with at least this many bytes of buffers keep their extra frames under keys of their own."""
 FRAME_SLACK_S = 60.0

@@ -3,7 +3,7 @@
 A task's result (or exception) becomes payload fields (:meth:`TaskStore.encode`); ``finish.lua``
 stores them only while this worker's claim still holds (owner, attempt and submission token),
 takes the id off the worker's in-progress list and wakes the caller, in one atomic step. Small
-outcomes of tasks ending together share one round trip (:class:`~rtq.batching.GroupCommit`).
+outcomes of tasks ending together share one round trip (:class:`~rtq.backend.batching.GroupCommit`).
 A payload with extra frames (hash fields, or keys of their own when big) is written with
 ``finish.lua`` in one MULTI/EXEC transaction, in the same write: Redis stores all of it or none
 of it, so a part refused for lack of memory never leaves a task done with half a result, and a
@@ -22,14 +22,14 @@ from typing import Any
 
 import redis as redis_py
 
-from .batching import GroupCommit
-from .errors import RedisFull, SerializationError
-from .fastpath import Channel, raise_errors
-from .keys import Keys
+from ..backend.batching import GroupCommit
+from ..backend.keys import Keys
+from ..backend.store import KEEP_S, Encoded, TaskStore, flatten
+from ..backend.wire import Channel, raise_errors
+from ..errors import RedisFull, SerializationError
+from ..serialization import size_text
+from ..task import RedisTask
 from .recovery import dead_letter_entry
-from .serialization import size_text
-from .store import KEEP_S, Encoded, TaskStore, flatten
-from .task import RedisTask
 
 __all__ = ["OutcomeWriter"]
 

@@ -15,7 +15,7 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
-from .server import die_with_parent
+from ..server import die_with_parent
 
 __all__ = ["detect_gpus", "parse_gpus", "supervise", "visible_gpus"]
 

@@ -34,7 +34,7 @@ from typing import Any
 
 import redis as redis_py
 
-from .errors import RedisFull
+from ..errors import RedisFull
 
 hiredis: Any = None
 try:  # optional (the ``fast`` extra): RESP packing and parsing in C; 3.0 reads RESP3 too

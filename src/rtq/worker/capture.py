@@ -35,11 +35,11 @@ from typing import TYPE_CHECKING, Any
 
 import redis as redis_py
 
-from .store import EVENTS_MAXLEN
+from ..backend.store import EVENTS_MAXLEN
 
 if TYPE_CHECKING:
-    from .store import TaskStore
-    from .task import RedisTask
+    from ..backend.store import TaskStore
+    from ..task import RedisTask
 
 __all__ = ["FLUSH_INTERVAL", "Router", "capturing", "install"]
 

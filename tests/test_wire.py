@@ -1,4 +1,4 @@
-"""rtq.fastpath, the held connections of the hot paths, with and without hiredis.
+"""rtq.backend.wire, the held connections of the hot paths, with and without hiredis.
 
 Every task's trip goes through these channels; hiredis (the ``fast`` extra) packs and parses
 in C when installed, rtq's own RESP code does it otherwise. Both must give the same replies:
@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 import redis
 
-from rtq import fastpath
+from rtq.backend import wire
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -22,21 +22,21 @@ pytestmark = pytest.mark.timeout(30)
 @pytest.fixture(params=["hiredis-resp2", "hiredis-resp3", "python-resp2", "python-resp3"])
 def channel(
     request: pytest.FixtureRequest, r: redis.Redis, redis_url: str, monkeypatch: pytest.MonkeyPatch
-) -> Iterator[fastpath.Channel]:
+) -> Iterator[wire.Channel]:
     parser, protocol = request.param.split("-resp")
     if parser == "hiredis":
-        if fastpath.hiredis is None:
+        if wire.hiredis is None:
             pytest.skip("hiredis is not installed")
     else:
-        monkeypatch.setattr(fastpath, "hiredis", None)
+        monkeypatch.setattr(wire, "hiredis", None)
     client = redis.Redis.from_url(redis_url, protocol=int(protocol))
-    ch = fastpath.Channel(client)
+    ch = wire.Channel(client)
     yield ch
     ch.close()
     client.close()
 
 
-def test_replies_come_back_in_order_with_errors_in_their_place(channel: fastpath.Channel) -> None:
+def test_replies_come_back_in_order_with_errors_in_their_place(channel: wire.Channel) -> None:
     replies = channel.pipeline(
         [
             ("SET", "k", "v"),
@@ -56,7 +56,7 @@ def test_replies_come_back_in_order_with_errors_in_their_place(channel: fastpath
     assert channel.execute("GET", "k") == b"v"
 
 
-def test_a_noscript_inside_exec_is_typed(channel: fastpath.Channel) -> None:
+def test_a_noscript_inside_exec_is_typed(channel: wire.Channel) -> None:
     replies = channel.pipeline([("MULTI",), ("EVALSHA", "0" * 40, 0), ("SET", "a", "1"), ("EXEC",)])
     *queued, exec_reply = replies
     assert queued[0] == b"OK"
@@ -66,8 +66,8 @@ def test_a_noscript_inside_exec_is_typed(channel: fastpath.Channel) -> None:
     assert exec_reply[1] == b"OK"
 
 
-def test_big_values_travel_whole(channel: fastpath.Channel) -> None:
-    big = bytes(range(256)) * (fastpath.BIG_ARG // 128)  # two BIG_ARGs: sent uncopied
+def test_big_values_travel_whole(channel: wire.Channel) -> None:
+    big = bytes(range(256)) * (wire.BIG_ARG // 128)  # two BIG_ARGs: sent uncopied
     view = memoryview(bytearray(big[::-1]))
     assert channel.pipeline([("SET", "big", big), ("SET", "view", view), ("GET", "big"), ("STRLEN", "view")]) == [
         b"OK",
@@ -78,7 +78,7 @@ def test_big_values_travel_whole(channel: fastpath.Channel) -> None:
     assert channel.execute("GET", "view") == bytes(view)
 
 
-def test_frames_are_read_straight_into_their_buffers(channel: fastpath.Channel) -> None:
+def test_frames_are_read_straight_into_their_buffers(channel: wire.Channel) -> None:
     frames = [b"a" * 1000, b"b" * 70_000]
     channel.execute("HSET", "frames", "f0", frames[0], "f1", frames[1], "small", "x")
     targets = [memoryview(bytearray(len(f))) for f in frames]
@@ -94,7 +94,7 @@ def test_frames_are_read_straight_into_their_buffers(channel: fastpath.Channel) 
     assert not channel.read_into(("MGET", "k0", "gone"), targets)  # a missing frame
 
 
-def test_buffers_are_allocated_only_once_the_lengths_in_redis_are_known(channel: fastpath.Channel) -> None:
+def test_buffers_are_allocated_only_once_the_lengths_in_redis_are_known(channel: wire.Channel) -> None:
     frames = [b"a" * 1000, b"b" * 70_000]
     channel.pipeline([("SET", "k0", frames[0]), ("SET", "k1", frames[1])])
     measure = [("STRLEN", "k0"), ("STRLEN", "k1")]
@@ -118,13 +118,13 @@ def test_buffers_are_allocated_only_once_the_lengths_in_redis_are_known(channel:
     assert channel.execute("GET", "k0") == frames[0]  # a fresh connection, in step
 
 
-def test_a_blocking_read_wakes_with_the_reads_behind_it(channel: fastpath.Channel, r: redis.Redis) -> None:
+def test_a_blocking_read_wakes_with_the_reads_behind_it(channel: wire.Channel, r: redis.Redis) -> None:
     r.rpush("done", "id")
     r.hset("task", "state", "done")
     assert channel.pipeline([("BLPOP", "done", 1), ("HGET", "task", "state")]) == [[b"done", b"id"], b"done"]
 
 
-def test_script_replies_keep_their_shape(channel: fastpath.Channel) -> None:
+def test_script_replies_keep_their_shape(channel: wire.Channel) -> None:
     """rtq's scripts answer with nested tables, false and numbers: the claim's reply, say."""
     script = "return {{1, 'tok', false}, {}, redis.call('EXISTS', KEYS[1]) == 1, tonumber(ARGV[1]) * 2}"
     reply = channel.execute("EVAL", script, 1, "nothing", 21)

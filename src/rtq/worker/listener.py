@@ -5,11 +5,11 @@ One claim thread per queue takes a task only while a slot is free, and moves its
 memory; claim.lua then makes it this worker's (owner, attempt) and hands over its data, and a
 pool thread runs it. Around that loop:
 
-* :mod:`rtq.watchdog` keeps the worker's lease and its queues' markers fresh (with a helper
+* :mod:`rtq.worker.watchdog` keeps the worker's lease and its queues' markers fresh (with a helper
   process a task holding the GIL cannot starve), gives back the tasks of lapsed workers, and
   stops running tasks nobody wants any more;
-* :mod:`rtq.outcome` stores each task's result or exception, fenced by its claim;
-* :mod:`rtq.capture` sends what a task prints, and progress goes through ``progress.lua``.
+* :mod:`rtq.worker.outcome` stores each task's result or exception, fenced by its claim;
+* :mod:`rtq.worker.capture` sends what a task prints, and progress goes through ``progress.lua``.
 """
 
 from __future__ import annotations
@@ -25,19 +25,19 @@ from typing import TYPE_CHECKING, Any
 
 import redis as redis_py
 
+from ..backend.keys import check_name
+from ..backend.store import EVENTS_MAXLEN, text
+from ..backend.wire import Channel, call_script
+from ..errors import RtqError, SerializationError, SignatureError, TaskCancelled
+from ..task import RedisTask, running
 from .capture import capturing
-from .errors import RtqError, SerializationError, SignatureError, TaskCancelled
-from .fastpath import Channel, call_script
-from .keys import check_name
 from .outcome import OutcomeWriter
 from .recovery import Reaper
 from .stopper import Stopper, stopper_of
-from .store import EVENTS_MAXLEN, text
-from .task import RedisTask, running
 from .watchdog import Watchdog
 
 if TYPE_CHECKING:
-    from .task_queue import RedisTaskQueue
+    from ..task_queue import RedisTaskQueue
 
 logger = logging.getLogger("rtq.worker")
 
@@ -64,7 +64,7 @@ class Listener:
             (None: wait for them).
         info: Extra fields announced in this worker's heartbeat record.
         heartbeat_process: Also keep the lease alive from a helper process, which a task holding
-            the GIL cannot starve (see :mod:`rtq.heartbeat`).
+            the GIL cannot starve (see :mod:`rtq.worker.heartbeat`).
     """
 
     def __init__(

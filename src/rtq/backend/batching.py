@@ -6,7 +6,7 @@ caller whose call finds no send in flight sends at once, so a lone call waits fo
 calls made while a send is in flight queue up and leave together, in one pipeline, with the
 next send.
 
-Calls go by SHA alone over one held connection (:mod:`rtq.fastpath`); a call answered NOSCRIPT
+Calls go by SHA alone over one held connection (:mod:`rtq.backend.wire`); a call answered NOSCRIPT
 (a restarted or flushed server) did not run, and is made again once the script is loaded.
 """
 
@@ -18,7 +18,7 @@ from typing import Any
 
 import redis as redis_py
 
-from .fastpath import Channel, call_script
+from .wire import Channel, call_script
 
 __all__ = ["GroupCommit"]
 

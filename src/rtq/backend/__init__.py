@@ -1,0 +1,12 @@
+"""The one package that speaks Redis: key names, task records, the wire, the Lua scripts.
+
+Everything above it — the worker, the client API, the notebook and the CLI — asks it for task
+operations and never spells a key, a hash field or a command itself (an import contract in
+``pyproject.toml``, checked in CI, keeps it so). See ``docs/architecture.md``.
+
+* :mod:`~rtq.backend.keys`: every key name, with a table of keys and their Redis types;
+* :mod:`~rtq.backend.store`: task records and their payloads, and the task operations;
+* :mod:`~rtq.backend.wire`: held connections, packing and reading, reply errors;
+* :mod:`~rtq.backend.batching`: script calls of concurrent threads sharing one round trip;
+* :mod:`~rtq.backend.scripts`: one Lua script per atomic operation, each with a KEYS/ARGV header.
+"""
