@@ -303,7 +303,7 @@ def test_worker_survives_a_redis_restart_and_serves_after(tmp_path):
         assert used < 0.3 * (time.monotonic() - window), f"busy loop: {used:.2f}s CPU while Redis was down"
         assert box["thread"].is_alive()  # the caller waits through the outage too
 
-        server = EmbeddedServer(port=port).start()  # no persistence: everything is gone
+        server.start()  # the same port and password; no persistence: everything is gone
         restarted = time.monotonic()
         box["thread"].join(30)
         assert isinstance(box.get("error"), TaskLost), box  # an RtqError, seconds after the restart

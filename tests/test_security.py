@@ -250,7 +250,7 @@ def lan_server() -> Iterator[tuple[str, int]]:
         server = EmbeddedServer(args=("--bind", "127.0.0.1", ip)).start()
     except RtqConnectionError as exc:
         pytest.skip(f"cannot bind a server to {ip}: {exc}")
-    with redis.Redis(port=server.port) as admin:  # set once up: the start-up probe sends no password
+    with redis.Redis(port=server.port, password=server.password) as admin:  # its own random one gives way
         admin.config_set("requirepass", PASSWORD)
     yield ip, server.port
     server.stop()
