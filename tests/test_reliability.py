@@ -11,6 +11,8 @@ import os
 import signal
 import socket
 import statistics
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -19,7 +21,7 @@ from typing import Any
 import pytest
 import redis
 
-from conftest import Workers, wait_for
+from conftest import ROOT, Workers, wait_for
 from relfns import pids
 from rtq.errors import RtqError, TaskCancelled, TaskLost, WorkerLost
 from rtq.keys import Keys
@@ -372,6 +374,42 @@ def test_busy_past_timeout_with_the_gil_held_keeps_marker_and_lease(r, workers):
     assert box.get("result") == a.pid, box
     assert gaps == []
     assert field(r, "b1", "attempt") == "1"  # never taken for dead and rerun
+
+
+def _alive(pid: int) -> bool:
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat.rsplit(")", 1)[1].split()[0] not in ("Z", "X")
+
+
+def test_the_heartbeat_helper_of_a_keyword_made_client_stays_up_through_a_gil_held_task(r, redis_url, workers):
+    """The helper gets only plain settings: redis-py 8.1's sentinel defaults once crash-looped it."""
+    queue = make_queue(r)
+    code = f"import relfns; relfns.serve_with_a_keyword_client({redis_url!r}, {Q!r}, {float(LEASE)})"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).parent), str(ROOT / "src")])}
+    a = subprocess.Popen(
+        [sys.executable, "-c", code], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
+    workers.procs.append(a)  # killed at the end like the fixture's own
+    helper = wait_for(lambda: (record_of(r, a.pid) or {}).get("heartbeat_pid"), 30, "the worker's helper")
+    wid = record_of(r, a.pid)["id"]  # type: ignore[index]
+    task = submit(queue, "h1", {"action": "hold_gil", "seconds": 5})
+    box = wait_in_thread(queue, task)
+    wait_for(lambda: field(r, "h1", "state") == "running", what="the task to start")
+    gaps, helpers = [], set()
+    while box["thread"].is_alive():  # the task holds the GIL far past the 1.5 s lease
+        if not _alive(helper):
+            gaps.append("helper")
+        if not r.exists(K.worker(wid)):
+            gaps.append("lease")
+        helpers.add((record_of(r, a.pid) or {}).get("heartbeat_pid"))
+        box["thread"].join(0.05)
+    assert box.get("result") == a.pid, box
+    assert gaps == [] and helpers == {helper}, (gaps, helpers)
+    assert field(r, "h1", "attempt") == "1"  # never taken for dead and run twice
+    assert _alive(helper) and a.poll() is None
 
 
 # -- soak ------------------------------------------------------------------------------------
