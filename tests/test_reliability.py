@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import socket
 import statistics
@@ -410,6 +411,53 @@ def test_the_heartbeat_helper_of_a_keyword_made_client_stays_up_through_a_gil_he
     assert gaps == [] and helpers == {helper}, (gaps, helpers)
     assert field(r, "h1", "attempt") == "1"  # never taken for dead and run twice
     assert _alive(helper) and a.poll() is None
+
+
+# -- eviction --------------------------------------------------------------------------------
+EVICTING = ("--maxmemory", "50mb", "--maxmemory-policy", "allkeys-lru")
+
+
+@pytest.mark.timeout(90)
+@pytest.mark.parametrize(
+    ("server_args", "acl", "warned"),
+    [
+        (EVICTING, None, True),
+        (("--maxmemory", "50mb", "--maxmemory-policy", "volatile-lru"), None, True),  # rtq's keys have TTLs
+        (("--maxmemory", "50mb", "--maxmemory-policy", "noeviction"), None, False),
+        (("--maxmemory", "0", "--maxmemory-policy", "allkeys-lru"), None, False),  # no limit: nothing evicted
+        (EVICTING, "-info", False),  # an ACL refuses INFO: no second, CONFIG, denial in its log
+        (EVICTING, "-config", True),  # CONFIG refused (as on managed services): INFO still tells
+        (EVICTING, "-config -info", False),  # neither: nothing to say, and the worker serves all the same
+    ],
+)
+def test_worker_warns_at_start_when_redis_may_evict_its_keys(server_args, acl, warned):
+    binary = shutil.which("redis-server")  # a real Redis when there is one; else the embedded Valkey
+    with EmbeddedServer(binary=binary, args=server_args) as server:
+        url = server.url
+        if acl:
+            with redis.Redis.from_url(server.url) as admin:
+                admin.execute_command(
+                    "ACL", "SETUSER", "limited", "on", ">limited-pw", "~*", "&*", "+@all", *acl.split()
+                )
+            url = f"redis://limited:limited-pw@127.0.0.1:{server.port}/0"
+        pool = Workers(url)
+        try:
+            proc = pool.start(Q, task_fn=FN)
+            client = redis.Redis.from_url(url)
+            assert make_queue(client).wait(submit(make_queue(client), "e1", {"action": "echo", "value": 1})) == 1
+            proc.terminate()
+            output, _ = proc.communicate(timeout=30)
+        finally:
+            pool.kill_all()
+    warnings = [line for line in output.splitlines() if "may evict rtq's keys" in line]
+    if warned:
+        policy = server_args[server_args.index("--maxmemory-policy") + 1]
+        assert len(warnings) == 1, output
+        assert f"maxmemory is 50.0 MiB with maxmemory-policy {policy}" in warnings[0], warnings
+        assert "CONFIG SET maxmemory-policy noeviction" in warnings[0], warnings
+    else:
+        assert warnings == [], output
+    assert "Traceback" not in output, output
 
 
 # -- soak ------------------------------------------------------------------------------------

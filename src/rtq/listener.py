@@ -27,6 +27,7 @@ import redis as redis_py
 
 from .capture import capturing
 from .errors import RtqError, SerializationError, SignatureError, TaskCancelled
+from .eviction import eviction_warning
 from .fastpath import Channel, call_script
 from .keys import check_name
 from .outcome import OutcomeWriter
@@ -128,6 +129,9 @@ class Listener:
     # -- lifecycle -------------------------------------------------------------------------
     def run(self) -> None:
         """Serve until the stop event is set, then let running tasks end (or requeue them)."""
+        warning = eviction_warning(self.redis)
+        if warning:
+            logger.warning("%s", warning)
         for name in self.names:
             self.queue.set_queue_listened(name)
         self.watchdog.start()
