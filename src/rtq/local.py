@@ -115,7 +115,8 @@ def local_worker(
         queue: The queue whose Redis and namespace the worker serves (from :func:`rtq.connect`).
         *names: Queue names to serve.
         url: Redis URL for the worker (default: built from ``queue``'s client; pass it for a
-            client made with TLS options or other settings a URL cannot carry).
+            client made with TLS options or other settings a URL cannot carry). The worker gets
+            it in its environment (``RTQ_REDIS_URL``), never on its command line.
         workers: Tasks the worker runs at once.
         timeout: Seconds to wait for the worker to come up.
 
