@@ -71,3 +71,24 @@ def task(t: RedisTask) -> Any:
 def pids(path: Path) -> list[int]:
     """The pids written to ``path`` by ``started``, in order."""
     return [int(x) for x in path.read_text().split()] if path.exists() else []
+
+
+def serve_with_a_keyword_client(url: str, name: str, lease: float) -> None:
+    """Serve ``name`` with :func:`task`, on a client made the way seed-API users make one.
+
+    ``redis.Redis(host=..., port=..., password=...)``, not ``from_url``: that client's settings
+    are redis-py's full defaults (in redis-py 8.1, ``socket_keepalive_options`` is a sentinel
+    object), which is what the worker's heartbeat helper is handed.
+    """
+    from urllib.parse import unquote, urlsplit
+
+    import redis
+
+    from rtq.task_queue import RedisTaskQueue
+    from rtq.worker.listener import Listener
+
+    parts = urlsplit(url)
+    password = unquote(parts.password) if parts.password else None
+    client = redis.Redis(host=parts.hostname or "127.0.0.1", port=parts.port or 6379, password=password)
+    queue = RedisTaskQueue(client, "test", timeout=30, interval=0.5, task_fn=task)
+    Listener(queue, [name], workers=1, lease=lease).run()

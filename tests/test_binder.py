@@ -62,8 +62,12 @@ def test_binder_start_serves_the_quickstart_and_leaves_nothing_running(tmp_path)
         assert proc.returncode == 0, output
         assert "11 code cells ran" in output, output
 
+        # The server's log shows its URL without the password, which only reached a file in a
+        # folder of this user's own (gone once the server stopped) and, from there, the environment.
         server_log = (tmp_path / "rtq-server.log").read_text()
-        assert f"rtq server: redis://127.0.0.1:{port}/0" in server_log, server_log
+        assert f"rtq server: redis://:***@127.0.0.1:{port}/0" in server_log, server_log
+        (private,) = tmp_path.glob("rtq-private.*")
+        assert private.is_dir() and private.stat().st_mode & 0o077 == 0
         # The notebook used the Binder worker: its tasks ran in that worker's process.
         nb = nbformat.read(out, as_version=4)
         shown = ["".join(o.get("text", "") for o in c.outputs) for c in nb.cells if c.cell_type == "code"]
@@ -76,6 +80,7 @@ def test_binder_start_serves_the_quickstart_and_leaves_nothing_running(tmp_path)
         # The command ended: the server and the worker end with it (no orphans).
         wait_for(lambda: not processes_with_env("RTQ_NB_TEST", token), 45, "binder's server and worker to exit")
         assert "SIGTERM: finishing running tasks" in (tmp_path / "rtq-worker.log").read_text()
+        assert list(private.iterdir()) == []  # the stopped server took its URL file with it
     finally:
         try:
             os.killpg(proc.pid, signal.SIGKILL)

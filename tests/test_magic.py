@@ -6,11 +6,13 @@ subprocess on queue ``cells`` against the session's Redis and connects the kerne
 
 from __future__ import annotations
 
+import ast
 import asyncio
 import os
 import re
 import threading
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import nbformat
@@ -311,6 +313,10 @@ def test_connect_without_url_starts_embedded_server_and_local_worker(tmp_path: A
         out = streams(cell)
         assert "embedded server" in out and "local worker" in out, out
         pid = int(re.search(r"pid (\d+)", out).group(1))  # type: ignore[union-attr]
+        # The server's password is in neither what the cell shows nor the worker's command line.
+        password = ast.literal_eval(k.value("import rtq.server\nrtq.server._default.password"))
+        assert "redis://:***@127.0.0.1:" in out and password not in out, out
+        assert password not in Path(f"/proc/{pid}/cmdline").read_text(errors="replace")
         assert k.value("%%rtq\nimport os\nos.getpid()") == str(pid)
         run_sync(client.km.shutdown_kernel)(now=False)  # a clean exit runs the kernel's atexit
 
@@ -322,6 +328,11 @@ def test_connect_without_url_starts_embedded_server_and_local_worker(tmp_path: A
             return False
 
         wait_for(gone, 30, "the local worker to stop with the kernel")
+
+
+def test_connect_names_a_bad_url_without_its_password(kernel: Kernel) -> None:
+    text = usage_error(kernel.run("%rtq connect redis://:hunter2@127.0.0.1:1/0?socket_timeout=abc"))
+    assert "redis://:***@127.0.0.1:1/0" in text and "socket_timeout" in text and "hunter2" not in text, text
 
 
 def test_progress_bar_appears_after_progress_after(cells: Kernel) -> None:

@@ -12,6 +12,8 @@ import shutil
 import signal
 import socket
 import statistics
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -21,7 +23,7 @@ import numpy
 import pytest
 import redis
 
-from conftest import Workers, wait_for
+from conftest import ROOT, Workers, wait_for
 from relfns import pids
 from rtq.backend.keys import Keys
 from rtq.errors import RedisFull, RtqError, TaskCancelled, TaskLost, WorkerLost
@@ -333,7 +335,7 @@ def test_worker_survives_a_redis_restart_and_serves_after(tmp_path):
         assert used < 0.3 * (time.monotonic() - window), f"busy loop: {used:.2f}s CPU while Redis was down"
         assert box["thread"].is_alive()  # the caller waits through the outage too
 
-        server = EmbeddedServer(port=port).start()  # no persistence: everything is gone
+        server.start()  # the same port and password; no persistence: everything is gone
         restarted = time.monotonic()
         box["thread"].join(30)
         assert isinstance(box.get("error"), TaskLost), box  # an RtqError, seconds after the restart
@@ -494,6 +496,89 @@ def test_busy_past_timeout_with_the_gil_held_keeps_marker_and_lease(r, workers):
     assert box.get("result") == a.pid, box
     assert gaps == []
     assert field(r, "b1", "attempt") == "1"  # never taken for dead and rerun
+
+
+def _alive(pid: int) -> bool:
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat.rsplit(")", 1)[1].split()[0] not in ("Z", "X")
+
+
+def test_the_heartbeat_helper_of_a_keyword_made_client_stays_up_through_a_gil_held_task(r, redis_url, workers):
+    """The helper gets only plain settings: redis-py 8.1's sentinel defaults once crash-looped it."""
+    queue = make_queue(r)
+    code = f"import relfns; relfns.serve_with_a_keyword_client({redis_url!r}, {Q!r}, {float(LEASE)})"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).parent), str(ROOT / "src")])}
+    a = subprocess.Popen(
+        [sys.executable, "-c", code], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
+    workers.procs.append(a)  # killed at the end like the fixture's own
+    helper = wait_for(lambda: (record_of(r, a.pid) or {}).get("heartbeat_pid"), 30, "the worker's helper")
+    wid = record_of(r, a.pid)["id"]  # type: ignore[index]
+    task = submit(queue, "h1", {"action": "hold_gil", "seconds": 5})
+    box = wait_in_thread(queue, task)
+    wait_for(lambda: field(r, "h1", "state") == "running", what="the task to start")
+    gaps, helpers = [], set()
+    while box["thread"].is_alive():  # the task holds the GIL far past the 1.5 s lease
+        if not _alive(helper):
+            gaps.append("helper")
+        if not r.exists(K.worker(wid)):
+            gaps.append("lease")
+        helpers.add((record_of(r, a.pid) or {}).get("heartbeat_pid"))
+        box["thread"].join(0.05)
+    assert box.get("result") == a.pid, box
+    assert gaps == [] and helpers == {helper}, (gaps, helpers)
+    assert field(r, "h1", "attempt") == "1"  # never taken for dead and run twice
+    assert _alive(helper) and a.poll() is None
+
+
+# -- eviction --------------------------------------------------------------------------------
+EVICTING = ("--maxmemory", "50mb", "--maxmemory-policy", "allkeys-lru")
+
+
+@pytest.mark.timeout(90)
+@pytest.mark.parametrize(
+    ("server_args", "acl", "warned"),
+    [
+        (EVICTING, None, True),
+        (("--maxmemory", "50mb", "--maxmemory-policy", "volatile-lru"), None, True),  # rtq's keys have TTLs
+        (("--maxmemory", "50mb", "--maxmemory-policy", "noeviction"), None, False),
+        (("--maxmemory", "0", "--maxmemory-policy", "allkeys-lru"), None, False),  # no limit: nothing evicted
+        (EVICTING, "-info", False),  # an ACL refuses INFO: no second, CONFIG, denial in its log
+        (EVICTING, "-config", True),  # CONFIG refused (as on managed services): INFO still tells
+        (EVICTING, "-config -info", False),  # neither: nothing to say, and the worker serves all the same
+    ],
+)
+def test_worker_warns_at_start_when_redis_may_evict_its_keys(server_args, acl, warned):
+    binary = shutil.which("redis-server")  # a real Redis when there is one; else the embedded Valkey
+    with EmbeddedServer(binary=binary, args=server_args) as server:
+        url = server.url
+        if acl:
+            with redis.Redis.from_url(server.url) as admin:
+                admin.execute_command(
+                    "ACL", "SETUSER", "limited", "on", ">limited-pw", "~*", "&*", "+@all", *acl.split()
+                )
+            url = f"redis://limited:limited-pw@127.0.0.1:{server.port}/0"
+        pool = Workers(url)
+        try:
+            proc = pool.start(Q, task_fn=FN)
+            client = redis.Redis.from_url(url)
+            assert make_queue(client).wait(submit(make_queue(client), "e1", {"action": "echo", "value": 1})) == 1
+            proc.terminate()
+            output, _ = proc.communicate(timeout=30)
+        finally:
+            pool.kill_all()
+    warnings = [line for line in output.splitlines() if "may evict rtq's keys" in line]
+    if warned:
+        policy = server_args[server_args.index("--maxmemory-policy") + 1]
+        assert len(warnings) == 1, output
+        assert f"maxmemory is 50.0 MiB with maxmemory-policy {policy}" in warnings[0], warnings
+        assert "CONFIG SET maxmemory-policy noeviction" in warnings[0], warnings
+    else:
+        assert warnings == [], output
+    assert "Traceback" not in output, output
 
 
 # -- soak ------------------------------------------------------------------------------------

@@ -1,4 +1,4 @@
-"""The ``rtq`` command: ``rtq demo``, ``rtq worker``, ``rtq status``."""
+"""The ``rtq`` command: ``rtq demo``, ``rtq worker``, ``rtq status``, ``rtq server``."""
 
 from __future__ import annotations
 
@@ -8,8 +8,10 @@ import logging
 import os
 import signal
 import sys
+import tempfile
 import threading
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any
 
 __all__ = ["main"]
@@ -75,6 +77,12 @@ def _parser() -> argparse.ArgumentParser:
 
     server = sub.add_parser("server", help="run the embedded server in the foreground (for a machine without Redis)")
     server.add_argument("--port", type=int, default=None, help="TCP port on 127.0.0.1 (default: a free one)")
+    server.add_argument(
+        "--url-file",
+        metavar="FILE",
+        help="write the URL (it holds the server's password) to FILE, readable by you alone, "
+        "and print it without the password",
+    )
 
     status = sub.add_parser("status", help="show workers, queues and running tasks")
     status.add_argument("--url", help="Redis URL (default: RTQ_REDIS_URL)")
@@ -216,7 +224,8 @@ def status_main(args: argparse.Namespace) -> int:
 
 
 def server_main(args: argparse.Namespace) -> int:
-    """Run the embedded server until SIGTERM/SIGINT; prints its URL first."""
+    """Run the embedded server until SIGTERM/SIGINT; prints (or writes) its URL first."""
+    from .connection import redact_url
     from .errors import RtqError
     from .server import EmbeddedServer
 
@@ -228,10 +237,43 @@ def server_main(args: argparse.Namespace) -> int:
     except RtqError as exc:
         print(f"rtq server: {exc}", file=sys.stderr)
         return 1
-    print(f"rtq server: {server.url}  (export RTQ_REDIS_URL={server.url})", flush=True)
+    url_file = Path(args.url_file).absolute() if args.url_file else None
     try:
+        if url_file is not None:
+            try:
+                write_private(url_file, server.url + "\n")
+            except OSError as exc:
+                print(f"rtq server: cannot write --url-file {str(url_file)!r}: {exc}", file=sys.stderr)
+                return 1
+            print(f"rtq server: {redact_url(server.url)}  (the URL with its password is in {url_file})", flush=True)
+        else:
+            print(
+                f"rtq server: {server.url}\n"
+                f"  export RTQ_REDIS_URL={server.url}\n"
+                "  (the URL holds this server's password: give it to workers and notebooks through "
+                "RTQ_REDIS_URL, not on a command line, where other users of this machine can read it)",
+                flush=True,
+            )
         while not stop.wait(1.0) and server.running:
             pass
     finally:
         server.stop()
+        if url_file is not None:
+            url_file.unlink(missing_ok=True)  # a stopped server's URL would only mislead
     return 0
+
+
+def write_private(path: Path, content: str) -> None:
+    """Write ``content`` to ``path``, readable and writable by this user alone (mode 0600).
+
+    The file is made under a new name and renamed over ``path``, so no other user ever sees it
+    with looser permissions, or half written, and a link planted at ``path`` is replaced, not followed.
+    """
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")  # mkstemp: mode 0600
+    try:
+        with os.fdopen(fd, "w") as fh:
+            fh.write(content)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise

@@ -5,6 +5,7 @@ from __future__ import annotations
 import inspect
 import ipaddress
 import os
+import re
 from collections.abc import Sequence
 from typing import Any
 from urllib.parse import urlsplit
@@ -73,18 +74,71 @@ def connect(
     try:
         client = redis_py.Redis.from_url(resolved, **options)
     except ValueError as exc:
-        raise ConfigurationError(f"invalid Redis URL {resolved!r}: {exc}") from exc
+        raise ConfigurationError(f"invalid Redis URL {redact_url(resolved)!r}: {_scrub(str(exc), resolved)}") from exc
     try:
         client.ping()
     except redis_py.RedisError as exc:
-        raise RtqConnectionError(f"cannot reach Redis at {redact_url(resolved)}: {exc}") from exc
+        raise RtqConnectionError(f"cannot reach Redis at {redact_url(resolved)}: {_scrub(str(exc), resolved)}") from exc
     return RedisTaskQueue(client, prefix, secret=secret, **queue_kwargs)
 
 
+# A query parameter whose value is a secret: ``password``, ``ssl_password``, ``…token``, ``…secret``.
+_SECRET_PARAMETER = re.compile(r"(?i)([?&;][^=&;#]*(?:pass|secret|token)[^=&;#]*=)([^&;#]*)")
+
+
 def redact_url(url: str) -> str:
-    """``url`` with its password replaced by ``***``, fit for messages and logs."""
-    parts = urlsplit(url)
-    if parts.password:
-        netloc = parts.netloc.replace(f":{parts.password}@", ":***@")
-        return parts._replace(netloc=netloc).geturl()
-    return url
+    """``url`` with its password replaced by ``***``, fit for messages, logs and reprs.
+
+    It never raises, and it errs on the side of hiding: the password of ``user:password@`` and
+    ``:password@`` goes (also one holding ``@``, ``:`` or percent-escapes, and one so badly
+    escaped that its ``/``, ``?`` or ``#`` makes the host look like part of the path), and so do
+    the values of query parameters named like secrets (``?password=…``, ``ssl_password=…``).
+    """
+    return _redact(url)[0]
+
+
+def _redact(url: str) -> tuple[str, list[str]]:
+    """:func:`redact_url`'s result, and the secrets it took out."""
+    hidden: list[str] = []
+    scheme, sep, rest = url.partition("://")
+    if sep:
+        # The authority ends at the first "/", "?" or "#"; the user info at its last "@".
+        end = min((i for i in (rest.find(c) for c in "/?#") if i >= 0), default=len(rest))
+        userinfo, at, host = rest[:end].rpartition("@")
+        if at:
+            rest = _without_password(userinfo, hidden) + "@" + host + rest[end:]
+        elif "@" in rest:  # an "@" past the authority: a password holding an unescaped "/", "?" or "#"
+            userinfo, _, tail = rest.rpartition("@")
+            rest = _without_password(userinfo, hidden) + "@" + tail
+
+    def hide(match: re.Match[str]) -> str:
+        hidden.append(match.group(2))
+        return match.group(1) + "***"
+
+    return scheme + sep + _SECRET_PARAMETER.sub(hide, rest), [h for h in hidden if h]
+
+
+def _without_password(userinfo: str, hidden: list[str]) -> str:
+    """``user:password`` -> ``user:***`` (the password goes to ``hidden``); a user name alone stays."""
+    user, colon, password = userinfo.partition(":")
+    if not colon and not any(c in userinfo for c in "/?#"):
+        return userinfo  # a user name is not a secret
+    if any(c in user for c in "/?#"):  # no user name in there, only a mangled password
+        hidden.append(userinfo)
+        return "***"
+    hidden.append(password)
+    return f"{user}:***"
+
+
+def _scrub(message: str, url: str) -> str:
+    """``message`` (redis-py's or urllib's, about ``url``) without any piece of ``url``'s secrets.
+
+    A badly escaped password is cut apart by the URL parser, whose errors may quote a piece of
+    it (``Port could not be cast to integer value as 'hun'``).
+    """
+    _, hidden = _redact(url)
+    message = _redact(message)[0] if "://" in message else message
+    pieces = {piece for secret in hidden for piece in (secret, *re.split(r"[/?#@:]", secret)) if piece}
+    for piece in sorted(pieces, key=len, reverse=True):
+        message = re.sub(rf"(?<![A-Za-z0-9]){re.escape(piece)}(?![A-Za-z0-9])", "***", message)
+    return message

@@ -62,12 +62,13 @@ def _jobs() -> list[tuple[str, Any, tuple[Any, ...]]]:
 def run_demo(tasks: int = 0, workers: int = 2) -> int:
     """Run the demo; returns the process exit code."""
     import rtq
+    from rtq.connection import redact_url
     from rtq.server import EmbeddedServer
 
     started = time.perf_counter()
     with EmbeddedServer() as server:
         print(
-            f"embedded server {os.path.basename(server.binary)} at {server.url}, "
+            f"embedded server {os.path.basename(server.binary)} at {redact_url(server.url)}, "
             f"up in {time.perf_counter() - started:.2f}s"
         )
         queue = rtq.connect(server.url, timeout=120, interval=1)

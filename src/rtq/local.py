@@ -115,7 +115,8 @@ def local_worker(
         queue: The queue whose Redis and namespace the worker serves (from :func:`rtq.connect`).
         *names: Queue names to serve.
         url: Redis URL for the worker (default: built from ``queue``'s client; pass it for a
-            client made with TLS options or other settings a URL cannot carry).
+            client made with TLS options or other settings a URL cannot carry). The worker gets
+            it in its environment (``RTQ_REDIS_URL``), never on its command line.
         workers: Tasks the worker runs at once.
         timeout: Seconds to wait for the worker to come up.
 
@@ -135,10 +136,12 @@ def local_worker(
     if workers < 1:
         raise ConfigurationError(f"workers must be at least 1, not {workers!r}")
     url = url or url_of(queue.redis)
-    env = {**os.environ, "RTQ_SECRET": _secret_env(queue)}
+    # The URL (it may hold a password) and the secret go through the environment, which only
+    # this user can read (/proc/<pid>/environ); every user can read a command line.
+    env = {**os.environ, "RTQ_REDIS_URL": url, "RTQ_SECRET": _secret_env(queue)}
     if not env["RTQ_SECRET"]:
         del env["RTQ_SECRET"]
-    cmd = [sys.executable, "-m", "rtq", "worker", *names, "--url", url, "--prefix", queue.prefix]
+    cmd = [sys.executable, "-m", "rtq", "worker", *names, "--prefix", queue.prefix]
     cmd += ["--suffix", queue.suffix, "--workers", str(workers), "--timeout", str(queue.timeout)]
     from .server import die_with_parent
 

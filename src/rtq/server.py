@@ -6,6 +6,13 @@ no persistence (``save ""``, no AOF), its files in a temporary folder, and stopp
 interpreter exits — or when its parent dies, on Linux. Only the binary is used; rtq talks to it
 with redis-py like to any other server.
 
+Private means private to the user who started it, also on a shared machine: 127.0.0.1 is open to
+every local user, and whoever can write to the server can plant pickles that a worker runs. So
+each server requires a random password, which only reaches it through a configuration file in
+its own folder (mode 0700, the file 0600), never through its command line, which every user can
+read in ``ps`` or ``/proc/<pid>/cmdline``. :attr:`EmbeddedServer.url` carries the password; hand
+it to other processes through their environment (``RTQ_REDIS_URL``), not their arguments.
+
 What this is NOT for: production. Workers on other machines cannot reach it, and nothing it holds
 survives the process that started it.
 """
@@ -15,6 +22,7 @@ from __future__ import annotations
 import atexit
 import importlib.util
 import os
+import secrets
 import shutil
 import signal
 import socket
@@ -24,6 +32,7 @@ import tempfile
 import threading
 import time
 from pathlib import Path
+from urllib.parse import quote
 
 from .errors import RtqConnectionError
 
@@ -76,12 +85,17 @@ def die_with_parent() -> None:  # pragma: no cover - runs in the child between f
 
 
 class EmbeddedServer:
-    """A private Redis-protocol server in a child process.
+    """A private Redis-protocol server in a child process, usable only with its password.
 
     Args:
         port: TCP port on 127.0.0.1 (default: a free one).
         binary: Server binary (default: :func:`find_server_binary`).
-        args: Extra ``--option value`` arguments for the server.
+        args: Extra ``--option value`` arguments for the server (visible to every local user in
+            its command line: never a secret).
+
+    Attributes:
+        password: The random password the server requires (``requirepass``), chosen when the
+            object is made and kept if it is stopped and started again, so :attr:`url` stays valid.
     """
 
     def __init__(self, *, port: int | None = None, binary: str | None = None, args: tuple[str, ...] = ()) -> None:
@@ -89,13 +103,18 @@ class EmbeddedServer:
         self.requested_port = port
         self.args = args
         self.port = 0
+        self.password = secrets.token_urlsafe(32)
         self.process: subprocess.Popen[bytes] | None = None
         self.dir: tempfile.TemporaryDirectory[str] | None = None
 
+    def __repr__(self) -> str:
+        state = "running" if self.running else "stopped"
+        return f"<rtq.EmbeddedServer {os.path.basename(self.binary)} on 127.0.0.1:{self.port} {state}>"
+
     @property
     def url(self) -> str:
-        """``redis://127.0.0.1:<port>/0``, for clients and workers."""
-        return f"redis://127.0.0.1:{self.port}/0"
+        """``redis://:<password>@127.0.0.1:<port>/0``, for clients and workers: keep it private."""
+        return f"redis://:{quote(self.password, safe='')}@127.0.0.1:{self.port}/0"
 
     @property
     def running(self) -> bool:
@@ -115,9 +134,16 @@ class EmbeddedServer:
         raise RtqConnectionError(f"the embedded server did not start ({self.binary}):\n{self.log_tail()}")
 
     def _try_start(self, timeout: float) -> bool:
-        self.dir = tempfile.TemporaryDirectory(prefix="rtq-server-")
+        self.dir = tempfile.TemporaryDirectory(prefix="rtq-server-")  # mode 0700: this user's only
+        config = Path(self.dir.name) / "server.conf"
+        # The password goes in a file only this user can read (in a folder only this user can
+        # enter), which the server reads once at start: its command line is public.
+        fd = os.open(config, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as fh:
+            fh.write(f"requirepass {self.password}\n")
         cmd = [
             self.binary,
+            str(config),
             "--port",
             str(self.port),
             "--bind",
@@ -155,10 +181,23 @@ class EmbeddedServer:
         return False
 
     def _ping(self) -> bool:
+        """Whether our server answers on the port: it takes our password, then PONGs.
+
+        Another user's server that took the port in the meantime refuses the password, so it
+        is never mistaken for ours.
+        """
+        password = self.password.encode()
+        request = b"*2\r\n$4\r\nAUTH\r\n$%d\r\n%s\r\n*1\r\n$4\r\nPING\r\n" % (len(password), password)
         try:
             with socket.create_connection(("127.0.0.1", self.port), timeout=0.5) as sock:
-                sock.sendall(b"PING\r\n")
-                return sock.recv(16).startswith(b"+PONG")
+                sock.sendall(request)
+                reply = b""
+                while reply.count(b"\r\n") < 2:
+                    chunk = sock.recv(64)
+                    if not chunk:
+                        break
+                    reply += chunk
+                return reply.startswith(b"+OK\r\n+PONG\r\n")
         except OSError:
             return False
 

@@ -68,10 +68,14 @@ _CONNECTION_SETTINGS = {
     "socket_keepalive_options",
     "socket_type",
     "client_name",
-    "credential_provider",
     "protocol",
     "encoding",
 }
+
+
+class _NotPlain(Exception):
+    """Raised by :func:`_plain` for a value that is not plain data."""
+
 
 _EOF = "<eof>"
 # Run through an import (not ``-m``), so the pickled settings name the very module that runs.
@@ -96,19 +100,77 @@ class HeartbeatConfig:
 
 
 def connection_settings(client: redis_py.Redis) -> tuple[type, dict[str, Any]]:
-    """The connection class and the picklable settings that reach the same server as ``client``."""
+    """The connection class and the plain settings that reach the same server as ``client``.
+
+    Only plain data travels (str, int, float, bool, None, bytes, and lists, tuples and dicts of
+    them), rebuilt from builtin types. Anything else is left out and the helper's redis-py uses
+    its own default: an object unpickled in another process is a copy, and redis-py compares
+    some settings with its own sentinels by identity (redis-py 8.1 gives every client made with
+    keyword arguments ``socket_keepalive_options=SENTINEL``, which a copy no longer matches: the
+    helper then died on every connect). A credential provider travels as the plain user name
+    and password it gives now.
+    """
     pool = client.connection_pool
     kwargs: dict[str, Any] = {}
     for key, value in pool.connection_kwargs.items():
         if key not in _CONNECTION_SETTINGS and not key.startswith("ssl"):
             continue
         try:
-            pickle.dumps(value)
-        except Exception:
-            logger.debug("heartbeat helper: connection setting %s cannot travel; left out", key)
-            continue
-        kwargs[key] = value
-    return pool.connection_class, kwargs
+            kwargs[key] = _plain(value)
+        except _NotPlain:
+            logger.debug("heartbeat helper: connection setting %s is not plain data; left out", key)
+    provider = pool.connection_kwargs.get("credential_provider")
+    if provider is not None:
+        kwargs.update(_credentials(provider))
+    return _redis_py_class(pool.connection_class), kwargs
+
+
+def _plain(value: Any) -> Any:
+    """``value`` rebuilt from builtin types only (an IntEnum becomes its int).
+
+    Raises:
+        _NotPlain: it holds anything else.
+    """
+    if value is None:
+        return None
+    if isinstance(value, bool):
+        return bool(value)
+    if isinstance(value, int):
+        return int(value)
+    if isinstance(value, float):
+        return float(value)
+    if isinstance(value, str):
+        return str.__str__(value)
+    if isinstance(value, (bytes, bytearray)):
+        return bytes(value)
+    if isinstance(value, (list, tuple)):
+        items = [_plain(item) for item in value]
+        return items if isinstance(value, list) else tuple(items)
+    if isinstance(value, dict):
+        return {_plain(k): _plain(v) for k, v in value.items()}
+    raise _NotPlain(type(value).__name__)
+
+
+def _credentials(provider: Any) -> dict[str, str]:
+    """A credential provider's current ``username``/``password``, as plain settings."""
+    try:
+        credentials = tuple(provider.get_credentials())
+    except Exception as exc:  # a provider of the user's own: whatever it raises, the helper goes without
+        logger.warning("heartbeat helper: cannot read credentials from %s (%s)", type(provider).__name__, exc)
+        return {}
+    if len(credentials) == 1:
+        return {"password": str(credentials[0])}
+    if len(credentials) == 2:
+        return {"username": str(credentials[0]), "password": str(credentials[1])}
+    return {}
+
+
+def _redis_py_class(cls: type) -> type:
+    """The redis-py connection class ``cls`` is or derives from (the helper may not import a subclass)."""
+    for base in cls.__mro__:
+        if base.__module__.split(".")[0] == "redis":
+            return base
+    return cls
 
 
 def parent_state(pid: int) -> str | None:

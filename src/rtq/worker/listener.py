@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Any
 
 import redis as redis_py
 
+from ..backend.eviction import eviction_warning
 from ..backend.keys import check_name
 from ..backend.store import EVENTS_MAXLEN, text
 from ..backend.wire import Channel, call_script
@@ -128,6 +129,9 @@ class Listener:
     # -- lifecycle -------------------------------------------------------------------------
     def run(self) -> None:
         """Serve until the stop event is set, then let running tasks end (or requeue them)."""
+        warning = eviction_warning(self.redis)
+        if warning:
+            logger.warning("%s", warning)
         for name in self.names:
             self.queue.set_queue_listened(name)
         self.watchdog.start()

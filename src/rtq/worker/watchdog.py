@@ -140,6 +140,8 @@ class Watchdog:
         while not self.stopped.wait(backoff):
             if self.helper is not None:
                 self.helper.ensure()
+                # A restarted helper has a new pid: the record names the live one.
+                listener.info["heartbeat_pid"] = self.helper.pid
             try:
                 self.beat()
                 listener.reaper.reap(exclude=listener.id)
