@@ -7,6 +7,7 @@ lint:
 	ruff check src tests benchmarks
 	ruff format --check src tests benchmarks
 	mypy
+	lint-imports
 
 test:
 	python -m pytest
