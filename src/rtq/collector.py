@@ -47,6 +47,7 @@ import redis as redis_py
 from .backend.store import OUTCOME_FIELDS, text
 from .backend.wire import Channel
 from .errors import TaskLost, TaskTimeout
+from .task import FINAL_STATES, TaskState
 
 if TYPE_CHECKING:
     from .task_queue import RedisTaskQueue
@@ -69,7 +70,6 @@ IDLE_EXIT = 30.0
 """Seconds the collector thread lingers with nothing to wait for before it ends."""
 EVENTS_KEEP_S = 10.0
 """Seconds a consumed task's events (its output and progress) stay readable for late watchers."""
-FINAL = ("done", "failed", "cancelled")
 _READ = (*OUTCOME_FIELDS, "progress", "attempt", "params#")
 """What settles a waiter: the outcome, progress, attempts, and the params' frame list."""
 
@@ -330,7 +330,7 @@ class Collector:
             except Exception as exc:  # unreadable or gone: that is how this wait ends
                 ended.append((wait, Ended("error", exc)))
                 continue
-            if state not in FINAL:
+            if state not in FINAL_STATES:
                 continue  # a stray push: the task goes on, and so does its waiter
             ended.append((wait, Ended(state, value, _attempts(attempts), text(progress) or None)))
             if wait.consume:
@@ -377,11 +377,11 @@ class Collector:
             state = text(values[0])
             if not state and time.time() >= wait.expiry - 1.0:
                 continue  # a record expires with its deadline: the next check times it out
-            if not state or state in FINAL:
+            if not state or state in FINAL_STATES:
                 ended.append((wait, values[:-1]))  # settled (or TaskLost) from what was read
-            elif state == "queued":
+            elif state == TaskState.QUEUED:
                 queued.append(wait)
-            elif state == "running":
+            elif state == TaskState.RUNNING:
                 running.append((wait, text(values[-1])))
         if ended:
             self._finish(ended, channel)
@@ -423,7 +423,7 @@ class Collector:
         now = time.monotonic()
         for i, wait in enumerate(waits):
             state, *places = snapshot[i * per : (i + 1) * per]
-            expected = "running" if running else "queued"
+            expected = TaskState.RUNNING if running else TaskState.QUEUED
             nowhere = text(state) == expected and all(p is None for p in places)
             wait.locate_gap = min(wait.locate_gap * 2, LOCATE_EVERY)
             if not nowhere:

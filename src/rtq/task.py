@@ -17,7 +17,7 @@ from typing import Any
 
 from .errors import TaskCancelled, TaskTimeout
 
-__all__ = ["RedisTask", "TaskExecutePolicy", "current_task"]
+__all__ = ["FINAL_STATES", "RedisTask", "TaskExecutePolicy", "TaskState", "current_task"]
 
 PROGRESS_INTERVAL = 0.1
 """Seconds between two progress writes of one task; updates in between are coalesced."""
@@ -41,6 +41,42 @@ class TaskExecutePolicy(Enum):
     LocalFirst = 0x02
     RemoteFirst = 0x03
     Auto = 0x04
+
+
+class TaskState(str, Enum):
+    """Every state a task can be in: the ``state`` field of its record (and the Lua scripts' words).
+
+    A ``str`` enum, so a state read from Redis compares equal to its member, and a member is
+    written to Redis as its value.
+
+    Attributes:
+        QUEUED: Stored, and its id in its queue: no worker holds it.
+        RUNNING: Claimed by a worker (its ``owner`` and ``attempt`` fence what it writes).
+        DONE: Finished; the record holds its result.
+        FAILED: It raised, could not be read, or was lost with its workers too often; the
+            record holds the exception.
+        CANCELLED: Its caller cancelled it; a queued task then never runs.
+        LOST: Only as watchers and callers see it: its record vanished or expired, or its id
+            is in no list, before it ended.
+    """
+
+    QUEUED = "queued"
+    RUNNING = "running"
+    DONE = "done"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+    LOST = "lost"
+
+    __str__ = str.__str__  # "done", not "TaskState.DONE", in messages and f-strings
+
+    @property
+    def final(self) -> bool:
+        """Whether the task has ended (its outcome is in its record, or it is gone)."""
+        return self in FINAL_STATES
+
+
+FINAL_STATES = frozenset({TaskState.DONE, TaskState.FAILED, TaskState.CANCELLED})
+"""The states a task's record ends in."""
 
 
 @dataclass
@@ -111,8 +147,8 @@ class RedisTask:
         self._quiet_until = min(now + PROGRESS_INTERVAL, self.expiry)
         if self._report is not None:
             state = self._report(self)
-            if state in ("cancelled", "lost"):
-                reason = "was cancelled" if state == "cancelled" else "was taken over by another worker"
+            if state in (TaskState.CANCELLED, TaskState.LOST):
+                reason = "was cancelled" if state == TaskState.CANCELLED else "was taken over by another worker"
                 raise TaskCancelled(f"Task {self.id} in {self.name} {reason}")
         else:
             self.save()

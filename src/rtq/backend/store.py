@@ -44,7 +44,7 @@ import redis as redis_py
 
 from ..errors import RemoteTaskError, RtqConnectionError, SerializationError, TaskLost
 from ..serialization import CHUNK, Serializer, UnreadablePayload
-from ..task import RedisTask
+from ..task import FINAL_STATES, RedisTask, TaskState
 from . import scripts
 from .batching import GroupCommit
 from .keys import Keys
@@ -261,7 +261,7 @@ class TaskStore:
         out.add(self.encode(key, "params", task.params, token, "params"))
         if task.error is not None:
             out.add(self.encode_error(key, task.error, token))
-        elif task.result is not None or state == "done":
+        elif task.result is not None or state == TaskState.DONE:
             out.add(self.encode(key, "result", task.result, token, "result"))
         return out
 
@@ -279,7 +279,7 @@ class TaskStore:
             listened: A queue name: store only if a listener marks that queue (the check and
                 the enqueue are one atomic step); returns False, storing nothing, if none does.
         """
-        records = [(t, self.record(t, token=tok, state="queued", notify=n)) for t, tok, n in tasks]
+        records = [(t, self.record(t, token=tok, state=TaskState.QUEUED, notify=n)) for t, tok, n in tasks]
         if any(enc.frames or _payload_size(enc.fields) > SCRIPT_ARGS_MAX for _, enc in records):
             # One round trip first: the listener check, and the frame lists of records replaced.
             with self.channels.channel() as channel:
@@ -365,12 +365,12 @@ class TaskStore:
         token = text(old[0]) or "local"
         if state is None:
             state = (
-                "failed"
+                TaskState.FAILED
                 if task.error is not None
-                else ("done" if task.result is not None else text(old[1]) or "running")
+                else (TaskState.DONE if task.result is not None else text(old[1]) or TaskState.RUNNING)
             )
         enc = self.record(task, token=token, state=state, notify=None)
-        ttl_ms = max(int((task.expiry - time.time()) * 1000), int(KEEP_S * 1000) if state in ("done", "failed") else 1)
+        ttl_ms = max(int((task.expiry - time.time()) * 1000), int(KEEP_S * 1000) if state in FINAL_STATES else 1)
         pipe = self.redis.pipeline(transaction=True)
         pipe.hdel(key, *_OUTCOME_FIELDS[1:])
         pipe.hset(key, mapping=cast("dict[Any, Any]", enc.fields))
@@ -401,9 +401,9 @@ class TaskStore:
             total_progress=float(total),
         )
         state = text(raw.get("state"))
-        if state == "done" or "result" in raw:
+        if state == TaskState.DONE or "result" in raw:
             task.result = self.decode(key, "result", raw.get("result"), raw.get("result#"))
-        elif state == "failed":
+        elif state == TaskState.FAILED:
             task.error = self.error_of(key, raw)
         if once:  # the big frames read above go with the record
             frames = self.frame_keys(key, [raw.get(f) for f in LIST_FIELDS])
@@ -435,9 +435,9 @@ class TaskStore:
         state = text(raw.get("state"))
         if not state:
             raise TaskLost(f"task {task_id}'s data vanished from Redis (restart, eviction or flush)")
-        if state == "done":
+        if state == TaskState.DONE:
             return state, self.decode(key, "result", raw.get("result"), raw.get("result#"))
-        if state == "failed":
+        if state == TaskState.FAILED:
             return state, self.error_of(key, raw)
         return state, None
 

@@ -28,7 +28,7 @@ from ..backend.store import KEEP_S, Encoded, TaskStore, flatten
 from ..backend.wire import Channel, raise_errors
 from ..errors import RedisFull, SerializationError
 from ..serialization import size_text
-from ..task import RedisTask
+from ..task import RedisTask, TaskState
 from .recovery import dead_letter_entry
 
 __all__ = ["OutcomeWriter"]
@@ -74,12 +74,12 @@ class OutcomeWriter:
         """
         key = self.keys.task(task.id)
         tag = f"a{task._attempt}"  # type: ignore[attr-defined]
-        if state == "done":
+        if state == TaskState.DONE:
             try:
                 enc = self.store.encode(key, "result", value, tag, "result")
             except SerializationError as exc:
-                state, value = "failed", exc
-        if state == "failed":
+                state, value = TaskState.FAILED, exc
+        if state == TaskState.FAILED:
             enc = self.store.encode_error(key, value, tag)
         try:
             stored = self._keep_trying(task, state, enc, value if dead_letter else None)
@@ -87,11 +87,11 @@ class OutcomeWriter:
             # Refused whole, so nothing of it was written: fail the task with the refusal, a
             # small payload a full Redis still takes (finish.lua writes first what frees memory).
             logger.warning("%s", exc)
-            state, value = "failed", exc
+            state, value = TaskState.FAILED, exc
             stored = self._keep_trying(task, state, self.store.encode_error(key, exc, tag), exc)
         if not stored:
             logger.info("discarded the outcome of task %s: cancelled, expired or taken over", task.id)
-        elif state == "failed":
+        elif state == TaskState.FAILED:
             logger.info("task %s in %s failed: %s", task.id, task.name, _short(value))
 
     def _keep_trying(self, task: RedisTask, state: str, enc: Encoded, dead: BaseException | None) -> bool:
@@ -130,7 +130,7 @@ class OutcomeWriter:
             dead_letter_entry(task.id, task.name, dead, self.worker_id) if dead is not None else "",
             *flatten(first),
         ]
-        what = f"the {'result' if state == 'done' else 'exception'} of task {task.id} in {task.name}"
+        what = f"the {'result' if state == TaskState.DONE else 'exception'} of task {task.id} in {task.name}"
         if not rest and not enc.frames:
             # Tasks ending together share one round trip (a lone one is sent at once).
             try:

@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING
 
 from ..backend.store import KEEP_S, text
 from ..errors import WorkerLost
+from ..task import TaskState
 
 if TYPE_CHECKING:
     from ..task_queue import RedisTaskQueue
@@ -56,7 +57,7 @@ class Reaper:
     def owner_lapsed(self, task_id: str) -> bool:
         """Whether ``task_id`` is claimed by a worker whose lease ended."""
         owner, state = self.redis.hmget(self.keys.task(task_id), ["owner", "state"])
-        if text(state) != "running" or not owner:
+        if text(state) != TaskState.RUNNING or not owner:
             return False
         return not self.redis.exists(self.keys.worker(text(owner)))
 

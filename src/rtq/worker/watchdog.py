@@ -26,6 +26,7 @@ import redis as redis_py
 
 from ..backend.store import KEEP_S, text
 from ..errors import TaskCancelled, TaskTimeout
+from ..task import TaskState
 from .heartbeat import HeartbeatConfig, HeartbeatHelper, connection_settings
 from .stopper import stopper_of
 
@@ -182,9 +183,9 @@ class Watchdog:
                 mine = False
             if state is None:
                 reason = "lost its data in Redis (restart, eviction or flush)"
-            elif text(state) == "cancelled":
+            elif text(state) == TaskState.CANCELLED:
                 reason = "was cancelled"
-            elif text(state) != "running" or not mine:
+            elif text(state) != TaskState.RUNNING or not mine:
                 reason = "was taken over by another worker"
             elif task.expiry < now:
                 reason, exc_type = "ran past its deadline", TaskTimeout
