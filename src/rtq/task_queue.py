@@ -83,7 +83,7 @@ class RedisTaskQueue:
             secret = os.environ.get("RTQ_SECRET") or None
         self.serializer = Serializer(secret, max_payload=max_payload)
         self.store = TaskStore(redis, self.keys, self.serializer, max_attempts=max_attempts)
-        self.reaper = Reaper(self)
+        self.reaper = Reaper(self.store, max_attempts)
         self._collector: Collector | None = None
         self._collector_lock = Lock()
 

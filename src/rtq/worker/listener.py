@@ -111,7 +111,8 @@ class Listener:
         self.active: dict[str, RedisTask] = {}
         self.lock = threading.Lock()
         self.idle = threading.Condition(self.lock)
-        self.reaper = Reaper(queue)
+        self.reaper = Reaper(queue.store, queue.max_attempts)
+        self.registry = self.reaper.registry  # leases, records, markers: the Redis half of the watchdog
         self.tasks_done = 0
         self.heartbeat_process = heartbeat_process
         self.claiming: set[str] = set()  # ids moved into our list, not yet in ``active``

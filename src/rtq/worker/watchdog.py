@@ -15,7 +15,6 @@ tells it when the worker drains.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import threading
@@ -24,7 +23,6 @@ from typing import TYPE_CHECKING
 
 import redis as redis_py
 
-from ..backend.store import KEEP_S, text
 from ..errors import TaskCancelled, TaskTimeout
 from ..task import TaskState
 from .heartbeat import HeartbeatConfig, HeartbeatHelper, connection_settings
@@ -100,36 +98,28 @@ class Watchdog:
             listener.info["heartbeat_pid"] = self.helper.pid
 
     def _retire(self) -> None:
-        listener, keys = self.listener, self.listener.keys
+        listener = self.listener
         try:
-            pipe = listener.redis.pipeline(transaction=False)
-            pipe.delete(keys.worker(listener.id))
-            pipe.zrem(keys.workers(), listener.id)
-            # Auto must stop routing here now; other listeners of these queues re-mark them
-            # within their next heartbeat.
-            pipe.delete(*(keys.listen(name) for name in listener.names))
-            pipe.execute()
+            listener.registry.retire(listener.id, listener.names)
         except redis_py.RedisError:
             logger.warning("could not remove worker record %s", listener.id)
 
     # -- the beat --------------------------------------------------------------------------
     def beat(self) -> None:
         """Refresh this worker's lease and record, and the listener markers."""
-        listener, keys = self.listener, self.listener.keys
-        now = time.time()
+        listener = self.listener
         with listener.lock:
             running_ids = list(listener.active)
         stopping = listener.event.is_set()
-        record = json.dumps(
-            {**listener.info, "beat": now, "running": running_ids, "done": listener.tasks_done, "stopping": stopping}
-        )
-        pipe = listener.redis.pipeline(transaction=False)
-        pipe.set(keys.worker(listener.id), record, px=int(listener.lease * 1000))
-        pipe.zadd(keys.workers(), {listener.id: now + listener.lease})
-        if not stopping:
-            for name in listener.names:
-                pipe.set(keys.listen(name), "1", px=int(listener.queue.timeout * 1000))
-        pipe.execute()
+        record = {
+            **listener.info,
+            "beat": time.time(),
+            "running": running_ids,
+            "done": listener.tasks_done,
+            "stopping": stopping,
+        }
+        markers = [] if stopping else listener.names
+        listener.registry.beat(listener.id, record, listener.lease, markers, listener.queue.timeout)
 
     def _loop(self) -> None:
         listener = self.listener
@@ -164,28 +154,27 @@ class Watchdog:
         A task that calls ``update()`` learns it there; this reaches the ones that never do
         (see :mod:`rtq.worker.stopper` for what it can and cannot interrupt).
         """
-        listener, keys = self.listener, self.listener.keys
+        listener = self.listener
         with listener.lock:
             tasks = list(listener.active.values())
         if not tasks:
             return
-        pipe = listener.redis.pipeline(transaction=False)
-        for task in tasks:
-            pipe.hmget(keys.task(task.id), ["state", "owner", "attempt", "token"])
+        claims = listener.registry.claims([task.id for task in tasks])
         now = time.time()
-        for task, (state, owner, attempt, token) in zip(tasks, pipe.execute(), strict=True):
+        for task, claim in zip(tasks, claims, strict=True):
+            state, owner, attempt, token = claim.state, claim.owner, claim.attempt, claim.token
             stopper = stopper_of(task)
             if stopper.finished:
                 continue  # it ended by itself; its record may already be stored or read and gone
             exc_type: type[BaseException] = TaskCancelled
-            mine = text(owner) == listener.id and text(attempt) == str(task._attempt)  # type: ignore[attr-defined]
-            if getattr(task, "_token", "") and token is not None and text(token) != task._token:  # type: ignore[attr-defined]
+            mine = owner == listener.id and attempt == str(task._attempt)  # type: ignore[attr-defined]
+            if getattr(task, "_token", "") and token is not None and token != task._token:  # type: ignore[attr-defined]
                 mine = False
             if state is None:
                 reason = "lost its data in Redis (restart, eviction or flush)"
-            elif text(state) == TaskState.CANCELLED:
+            elif state == TaskState.CANCELLED:
                 reason = "was cancelled"
-            elif text(state) != TaskState.RUNNING or not mine:
+            elif state != TaskState.RUNNING or not mine:
                 reason = "was taken over by another worker"
             elif task.expiry < now:
                 reason, exc_type = "ran past its deadline", TaskTimeout
@@ -199,10 +188,7 @@ class Watchdog:
             if not stopper.requested:
                 logger.warning("stopping task %s in %s: it %s", task.id, task.name, reason)
                 if state is None:  # wake its caller now, who then finds the data gone
-                    pipe = listener.redis.pipeline(transaction=False)
-                    pipe.rpush(task._notify, task.id)  # type: ignore[attr-defined]
-                    pipe.pexpire(task._notify, int(KEEP_S * 1000))  # type: ignore[attr-defined]
-                    pipe.execute()
+                    listener.registry.wake(task._notify, task.id)  # type: ignore[attr-defined]
             stopper.stop(exc_type, reason)
 
     def _audit(self) -> None:
@@ -213,7 +199,7 @@ class Watchdog:
         there, unheld, for a whole lease goes back to its queue.
         """
         listener = self.listener
-        listed = {text(i) for i in listener.redis.lrange(listener.running_key, 0, -1)}
+        listed = set(listener.registry.claimed(listener.id))
         with listener.lock:
             held = set(listener.active) | listener.claiming
         now = time.monotonic()
