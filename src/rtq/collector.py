@@ -44,7 +44,7 @@ from typing import TYPE_CHECKING, Any
 
 import redis as redis_py
 
-from .backend.store import OUTCOME_FIELDS, text
+from .backend.inbox import End, Inbox
 from .backend.wire import Channel
 from .errors import TaskLost, TaskTimeout
 from .task import FINAL_STATES, TaskState
@@ -56,8 +56,6 @@ __all__ = ["CHECK_PERIOD", "LOST_AFTER", "Blocking", "Collector", "Ended", "Wait
 
 logger = logging.getLogger("rtq.client")
 
-COLLECT_BATCH = 1000
-"""Most ended ids taken from the inbox per round trip."""
 CHECK_PERIOD = 1.0
 """Most seconds between two checks of the waiters' deadlines and records, busy inbox or not."""
 LOST_AFTER = 1.0
@@ -70,8 +68,6 @@ IDLE_EXIT = 30.0
 """Seconds the collector thread lingers with nothing to wait for before it ends."""
 EVENTS_KEEP_S = 10.0
 """Seconds a consumed task's events (its output and progress) stay readable for late watchers."""
-_READ = (*OUTCOME_FIELDS, "progress", "attempt", "params#")
-"""What settles a waiter: the outcome, progress, attempts, and the params' frame list."""
 
 
 @dataclass(frozen=True)
@@ -131,6 +127,7 @@ class Collector:
 
     def __init__(self, queue: RedisTaskQueue) -> None:
         self.queue = queue
+        self.ends = Inbox(queue.store)  # the Redis half
         self._cond = threading.Condition()
         self._reset()
 
@@ -248,7 +245,7 @@ class Collector:
 
     def _round(self, channel: Channel) -> None:
         """One wake-up: block on the inbox, settle what ended; or the periodic checks. Never raises."""
-        store, keys = self.queue.store, self.queue.keys
+        store = self.queue.store
         with self._cond:
             if not self._waits:
                 return
@@ -265,24 +262,13 @@ class Collector:
                 self._last_check = now
                 self._check(channel)
                 return
-            commands: list[tuple[Any, ...]] = [
-                ("BLPOP", inbox, *lists, max(0.01, block)),
-                ("LPOP", inbox, COLLECT_BATCH),
-            ]
-            if sole is not None:
-                commands.append(("HMGET", keys.task(sole), *_READ))
-            item, more, *ahead = channel.pipeline(commands)
-            for reply in (item, more, *ahead):
-                if isinstance(reply, Exception):
-                    raise reply
+            ids, sole_read = self.ends.wake(channel, inbox, lists, block, sole)
             self._backoff = 0.0
-            if item is None and not more:
+            if not ids:
                 self._last_check = time.monotonic()
                 self._check(channel)
                 return
-            ids = [text(i) for i in ([item[1]] if item else []) + (more or [])]
-            # Read after the pop: final if the sole call is among those that ended.
-            self._settle(ids, channel, {sole: ahead[0]} if sole is not None and sole in ids else {})
+            self._settle(ids, channel, {sole: sole_read} if sole_read is not None and sole is not None else {})
         except (redis_py.ConnectionError, redis_py.TimeoutError) as exc:
             self._backoff = min(max(self._backoff * 2, 0.1), 2.0)
             logger.warning("lost Redis while collecting results (%s); retrying in %.1fs", exc, self._backoff)
@@ -298,46 +284,27 @@ class Collector:
         """
         with self._cond:
             waits = [self._waits[i] for i in dict.fromkeys(task_ids) if i in self._waits]
-        if not waits:
-            return
-        keys = self.queue.keys
-        unread = [("HMGET", keys.task(w.task_id), *_READ) for w in waits if w.task_id not in read]
-        fetched = iter(channel.pipeline(unread) if unread else [])
-        values = [read[w.task_id] if w.task_id in read else next(fetched) for w in waits]
-        self._finish(list(zip(waits, values, strict=True)), channel)
+        if waits:
+            self._finish(
+                list(zip(waits, self.ends.ends(channel, [w.task_id for w in waits], read), strict=True)), channel
+            )
 
-    def _finish(self, pairs: list[tuple[Wait, Any]], channel: Channel) -> None:
-        """Settle each waiter whose record (``_READ`` values) is final, then clean up consumed ones."""
-        store, keys = self.queue.store, self.queue.keys
-        n = len(OUTCOME_FIELDS)
+    def _finish(self, pairs: list[tuple[Wait, End]], channel: Channel) -> None:
+        """Settle each waiter whose task's record is final, then clean up the consumed ones."""
         ended: list[tuple[Wait, Ended]] = []
-        cleanup: list[tuple[Any, ...]] = []
-        consume = store.scripts["consume"]
-        for wait, values in pairs:
-            try:
-                if isinstance(values, Exception):
-                    raise values
-                progress, attempts, params_list = values[n:]
-                state, value = store.outcome(wait.task_id, values[:n])  # TaskLost when it vanished
-            except redis_py.ConnectionError:
-                raise
-            except TaskLost as exc:
+        consumed: list[tuple[str, End]] = []
+        for wait, end in pairs:
+            if end.error is not None:
                 # A record expires with its deadline: gone at (or, with clock skew, just before)
                 # it, the task ran out of time; the next check says so.
-                if time.time() < wait.expiry - 1.0:
-                    ended.append((wait, Ended("error", exc)))
+                if not (isinstance(end.error, TaskLost) and time.time() >= wait.expiry - 1.0):
+                    ended.append((wait, Ended("error", end.error)))
                 continue
-            except Exception as exc:  # unreadable or gone: that is how this wait ends
-                ended.append((wait, Ended("error", exc)))
-                continue
-            if state not in FINAL_STATES:
+            if end.state not in FINAL_STATES:
                 continue  # a stray push: the task goes on, and so does its waiter
-            ended.append((wait, Ended(state, value, _attempts(attempts), text(progress) or None)))
+            ended.append((wait, Ended(end.state, end.value, end.attempts, end.progress)))
             if wait.consume:
-                lists = [params_list, values[OUTCOME_FIELDS.index("result#")], values[OUTCOME_FIELDS.index("error#")]]
-                frames = store.frame_keys(keys.task(wait.task_id), lists)
-                task_keys = [keys.task(wait.task_id), keys.events(wait.task_id), keys.done(wait.task_id), *frames]
-                cleanup.append(("EVALSHA", consume.sha, len(task_keys), *task_keys, int(EVENTS_KEEP_S * 1000)))
+                consumed.append((wait.task_id, end))
         with self._cond:
             ended = [(w, e) for w, e in ended if self._waits.get(w.task_id) is w]
             for wait, _ in ended:
@@ -347,11 +314,8 @@ class Collector:
                 wait.on_end(how)
             except Exception:
                 logger.exception("a waiter of task %s failed", wait.task_id)
-        if cleanup:  # after the waiters were woken: the clean-up holds nobody up
-            replies = channel.pipeline(cleanup)
-            if any(isinstance(r, redis_py.exceptions.NoScriptError) for r in replies):
-                channel.execute("SCRIPT", "LOAD", consume.script)
-                channel.pipeline(cleanup)
+        # After the waiters were woken: the clean-up holds nobody up.
+        self.ends.consume(channel, consumed, EVENTS_KEEP_S)
 
     # -- checks ----------------------------------------------------------------------------
     def _check(self, channel: Channel) -> None:
@@ -368,21 +332,16 @@ class Collector:
         live = [w for w in waits if w.expiry > now and w.submitted]
         if not live:
             return
-        keys = self.queue.keys
-        replies = channel.pipeline([("HMGET", keys.task(w.task_id), *_READ, "owner") for w in live])
         ended, queued, running = [], [], []
-        for wait, values in zip(live, replies, strict=True):
-            if isinstance(values, Exception):
-                raise values
-            state = text(values[0])
-            if not state and time.time() >= wait.expiry - 1.0:
+        for wait, end in zip(live, self.ends.ends(channel, [w.task_id for w in live]), strict=True):
+            if not end.state and time.time() >= wait.expiry - 1.0:
                 continue  # a record expires with its deadline: the next check times it out
-            if not state or state in FINAL_STATES:
-                ended.append((wait, values[:-1]))  # settled (or TaskLost) from what was read
-            elif state == TaskState.QUEUED:
+            if not end.state or end.state in FINAL_STATES:
+                ended.append((wait, end))  # settled (or TaskLost) from what was read
+            elif end.state == TaskState.QUEUED:
                 queued.append(wait)
-            elif state == TaskState.RUNNING:
-                running.append((wait, text(values[-1])))
+            elif end.state == TaskState.RUNNING:
+                running.append((wait, end.owner))
         if ended:
             self._finish(ended, channel)
         if running:
@@ -392,10 +351,7 @@ class Collector:
 
     def _check_running(self, running: list[tuple[Wait, str]], channel: Channel) -> None:
         """Reap lapsed owners; a task on a lapsed owner whose list lacks it is in no list."""
-        keys = self.queue.keys
-        owners = sorted({owner for _, owner in running if owner})
-        alive = channel.pipeline([("EXISTS", keys.worker(o)) for o in owners]) if owners else []
-        lapsed = {o for o, a in zip(owners, alive, strict=True) if not isinstance(a, Exception) and not a}
+        lapsed = self.ends.lapsed(channel, sorted({owner for _, owner in running if owner}))
         if not lapsed:
             for wait, _ in running:
                 wait.missing_since = None
@@ -407,24 +363,10 @@ class Collector:
         """Look for each task's id in its queue and the workers' lists, in one atomic snapshot."""
         if not waits:
             return
-        keys = self.queue.keys
-        workers = [text(w) for w in channel.execute("ZRANGE", keys.workers(), 0, -1)]
-        commands: list[tuple[Any, ...]] = [("MULTI",)]
-        for wait in waits:
-            commands.append(("HGET", keys.task(wait.task_id), "state"))
-            commands.append(("LPOS", keys.queue(wait.name), wait.task_id))
-            commands += [("LPOS", keys.running(w), wait.task_id) for w in workers]
-        commands.append(("EXEC",))
-        replies = channel.pipeline(commands)
-        snapshot = replies[-1]
-        if isinstance(snapshot, Exception):
-            raise snapshot
-        per = 2 + len(workers)
+        expected = TaskState.RUNNING if running else TaskState.QUEUED
+        found_nowhere = self.ends.nowhere(channel, [(w.task_id, w.name) for w in waits], expected)
         now = time.monotonic()
-        for i, wait in enumerate(waits):
-            state, *places = snapshot[i * per : (i + 1) * per]
-            expected = TaskState.RUNNING if running else TaskState.QUEUED
-            nowhere = text(state) == expected and all(p is None for p in places)
+        for wait, nowhere in zip(waits, found_nowhere, strict=True):
             wait.locate_gap = min(wait.locate_gap * 2, LOCATE_EVERY)
             if not nowhere:
                 wait.missing_since = None
@@ -465,10 +407,3 @@ class Blocking:
     def settle(self, how: Ended) -> None:
         self.ended = how
         self.wake.set()
-
-
-def _attempts(raw: Any) -> int:
-    try:
-        return int(text(raw) or 0)
-    except ValueError:
-        return 1
