@@ -14,7 +14,6 @@ checks the versions the workers of a queue announce before shipping code to them
 from __future__ import annotations
 
 import importlib.metadata
-import json
 import os
 import site
 import sys
@@ -24,11 +23,10 @@ import time
 from collections.abc import Mapping
 from pathlib import Path
 from types import ModuleType
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import cloudpickle
 
-from .backend.store import text
 from .errors import VersionMismatch
 
 if TYPE_CHECKING:
@@ -112,14 +110,8 @@ def check_worker_versions(queue: RedisTaskQueue, name: str) -> None:
     if time.monotonic() - _checked.get(cache_key, -CHECK_EVERY) < CHECK_EVERY:
         return
     mine = runtime_versions()
-    redis, keys = queue.store.redis, queue.keys
-    ids = [text(w) for w in redis.zrangebyscore(keys.workers(), time.time(), "+inf")]
-    records = redis.mget([keys.worker(w) for w in ids]) if ids else []
     problems = []
-    for raw in records:
-        if not raw:
-            continue
-        info: dict[str, Any] = json.loads(text(raw))
+    for info in queue.live_workers():
         if name not in info.get("queues", []):
             continue
         for what in ("python", "cloudpickle"):

@@ -17,7 +17,6 @@ each. Everything comes from the tasks' events streams (:mod:`rtq.watch`): pushed
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import sys
@@ -280,12 +279,10 @@ class Progress:
             except (FutureTimeout, Exception):
                 return state
             return _clip(f"{type(exc).__name__}: {exc}") if exc is not None else state
-        raw = self.follower.store.redis.hget(self.follower.keys.task(task.id), "error_text")
-        try:
-            info = json.loads(text(raw)) if raw else {}
-            return _clip(f"{info['type'].rsplit('.', 1)[-1]}: {info['message']}")
-        except (ValueError, KeyError, TypeError, AttributeError):
+        info = self.follower.events.error_summary(task.id)
+        if "type" not in info:
             return state
+        return _clip(f"{info['type'].rsplit('.', 1)[-1]}: {info.get('message', '')}")
 
     def _output(self, i: int, kind: str, chunk: str) -> None:
         if self.view.raw_output and len(self.labels) == 1:

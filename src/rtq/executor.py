@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any
 
 import redis as redis_py
 
+from .backend.events import Events
 from .backend.keys import check_name
 from .backend.store import connection_error, text
 from .calls import Call
@@ -68,8 +69,7 @@ class TaskFuture(concurrent.futures.Future):  # type: ignore[type-arg]
     def progress(self) -> tuple[float, float]:
         """``(current, total)`` as last reported by the task."""
         if not self.done():
-            queue = self._executor.queue
-            self._keep_progress(queue.store.redis.hget(queue.keys.task(self.task_id), "progress"))
+            self._keep_progress(self._executor.events.progress(self.task_id))
         return self._last_progress
 
     def _keep_progress(self, raw: Any) -> None:
@@ -133,6 +133,7 @@ class Executor(concurrent.futures.Executor):
         self.timeout = queue.timeout if timeout is None else timeout
         self.check_versions = check_versions
         self._pending: dict[str, TaskFuture] = {}
+        self.events = Events(queue.store)  # what a future's progress reads
         self._lock = threading.Condition()
         self._shutdown = False
 

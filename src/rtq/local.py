@@ -14,7 +14,6 @@ machines that run the work (see the README's "Workers on GPU machines").
 from __future__ import annotations
 
 import atexit
-import json
 import os
 import socket
 import subprocess
@@ -25,7 +24,6 @@ from typing import IO, TYPE_CHECKING, Any
 from urllib.parse import quote
 
 from .backend.keys import check_name
-from .backend.store import text
 from .errors import ConfigurationError, RtqError
 
 if TYPE_CHECKING:
@@ -171,15 +169,8 @@ def local_worker(
 
 def _serving(queue: RedisTaskQueue, pid: int) -> bool:
     """Whether a live worker record of process ``pid`` on this host exists (it serves from then on)."""
-    redis, keys = queue.store.redis, queue.keys
-    ids = [text(w) for w in redis.zrangebyscore(keys.workers(), time.time(), "+inf")]
     host = socket.gethostname()
-    for raw in redis.mget([keys.worker(w) for w in ids]) if ids else []:
-        if raw:
-            record = json.loads(text(raw))
-            if record.get("pid") == pid and record.get("host") == host:
-                return True
-    return False
+    return any(r.get("pid") == pid and r.get("host") == host for r in queue.live_workers())
 
 
 def _secret_env(queue: RedisTaskQueue) -> str:

@@ -131,6 +131,11 @@ class RedisTaskQueue:
             return bool(self.store.redis.exists(self.keys.task(text(id))))
 
     # -- listeners -------------------------------------------------------------------------
+    def live_workers(self) -> list[dict[str, Any]]:
+        """The heartbeat records of the workers whose lease holds (id, host, pid, queues, …)."""
+        with _wrap_connection_errors(self.store.redis):
+            return self.reaper.registry.live_records()
+
     def set_queue_listened(self, name: str) -> None:
         """Mark queue ``name`` as listened for the next ``timeout`` seconds."""
         check_name("queue name", name)

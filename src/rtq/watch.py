@@ -29,8 +29,10 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from .backend.events import Events
 from .backend.store import text
 from .errors import TaskCancelled
+from .task import TaskState
 
 if TYPE_CHECKING:
     from .executor import TaskFuture
@@ -38,7 +40,7 @@ if TYPE_CHECKING:
 
 __all__ = ["FINAL_STATES", "Event", "Follower", "watch"]
 
-FINAL_STATES = ("done", "failed", "cancelled", "lost")
+FINAL_STATES = (TaskState.DONE, TaskState.FAILED, TaskState.CANCELLED, TaskState.LOST)
 """How a followed task can end; ``lost``: its record vanished or expired before it ended."""
 READ_COUNT = 1000
 """Most entries read from one task's stream per round trip."""
@@ -112,7 +114,8 @@ class Follower:
             raise ValueError("following task ids needs the queue they were submitted to: pass queue=")
         self.store = queue.store
         self.keys = queue.keys
-        self._by_key = {self.keys.events(t.id): t for t in self.tasks}
+        self.events = Events(queue.store)  # the Redis half
+        self._by_id = {t.id: t for t in self.tasks}
         self._block = min(self.store.cap, LONGEST_BLOCK)
 
     @property
@@ -139,15 +142,11 @@ class Follower:
         draining = any(t.ending for t in live)
         wait = self._block if timeout is None else max(0.0, min(timeout, self._block))
         block = None if draining or wait <= 0 else max(1, int(wait * 1000))
-        reply: Any = self.store.redis.xread(
-            {self.keys.events(t.id): t.last for t in live}, count=READ_COUNT, block=block
-        )
-        if isinstance(reply, dict):  # RESP3 or unified replies: {stream: [entries]} or {stream: entries}
-            reply = [(k, v[0] if v and isinstance(v[0], list) else v) for k, v in reply.items()]
+        reply = self.events.read({t.id: t.last for t in live}, READ_COUNT, block)
         events: list[Event] = []
         read: dict[str, int] = {}
-        for stream, entries in reply or []:
-            t = self._by_key[text(stream)]
+        for task_id, entries in reply:
+            t = self._by_id[task_id]
             read[t.id] = len(entries)
             for entry_id, fields in entries:
                 t.last = text(entry_id)
@@ -190,14 +189,11 @@ class Follower:
         bare = [t for t in live if t.future is None and t.ending is None]
         if not bare:
             return
-        pipe = self.store.redis.pipeline(transaction=False)
-        for t in bare:
-            pipe.hget(self.keys.task(t.id), "state")
-        for t, state in zip(bare, pipe.execute(), strict=True):
+        for t, state in zip(bare, self.events.states([t.id for t in bare]), strict=True):
             if state is None:
                 t.ending = "lost"
-            elif text(state) in FINAL_STATES:
-                t.ending = text(state)
+            elif state in FINAL_STATES:
+                t.ending = state
 
 
 def _future_state(future: concurrent.futures.Future[Any]) -> str:

@@ -88,6 +88,22 @@ class WorkerRegistry:
             pipe.exists(keys.worker(worker))
         return [w for w, alive in zip(due, pipe.execute(), strict=True) if not alive]
 
+    def live_records(self) -> list[dict[str, Any]]:
+        """The heartbeat records (JSON-decoded) of every worker whose lease holds."""
+        ids = [text(w) for w in self.redis.zrangebyscore(self.keys.workers(), time.time(), "+inf")]
+        records = self.redis.mget([self.keys.worker(w) for w in ids]) if ids else []
+        out = []
+        for raw in records:
+            if not raw:
+                continue
+            try:
+                record = json.loads(text(raw))
+            except ValueError:  # written by something else than rtq: not a worker to count
+                continue
+            if isinstance(record, dict):
+                out.append(record)
+        return out
+
     def is_alive(self, worker_id: str) -> bool:
         """Whether ``worker_id``'s lease holds."""
         return bool(self.redis.exists(self.keys.worker(worker_id)))

@@ -14,12 +14,10 @@ User mistakes (an unknown option, no connection, a queue no worker serves, an un
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import subprocess
 import sys
-import time
 import types
 from typing import Any
 
@@ -30,7 +28,6 @@ from IPython.core.magic import Magics, cell_magic, line_magic, magics_class, no_
 from IPython.core.magic_arguments import argument, magic_arguments, parse_argstring
 
 from ..backend.keys import check_name
-from ..backend.store import text
 from ..closures import ship_local_modules
 from ..connection import connect, redact_url
 from ..errors import RtqError, SerializationError
@@ -67,12 +64,9 @@ class _Session:
 
     def served_queues(self) -> set[str]:
         """Queue names live workers serve (from their heartbeat records)."""
-        redis, keys = self.queue.store.redis, self.queue.keys
-        ids = [text(w) for w in redis.zrangebyscore(keys.workers(), time.time(), "+inf")]
         served: set[str] = set()
-        for raw in redis.mget([keys.worker(w) for w in ids]) if ids else []:
-            if raw:
-                served.update(json.loads(text(raw)).get("queues", []))
+        for record in self.queue.live_workers():
+            served.update(record.get("queues", []))
         return served
 
     def close(self) -> None:

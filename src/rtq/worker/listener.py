@@ -116,7 +116,7 @@ class Listener:
         self.tasks_done = 0
         self.heartbeat_process = heartbeat_process
         self.claiming: set[str] = set()  # ids moved into our list, not yet in ``active``
-        self.outcomes = OutcomeWriter(self.store, self.keys, self.id, self.running_key)
+        self.outcomes = OutcomeWriter(self.store, self.id)
         self.abandoned: list[str] = []  # tasks still running after shutdown requeued them
         self.watchdog = Watchdog(self)
         # Test hook: pause right after BLMOVE, before claim.lua, writing the id to this file.
