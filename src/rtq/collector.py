@@ -42,8 +42,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-import redis as redis_py
-
+from .backend.connections import TRANSIENT
 from .backend.inbox import End, Inbox
 from .backend.wire import Channel
 from .errors import TaskLost, TaskTimeout
@@ -269,7 +268,7 @@ class Collector:
                 self._check(channel)
                 return
             self._settle(ids, channel, {sole: sole_read} if sole_read is not None and sole is not None else {})
-        except (redis_py.ConnectionError, redis_py.TimeoutError) as exc:
+        except TRANSIENT as exc:
             self._backoff = min(max(self._backoff * 2, 0.1), 2.0)
             logger.warning("lost Redis while collecting results (%s); retrying in %.1fs", exc, self._backoff)
             time.sleep(self._backoff)  # Redis is away: nothing to block on but the clock

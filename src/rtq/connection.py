@@ -10,8 +10,7 @@ from collections.abc import Sequence
 from typing import Any
 from urllib.parse import urlsplit
 
-import redis as redis_py
-
+from .backend.connections import RedisError, client_from_url
 from .errors import ConfigurationError, RtqConnectionError
 from .task_queue import RedisTaskQueue
 
@@ -72,12 +71,12 @@ def connect(
     queue_kwargs = {k: options.pop(k) for k in list(options) if k in _QUEUE_OPTIONS}
     resolved = resolve_url(url)
     try:
-        client = redis_py.Redis.from_url(resolved, **options)
+        client = client_from_url(resolved, **options)
     except ValueError as exc:
         raise ConfigurationError(f"invalid Redis URL {redact_url(resolved)!r}: {_scrub(str(exc), resolved)}") from exc
     try:
         client.ping()
-    except redis_py.RedisError as exc:
+    except RedisError as exc:
         raise RtqConnectionError(f"cannot reach Redis at {redact_url(resolved)}: {_scrub(str(exc), resolved)}") from exc
     return RedisTaskQueue(client, prefix, secret=secret, **queue_kwargs)
 

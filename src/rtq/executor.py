@@ -19,11 +19,10 @@ from collections.abc import Callable, Generator, Iterable, Iterator
 from functools import partial
 from typing import TYPE_CHECKING, Any
 
-import redis as redis_py
-
+from .backend.connections import TRANSIENT, connection_error
 from .backend.events import Events
 from .backend.keys import check_name
-from .backend.store import connection_error, text
+from .backend.store import text
 from .calls import Call
 from .closures import check_worker_versions, ship_local_modules
 from .collector import Ended, Wait
@@ -182,7 +181,7 @@ class Executor(concurrent.futures.Executor):
             with self._lock:
                 for fut in futures:
                     self._pending.pop(fut.task_id, None)
-            if isinstance(exc, (redis_py.ConnectionError, redis_py.TimeoutError)):
+            if isinstance(exc, TRANSIENT):
                 raise connection_error(exc, self.queue.store.redis) from exc
             raise
         return futures

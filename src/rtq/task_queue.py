@@ -16,17 +16,19 @@ import uuid
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from threading import Event, Lock
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import redis as redis_py
-
+from .backend.connections import TRANSIENT, connection_error
 from .backend.keys import Keys, check_name
-from .backend.store import KEEP_S, TaskStore, connection_error, text
+from .backend.store import KEEP_S, TaskStore, text
 from .collector import Blocking, Collector
 from .errors import TaskCancelled, TaskTimeout
 from .serialization import DEFAULT_MAX_PAYLOAD, Serializer
 from .task import RedisTask, TaskExecutePolicy, running
 from .worker.recovery import Reaper
+
+if TYPE_CHECKING:
+    import redis as redis_py
 
 __all__ = ["RedisTask", "RedisTaskQueue", "TaskExecutePolicy"]
 
@@ -352,7 +354,7 @@ def _wrap_connection_errors(client: redis_py.Redis) -> Iterator[None]:
     """Re-raise redis-py's connection failures as :class:`RtqConnectionError`."""
     try:
         yield
-    except (redis_py.ConnectionError, redis_py.TimeoutError) as exc:
+    except TRANSIENT as exc:
         raise connection_error(exc, client) from exc
 
 

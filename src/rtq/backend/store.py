@@ -31,9 +31,7 @@ deleted with it where rtq deletes a record (a consumed outcome, ``once``, a reus
 
 from __future__ import annotations
 
-import inspect
 import json
-import math
 import time
 import traceback
 from collections.abc import Sequence
@@ -42,11 +40,12 @@ from typing import Any, cast
 
 import redis as redis_py
 
-from ..errors import RemoteTaskError, RtqConnectionError, SerializationError, TaskLost
+from ..errors import RemoteTaskError, SerializationError, TaskLost
 from ..serialization import CHUNK, Serializer, UnreadablePayload
 from ..task import FINAL_STATES, RedisTask, TaskState
 from . import scripts
 from .batching import GroupCommit
+from .connections import block_cap, raw_client
 from .keys import Keys
 from .wire import ChannelPool, raise_errors
 
@@ -63,64 +62,6 @@ def text(value: Any) -> str:
     if isinstance(value, (bytes, bytearray, memoryview)):
         return bytes(value).decode()
     return "" if value is None else str(value)
-
-
-def connection_error(exc: BaseException, client: redis_py.Redis | None = None) -> RtqConnectionError:
-    """The :class:`RtqConnectionError` that says what a redis-py connection failure means.
-
-    A pool with every connection checked out is not an unreachable server: say so, with the
-    limit and how to raise it.
-    """
-    if isinstance(exc, getattr(redis_py.exceptions, "MaxConnectionsError", ())) or "Too many connections" in str(exc):
-        limit = getattr(getattr(client, "connection_pool", None), "max_connections", None)
-        return RtqConnectionError(
-            f"the Redis client's connection pool is exhausted: all {limit or 'its'} connections are in use in "
-            "this process; raise the limit with redis.Redis(..., max_connections=N) or "
-            "rtq.connect(url, max_connections=N)"
-        )
-    return RtqConnectionError(f"Redis is unreachable: {exc}")
-
-
-def raw_client(client: redis_py.Redis) -> redis_py.Redis:
-    """A client on the same server that returns bytes: payloads are binary.
-
-    A user's client made with ``decode_responses=True`` would try to decode pickles as UTF-8;
-    rtq then talks through a twin pool with decoding off, built from the same settings.
-    """
-    pool = client.connection_pool
-    if not pool.connection_kwargs.get("decode_responses"):
-        return client
-    kwargs = {**pool.connection_kwargs, "decode_responses": False}
-    twin = type(pool)(connection_class=pool.connection_class, max_connections=pool.max_connections, **kwargs)
-    return redis_py.Redis(connection_pool=twin)
-
-
-def block_cap(client: redis_py.Redis) -> float:
-    """Longest a blocking command may wait on ``client`` without its socket timing out."""
-    timeout = _socket_timeout(client.connection_pool)
-    return math.inf if not timeout else max(0.05, timeout * 0.5)
-
-
-def _socket_timeout(pool: Any) -> float | None:
-    """The socket timeout ``pool``'s connections get, also when its kwargs leave it out.
-
-    ``redis.Redis.from_url()`` passes no ``socket_timeout``, so the connection class's own
-    default applies: 5 s in redis-py 8.
-    """
-    kwargs = pool.connection_kwargs
-    if "socket_timeout" in kwargs:
-        return kwargs["socket_timeout"]  # type: ignore[no-any-return]
-    for cls in getattr(pool, "connection_class", object).__mro__:
-        init = cls.__dict__.get("__init__")
-        if init is None:
-            continue
-        try:
-            param = inspect.signature(init).parameters.get("socket_timeout")
-        except (TypeError, ValueError):
-            continue
-        if param is not None and param.default is not inspect.Parameter.empty:
-            return param.default  # type: ignore[no-any-return]
-    return None
 
 
 class TaskStore:

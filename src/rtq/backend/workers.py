@@ -19,10 +19,11 @@ from typing import Any
 
 import redis as redis_py
 
+from . import scripts
 from .keys import Keys
 from .store import KEEP_S, TaskStore, text
 
-__all__ = ["DEAD_LETTERS_KEPT", "Claim", "WorkerRegistry"]
+__all__ = ["DEAD_LETTERS_KEPT", "Claim", "LeaseKeeper", "WorkerRegistry"]
 
 DEAD_LETTERS_KEPT = 10_000
 """Newest dead-letter entries kept; older ones are trimmed."""
@@ -212,3 +213,34 @@ class WorkerRegistry:
 
 def _maybe(value: Any) -> str | None:
     return None if value is None else text(value)
+
+
+class LeaseKeeper:
+    """The heartbeat helper's beat (``heartbeat.lua``): a worker's lease kept from another process.
+
+    Args:
+        client: The helper's own client.
+        keys: The worker's queue namespace.
+        worker_id: The worker.
+        names: The queues it marks as listened.
+    """
+
+    def __init__(self, client: redis_py.Redis, keys: Keys, worker_id: str, names: Sequence[str]) -> None:
+        self.worker_id = worker_id
+        self.script = scripts.load(client)["heartbeat"]
+        self.keys = [keys.worker(worker_id), keys.workers(), *(keys.listen(n) for n in names)]
+
+    def beat(self, mode: str, lease: float, marker_ttl: float, record: dict[str, Any]) -> None:
+        """One beat: ``mode`` ``'serve'`` (lease and markers), ``'drain'`` (lease only) or ``'dead'``."""
+        now = time.time()
+        self.script(
+            keys=self.keys,
+            args=[
+                self.worker_id,
+                mode,
+                max(1, int(lease * 1000)),
+                repr(now + lease),
+                max(1, int(marker_ttl * 1000)),
+                json.dumps({**record, "beat": now}),
+            ],
+        )

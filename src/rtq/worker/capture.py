@@ -33,8 +33,7 @@ from contextlib import AbstractContextManager, contextmanager, nullcontext
 from threading import get_ident
 from typing import TYPE_CHECKING, Any
 
-import redis as redis_py
-
+from ..backend.connections import RedisError
 from ..backend.store import EVENTS_MAXLEN
 
 if TYPE_CHECKING:
@@ -170,7 +169,7 @@ class _Sink:
             try:
                 with shield():
                     self._send(entries)
-            except redis_py.RedisError as exc:
+            except RedisError as exc:
                 # Redis away for a moment: the task goes on; this much of its output is lost.
                 logger.warning("could not send %d characters of task output (%s)", sum(map(len, entries[1::2])), exc)
             self._last_sent = time.monotonic()

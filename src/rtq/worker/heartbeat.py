@@ -30,7 +30,6 @@ death of the parent ends the lease early.
 from __future__ import annotations
 
 import base64
-import json
 import logging
 import os
 import pickle
@@ -44,38 +43,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import redis as redis_py
-from redis.backoff import NoBackoff
-from redis.retry import Retry
-
-from ..backend import scripts
+from ..backend.connections import RedisError, helper_client
 from ..backend.keys import Keys
+from ..backend.workers import LeaseKeeper
 
 logger = logging.getLogger("rtq.worker.heartbeat")
 
 __all__ = ["HeartbeatConfig", "HeartbeatHelper", "parent_state"]
-
-# Connection settings that travel to the helper; pools and handlers the client built for itself
-# (locks, registries) cannot, and the helper chooses its own timeouts and retries.
-_CONNECTION_SETTINGS = {
-    "host",
-    "port",
-    "db",
-    "username",
-    "password",
-    "path",
-    "socket_keepalive",
-    "socket_keepalive_options",
-    "socket_type",
-    "client_name",
-    "protocol",
-    "encoding",
-}
-
-
-class _NotPlain(Exception):
-    """Raised by :func:`_plain` for a value that is not plain data."""
-
 
 _EOF = "<eof>"
 # Run through an import (not ``-m``), so the pickled settings name the very module that runs.
@@ -97,80 +71,6 @@ class HeartbeatConfig:
     period: float
     parent_pid: int
     record: dict[str, Any] = field(default_factory=dict)
-
-
-def connection_settings(client: redis_py.Redis) -> tuple[type, dict[str, Any]]:
-    """The connection class and the plain settings that reach the same server as ``client``.
-
-    Only plain data travels (str, int, float, bool, None, bytes, and lists, tuples and dicts of
-    them), rebuilt from builtin types. Anything else is left out and the helper's redis-py uses
-    its own default: an object unpickled in another process is a copy, and redis-py compares
-    some settings with its own sentinels by identity (redis-py 8.1 gives every client made with
-    keyword arguments ``socket_keepalive_options=SENTINEL``, which a copy no longer matches: the
-    helper then died on every connect). A credential provider travels as the plain user name
-    and password it gives now.
-    """
-    pool = client.connection_pool
-    kwargs: dict[str, Any] = {}
-    for key, value in pool.connection_kwargs.items():
-        if key not in _CONNECTION_SETTINGS and not key.startswith("ssl"):
-            continue
-        try:
-            kwargs[key] = _plain(value)
-        except _NotPlain:
-            logger.debug("heartbeat helper: connection setting %s is not plain data; left out", key)
-    provider = pool.connection_kwargs.get("credential_provider")
-    if provider is not None:
-        kwargs.update(_credentials(provider))
-    return _redis_py_class(pool.connection_class), kwargs
-
-
-def _plain(value: Any) -> Any:
-    """``value`` rebuilt from builtin types only (an IntEnum becomes its int).
-
-    Raises:
-        _NotPlain: it holds anything else.
-    """
-    if value is None:
-        return None
-    if isinstance(value, bool):
-        return bool(value)
-    if isinstance(value, int):
-        return int(value)
-    if isinstance(value, float):
-        return float(value)
-    if isinstance(value, str):
-        return str.__str__(value)
-    if isinstance(value, (bytes, bytearray)):
-        return bytes(value)
-    if isinstance(value, (list, tuple)):
-        items = [_plain(item) for item in value]
-        return items if isinstance(value, list) else tuple(items)
-    if isinstance(value, dict):
-        return {_plain(k): _plain(v) for k, v in value.items()}
-    raise _NotPlain(type(value).__name__)
-
-
-def _credentials(provider: Any) -> dict[str, str]:
-    """A credential provider's current ``username``/``password``, as plain settings."""
-    try:
-        credentials = tuple(provider.get_credentials())
-    except Exception as exc:  # a provider of the user's own: whatever it raises, the helper goes without
-        logger.warning("heartbeat helper: cannot read credentials from %s (%s)", type(provider).__name__, exc)
-        return {}
-    if len(credentials) == 1:
-        return {"password": str(credentials[0])}
-    if len(credentials) == 2:
-        return {"username": str(credentials[0]), "password": str(credentials[1])}
-    return {}
-
-
-def _redis_py_class(cls: type) -> type:
-    """The redis-py connection class ``cls`` is or derives from (the helper may not import a subclass)."""
-    for base in cls.__mro__:
-        if base.__module__.split(".")[0] == "redis":
-            return base
-    return cls
 
 
 def parent_state(pid: int) -> str | None:
@@ -284,34 +184,13 @@ class _Beater:
         self.config = config
         # Short socket timeouts and no hidden retries: a beat that hangs is a beat that is late.
         timeout = max(0.5, min(config.lease / 3, 5.0))
-        pool = redis_py.ConnectionPool(
-            connection_class=config.connection_class,
-            socket_timeout=timeout,
-            socket_connect_timeout=timeout,
-            retry=Retry(NoBackoff(), 0),
-            **config.connection_kwargs,
-        )
-        self.redis = redis_py.Redis(connection_pool=pool)
-        keys = Keys(config.prefix, config.suffix)
-        self.script = scripts.load(self.redis)["heartbeat"]
-        self.keys = [keys.worker(config.worker_id), keys.workers(), *(keys.listen(n) for n in config.names)]
+        client = helper_client(config.connection_class, config.connection_kwargs, timeout)
+        self.keeper = LeaseKeeper(client, Keys(config.prefix, config.suffix), config.worker_id, config.names)
         self.record = {**config.record, "heartbeat_pid": os.getpid()}
         self.failing = False
 
     def beat(self, mode: str) -> None:
-        c = self.config
-        now = time.time()
-        self.script(
-            keys=self.keys,
-            args=[
-                c.worker_id,
-                mode,
-                max(1, int(c.lease * 1000)),
-                repr(now + c.lease),
-                max(1, int(c.marker_ttl * 1000)),
-                json.dumps({**self.record, "beat": now}),
-            ],
-        )
+        self.keeper.beat(mode, self.config.lease, self.config.marker_ttl, self.record)
 
     def parent_gone(self) -> bool:
         return os.getppid() != self.config.parent_pid or parent_state(self.config.parent_pid) in ("Z", "X")
@@ -339,7 +218,7 @@ class _Beater:
                 continue  # stopped (SIGSTOP, a debugger): let the lease lapse on purpose
             try:
                 self.beat(mode)
-            except redis_py.RedisError as exc:
+            except RedisError as exc:
                 if not self.failing:
                     logger.warning("worker %s: heartbeat failed (%s); retrying with backoff", c.worker_id, exc)
                 self.failing = True
@@ -358,7 +237,7 @@ class _Beater:
             try:
                 self.beat("dead")
                 return
-            except redis_py.RedisError:
+            except RedisError:
                 time.sleep(min(self.config.period, 1.0))  # Redis away: the lease lapses anyway
 
 

@@ -19,9 +19,8 @@ import logging
 import time
 from typing import Any
 
-import redis as redis_py
-
 from ..backend.claims import Claims, Held
+from ..backend.connections import TRANSIENT
 from ..backend.store import Encoded, TaskStore
 from ..errors import RedisFull, SerializationError
 from ..task import RedisTask, TaskState
@@ -98,7 +97,7 @@ class OutcomeWriter:
         while True:
             try:
                 return self.claims.finish(held, state, enc, dead_entry=entry, what=what)
-            except (redis_py.ConnectionError, redis_py.TimeoutError) as exc:
+            except TRANSIENT as exc:
                 if time.time() + backoff > give_up:
                     raise
                 logger.warning("cannot store the outcome of task %s (%s); retrying in %.1fs", task.id, exc, backoff)

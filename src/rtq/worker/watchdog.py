@@ -21,11 +21,10 @@ import threading
 import time
 from typing import TYPE_CHECKING
 
-import redis as redis_py
-
+from ..backend.connections import RedisError, connection_settings
 from ..errors import TaskCancelled, TaskTimeout
 from ..task import TaskState
-from .heartbeat import HeartbeatConfig, HeartbeatHelper, connection_settings
+from .heartbeat import HeartbeatConfig, HeartbeatHelper
 from .stopper import stopper_of
 
 if TYPE_CHECKING:
@@ -101,7 +100,7 @@ class Watchdog:
         listener = self.listener
         try:
             listener.registry.retire(listener.id, listener.names)
-        except redis_py.RedisError:
+        except RedisError:
             logger.warning("could not remove worker record %s", listener.id)
 
     # -- the beat --------------------------------------------------------------------------
@@ -138,7 +137,7 @@ class Watchdog:
                 listener.reaper.reap(exclude=listener.id)
                 self._watch()
                 self._audit()
-            except redis_py.RedisError as exc:
+            except RedisError as exc:
                 backoff = min(backoff * 2, longest)
                 # Once per outage: a Redis restart must not flood the worker's log.
                 logger.log(logging.DEBUG if failing else logging.WARNING, "heartbeat failed (%s); retrying", exc)
