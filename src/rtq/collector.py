@@ -45,6 +45,7 @@ from typing import TYPE_CHECKING, Any
 from .backend.connections import TRANSIENT
 from .backend.inbox import End, Inbox
 from .backend.wire import Channel
+from .backoff import Backoff
 from .errors import TaskLost, TaskTimeout
 from .task import FINAL_STATES, TaskState
 
@@ -138,7 +139,7 @@ class Collector:
         self._waits: dict[str, Wait] = {}
         self._thread: threading.Thread | None = None
         self._leader = threading.Lock()  # held by whoever collects now: a blocked caller or the thread
-        self._backoff = 0.0
+        self._backoff = Backoff(0.1, 2.0)
         self._last_check = time.monotonic()
 
     def __len__(self) -> int:
@@ -262,16 +263,16 @@ class Collector:
                 self._check(channel)
                 return
             ids, sole_read = self.ends.wake(channel, inbox, lists, block, sole)
-            self._backoff = 0.0
+            self._backoff.succeeded()
             if not ids:
                 self._last_check = time.monotonic()
                 self._check(channel)
                 return
             self._settle(ids, channel, {sole: sole_read} if sole_read is not None and sole is not None else {})
         except TRANSIENT as exc:
-            self._backoff = min(max(self._backoff * 2, 0.1), 2.0)
-            logger.warning("lost Redis while collecting results (%s); retrying in %.1fs", exc, self._backoff)
-            time.sleep(self._backoff)  # Redis is away: nothing to block on but the clock
+            delay = self._backoff.failed()
+            logger.warning("lost Redis while collecting results (%s); retrying in %.1fs", exc, delay)
+            time.sleep(delay)  # Redis is away: nothing to block on but the clock
         except Exception:  # a collector that dies would hang every waiter: log and go on
             logger.exception("error while collecting results")
             time.sleep(0.1)  # never a hot loop on a persistent error

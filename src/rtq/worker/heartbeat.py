@@ -46,6 +46,7 @@ from typing import Any
 from ..backend.connections import RedisError, helper_client
 from ..backend.keys import Keys
 from ..backend.workers import LeaseKeeper
+from ..backoff import Backoff
 
 logger = logging.getLogger("rtq.worker.heartbeat")
 
@@ -187,7 +188,6 @@ class _Beater:
         client = helper_client(config.connection_class, config.connection_kwargs, timeout)
         self.keeper = LeaseKeeper(client, Keys(config.prefix, config.suffix), config.worker_id, config.names)
         self.record = {**config.record, "heartbeat_pid": os.getpid()}
-        self.failing = False
 
     def beat(self, mode: str) -> None:
         self.keeper.beat(mode, self.config.lease, self.config.marker_ttl, self.record)
@@ -198,7 +198,8 @@ class _Beater:
     def run(self, commands: queue.Queue[str]) -> None:
         c = self.config
         mode = "serve"
-        backoff = c.period
+        # Never more than a third of the lease apart: once Redis is back, the lease must be too.
+        backoff = Backoff(c.period, max(c.period, c.lease / 3), rest=c.period)
         next_beat = time.monotonic()
         while True:
             try:
@@ -213,22 +214,19 @@ class _Beater:
             if command == _EOF or self.parent_gone():
                 self.declare_dead()
                 return
-            next_beat = time.monotonic() + backoff
+            next_beat = time.monotonic() + backoff.delay
             if parent_state(c.parent_pid) in ("T", "t"):
                 continue  # stopped (SIGSTOP, a debugger): let the lease lapse on purpose
             try:
                 self.beat(mode)
             except RedisError as exc:
-                if not self.failing:
+                if not backoff.failing:
                     logger.warning("worker %s: heartbeat failed (%s); retrying with backoff", c.worker_id, exc)
-                self.failing = True
-                backoff = min(max(backoff * 2, c.period), max(c.period, c.lease / 3))
-                next_beat = time.monotonic() + backoff
+                next_beat = time.monotonic() + backoff.failed()
                 continue
-            if self.failing:
+            if backoff.failing:
                 logger.warning("worker %s: heartbeat restored", c.worker_id)
-            self.failing = False
-            backoff = c.period
+            backoff.succeeded()
 
     def declare_dead(self) -> None:
         """End the dead parent's lease now, so its tasks are requeued without waiting it out."""

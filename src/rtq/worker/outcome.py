@@ -22,6 +22,7 @@ from typing import Any
 from ..backend.claims import Claims, Held
 from ..backend.connections import TRANSIENT
 from ..backend.store import Encoded, TaskStore
+from ..backoff import Backoff
 from ..errors import RedisFull, SerializationError
 from ..task import RedisTask, TaskState
 from .recovery import dead_letter_entry
@@ -93,16 +94,16 @@ class OutcomeWriter:
         entry = dead_letter_entry(task.id, task.name, dead, self.claims.worker_id) if dead is not None else ""
         what = f"the {'result' if state == TaskState.DONE else 'exception'} of task {task.id} in {task.name}"
         give_up = max(task.expiry, time.time() + 60)
-        backoff = 0.1
+        backoff = Backoff(0.1, 5.0)
         while True:
             try:
                 return self.claims.finish(held, state, enc, dead_entry=entry, what=what)
             except TRANSIENT as exc:
-                if time.time() + backoff > give_up:
+                delay = backoff.failed()
+                if time.time() + delay > give_up:
                     raise
-                logger.warning("cannot store the outcome of task %s (%s); retrying in %.1fs", task.id, exc, backoff)
-                time.sleep(backoff)
-                backoff = min(backoff * 2, 5.0)
+                logger.warning("cannot store the outcome of task %s (%s); retrying in %.1fs", task.id, exc, delay)
+                time.sleep(delay)  # Redis is away: nothing to block on but the clock
 
 
 def _short(exc: BaseException) -> str:

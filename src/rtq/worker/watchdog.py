@@ -22,6 +22,7 @@ import time
 from typing import TYPE_CHECKING
 
 from ..backend.connections import RedisError, connection_settings
+from ..backoff import Backoff
 from ..errors import TaskCancelled, TaskTimeout
 from ..task import TaskState
 from .heartbeat import HeartbeatConfig, HeartbeatHelper
@@ -124,10 +125,8 @@ class Watchdog:
         listener = self.listener
         period = listener.period
         # Never back off past a third of the lease: once Redis is back, the lease must be too.
-        longest = max(period, min(5.0, listener.lease / 3))
-        backoff = period
-        failing = False
-        while not self.stopped.wait(backoff):
+        backoff = Backoff(period, max(period, min(5.0, listener.lease / 3)), rest=period)
+        while not self.stopped.wait(backoff.delay):
             if self.helper is not None:
                 self.helper.ensure()
                 # A restarted helper has a new pid: the record names the live one.
@@ -138,14 +137,14 @@ class Watchdog:
                 self._watch()
                 self._audit()
             except RedisError as exc:
-                backoff = min(backoff * 2, longest)
                 # Once per outage: a Redis restart must not flood the worker's log.
-                logger.log(logging.DEBUG if failing else logging.WARNING, "heartbeat failed (%s); retrying", exc)
-                failing = True
+                level = logging.DEBUG if backoff.failing else logging.WARNING
+                backoff.failed()
+                logger.log(level, "heartbeat failed (%s); retrying", exc)
                 continue
-            if failing:
+            if backoff.failing:
                 logger.warning("heartbeat restored")
-            failing, backoff = False, period
+            backoff.succeeded()
 
     def _watch(self) -> None:
         """Stop running tasks nobody wants any more: cancelled, taken over, vanished or expired.
