@@ -14,7 +14,6 @@ import socket
 import statistics
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -23,7 +22,7 @@ import numpy
 import pytest
 import redis
 
-from conftest import ROOT, Workers, wait_for
+from conftest import ROOT, Workers, in_thread, wait_for
 from relfns import pids
 from rtq.backend.keys import Keys
 from rtq.errors import RedisFull, RtqError, TaskCancelled, TaskLost, WorkerLost
@@ -69,19 +68,8 @@ def record_of(r: redis.Redis, pid: int) -> dict[str, Any] | None:
 
 
 def wait_in_thread(queue: RedisTaskQueue, task: RedisTask) -> dict[str, Any]:
-    """Wait for ``task`` in a thread; the dict gets ``result`` or ``error``, and ``at``."""
-    box: dict[str, Any] = {}
-
-    def run() -> None:
-        try:
-            box["result"] = queue.wait(task)
-        except BaseException as exc:
-            box["error"] = exc
-        box["at"] = time.monotonic()
-
-    box["thread"] = threading.Thread(target=run, daemon=True)
-    box["thread"].start()
-    return box
+    """Wait for ``task`` in a thread; the dict gets ``value`` or ``error``, and ``at``."""
+    return in_thread(lambda: queue.wait(task))
 
 
 def cpu_seconds(pid: int) -> float:
@@ -153,7 +141,7 @@ def test_sigstop_past_the_lease_keeps_only_the_newer_result(r, workers, tmp_path
         wait_for(lambda: pids(started) == [a.pid, b.pid], 20, "worker B to take the task over")
         release.touch()
         box["thread"].join(20)
-        assert box.get("result") == b.pid, box
+        assert box.get("value") == b.pid, box
     finally:
         a.send_signal(signal.SIGCONT)
     # A resumes with a stale claim: its outcome must be discarded, not overwrite B's.
@@ -493,7 +481,7 @@ def test_busy_past_timeout_with_the_gil_held_keeps_marker_and_lease(r, workers):
         if not r.exists(K.worker(wid)):
             gaps.append("lease")
         box["thread"].join(0.05)
-    assert box.get("result") == a.pid, box
+    assert box.get("value") == a.pid, box
     assert gaps == []
     assert field(r, "b1", "attempt") == "1"  # never taken for dead and rerun
 
@@ -528,7 +516,7 @@ def test_the_heartbeat_helper_of_a_keyword_made_client_stays_up_through_a_gil_he
             gaps.append("lease")
         helpers.add((record_of(r, a.pid) or {}).get("heartbeat_pid"))
         box["thread"].join(0.05)
-    assert box.get("result") == a.pid, box
+    assert box.get("value") == a.pid, box
     assert gaps == [] and helpers == {helper}, (gaps, helpers)
     assert field(r, "h1", "attempt") == "1"  # never taken for dead and run twice
     assert _alive(helper) and a.poll() is None

@@ -19,7 +19,7 @@ import redis
 
 import rtq
 import rtq.watch
-from conftest import Workers, wait_for
+from conftest import Workers, in_thread, wait_for
 from rtq import RedisTaskQueue, TaskExecutePolicy
 from rtq.backend.keys import Keys
 from rtq.errors import RtqConnectionError, TaskLost
@@ -114,24 +114,9 @@ def test_a_stray_push_on_a_query_done_list_keeps_the_caller_waiting(r, workers, 
     assert box == {"value": "ran"}
 
 
-def _in_thread(fn: Any) -> dict[str, Any]:
-    box: dict[str, Any] = {}
-
-    def run() -> None:
-        try:
-            box["value"] = fn()
-        except BaseException as exc:
-            box["error"] = exc
-        box["at"] = time.monotonic()
-
-    box["thread"] = threading.Thread(target=run, daemon=True)
-    box["thread"].start()
-    return box
-
-
 def test_a_query_whose_queue_entry_vanished_gets_task_lost_within_seconds(r):
     q = make_queue(r)
-    box = _in_thread(lambda: q.query("evicted", "nobody", {"action": "echo"}, timeout=60, policy=REMOTE))
+    box = in_thread(lambda: q.query("evicted", "nobody", {"action": "echo"}, timeout=60, policy=REMOTE))
     wait_for(lambda: r.lrange(K.queue("nobody"), 0, -1) == [b"evicted"], 10, "the task to be queued")
     r.delete(K.queue("nobody"))  # as an eviction would: the record stays 'queued'
     gone = time.monotonic()
@@ -154,7 +139,7 @@ def test_a_future_whose_queue_entry_vanished_gets_task_lost_within_seconds(r):
 
 def test_a_queued_task_waiting_long_in_a_queue_is_not_declared_lost(r):
     q = make_queue(r, timeout=8)
-    box = _in_thread(lambda: q.query("patient", "later", {"action": "echo", "value": 5}, timeout=8, policy=REMOTE))
+    box = in_thread(lambda: q.query("patient", "later", {"action": "echo", "value": 5}, timeout=8, policy=REMOTE))
     box["thread"].join(12)  # several checks pass while it sits in its queue: it times out, never 'lost'
     assert type(box.get("error")).__name__ == "TaskTimeout", box
     assert "ran past its 8 s timeout" in str(box["error"])
@@ -164,7 +149,7 @@ def test_a_running_task_on_a_stopped_worker_whose_list_vanished_gets_task_lost(r
     q = make_queue(r)
     release = tmp_path / "release"
     proc = workers.start("q", args=("--lease", "1.5"))
-    box = _in_thread(lambda: q.query("held", "q", {"action": "until_file", "path": str(release)}, policy=REMOTE))
+    box = in_thread(lambda: q.query("held", "q", {"action": "until_file", "path": str(release)}, policy=REMOTE))
     wait_for(lambda: r.hget(K.task("held"), "state") == b"running", 10, "the task to run")
     os.kill(proc.pid, signal.SIGSTOP)  # its lease lapses; its list would be reaped...
     try:
