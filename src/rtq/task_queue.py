@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 
 from .backend.connections import TRANSIENT, connection_error
 from .backend.keys import Keys, check_name
-from .backend.store import KEEP_S, TaskStore, text
+from .backend.store import TaskStore, text
 from .collector import Blocking, Collector
 from .errors import TaskCancelled, TaskTimeout
 from .serialization import DEFAULT_MAX_PAYLOAD, Serializer
@@ -130,7 +130,7 @@ class RedisTaskQueue:
     def has_task(self, id: str) -> bool:
         """Whether data for task ``id`` is stored."""
         with _wrap_connection_errors(self.store.redis):
-            return bool(self.store.redis.exists(self.keys.task(text(id))))
+            return self.store.exists(text(id))
 
     # -- listeners -------------------------------------------------------------------------
     def live_workers(self) -> list[dict[str, Any]]:
@@ -142,12 +142,12 @@ class RedisTaskQueue:
         """Mark queue ``name`` as listened for the next ``timeout`` seconds."""
         check_name("queue name", name)
         with _wrap_connection_errors(self.store.redis):
-            self.store.redis.set(self.keys.listen(name), "1", px=int(self.timeout * 1000))
+            self.store.mark_listened(name, self.timeout)
 
     def is_listened(self, name: str) -> bool:
         """Whether a listener marked queue ``name`` within the last ``timeout`` seconds."""
         with _wrap_connection_errors(self.store.redis):
-            return bool(self.store.redis.exists(self.keys.listen(name)))
+            return self.store.listened(name)
 
     def listen(self, names: Sequence[str], workers: int = 128, event: Event | None = None) -> None:
         """Serve the queues ``names`` with ``task_fn`` until ``event`` is set.
@@ -280,16 +280,8 @@ class RedisTaskQueue:
         Returns the state it was in (``'queued'``, ``'running'``, a final state, or None when the
         task is unknown).
         """
-        key = self.keys.task(id)
         with _wrap_connection_errors(self.store.redis):
-            name, notify = self.store.redis.hmget(key, ["name", "notify"])
-            if name is None:
-                return None
-            state = self.store.scripts["cancel"](
-                keys=[key, self.keys.queue(text(name)), text(notify) or self.keys.done(id), self.keys.events(id)],
-                args=[id, repr(time.time()), int(KEEP_S * 1000), "0" if running else "1"],
-            )
-        return text(state) or None
+            return self.store.cancel(id, running=running)
 
     def query(
         self,

@@ -352,6 +352,33 @@ class TaskStore:
                 self.redis.delete(*frames)
         return task
 
+    def exists(self, task_id: str) -> bool:
+        """Whether a record of task ``task_id`` is stored."""
+        return bool(self.redis.exists(self.keys.task(task_id)))
+
+    def mark_listened(self, name: str, ttl: float) -> None:
+        """Mark queue ``name`` as listened for ``ttl`` seconds (``TaskExecutePolicy.Auto`` routes there)."""
+        self.redis.set(self.keys.listen(name), "1", px=int(ttl * 1000))
+
+    def listened(self, name: str) -> bool:
+        """Whether a listener marks queue ``name`` now."""
+        return bool(self.redis.exists(self.keys.listen(name)))
+
+    def cancel(self, task_id: str, *, running: bool = True) -> str | None:
+        """``cancel.lua``: a queued task never runs; a running one (unless ``running`` is False) is told to stop.
+
+        Returns the state it was in, or None when the task is unknown.
+        """
+        key = self.keys.task(task_id)
+        name, notify = self.redis.hmget(key, ["name", "notify"])
+        if name is None:
+            return None
+        state = self.scripts["cancel"](
+            keys=[key, self.keys.queue(text(name)), text(notify) or self.keys.done(task_id), self.keys.events(task_id)],
+            args=[task_id, repr(time.time()), int(KEEP_S * 1000), "0" if running else "1"],
+        )
+        return text(state) or None
+
     def discard(self, task_id: str) -> None:
         """Delete a task's record, done list, events and big frames (its outcome was consumed)."""
         key = self.keys.task(task_id)
