@@ -36,6 +36,7 @@ import json
 import math
 import time
 import traceback
+import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, cast
@@ -44,7 +45,7 @@ import redis as redis_py
 
 from ..errors import RemoteTaskError, RtqConnectionError, SerializationError, TaskLost
 from ..serialization import CHUNK, Serializer, UnreadablePayload
-from ..task import RedisTask
+from ..task import RedisTask, current_task
 from . import scripts
 from .batching import GroupCommit
 from .keys import Keys
@@ -359,15 +360,25 @@ class TaskStore:
         return list(result)
 
     def write(self, task: RedisTask, *, state: str | None = None) -> None:
-        """Store ``task`` as it is now (``RedisTask.save``), keeping its claim and token."""
+        """Store ``task`` as it is now (``RedisTask.save``), keeping its claim and token.
+
+        Without ``state``: failed with an error, done with a result, else the state stored; a
+        new record is ``queued`` — the seed's submission is ``set_task`` plus an RPUSH of the id
+        on its queue, which a listener then runs — unless the task runs in this very thread
+        (its progress saved during a local run), which makes it ``running``.
+        """
         key = self.keys.task(task.id)
         old = self.redis.hmget(key, ["token", "state"])
-        token = text(old[0]) or "local"
+        token = text(old[0]) or uuid.uuid4().hex
         if state is None:
             state = (
                 "failed"
                 if task.error is not None
-                else ("done" if task.result is not None else text(old[1]) or "running")
+                else (
+                    "done"
+                    if task.result is not None
+                    else text(old[1]) or ("running" if current_task() is task else "queued")
+                )
             )
         enc = self.record(task, token=token, state=state, notify=None)
         ttl_ms = max(int((task.expiry - time.time()) * 1000), int(KEEP_S * 1000) if state in ("done", "failed") else 1)
