@@ -29,15 +29,16 @@ from __future__ import annotations
 import hashlib
 import hmac
 import io
+import os
 import pickle
 import struct
 import types
 from collections.abc import Iterable, Sequence
-from typing import Any
+from typing import Any, cast
 
 import cloudpickle
 
-from .errors import SerializationError, SignatureError
+from .errors import ConfigurationError, SerializationError, SignatureError
 
 MAGIC = b"RTQ"
 VERSION = 1
@@ -66,21 +67,51 @@ def normalize_secrets(secret: str | bytes | Sequence[str | bytes] | None) -> tup
     """Turn ``secret`` into the tuple of accepted keys; the first one signs.
 
     A comma-separated string (as in ``RTQ_SECRET=new,old``) lists several secrets for rotation.
+    None means unsigned payloads; a secret that holds nothing (``""``, only whitespace or
+    commas, an empty list) is refused rather than taken for None.
+
+    Raises:
+        TypeError: ``secret`` is not a str, bytes, or a sequence of them.
+        ConfigurationError: it holds no secret.
     """
     if secret is None:
         return ()
     items: Iterable[str | bytes]
     if isinstance(secret, str):
         items = secret.split(",")
-    elif isinstance(secret, bytes):
-        items = [secret]
-    else:
-        items = secret
+    elif isinstance(secret, (bytes, bytearray)):
+        items = [bytes(secret)]
+    elif isinstance(secret, Sequence) and all(isinstance(s, (str, bytes, bytearray)) for s in secret):
+        items = cast("Sequence[str | bytes]", secret)
+    else:  # never echo what might be a secret: its type says enough
+        raise TypeError(f"secret must be a str, bytes or a list of them (or None), not {type(secret).__name__}")
     keys = tuple(s.encode() if isinstance(s, str) else bytes(s) for s in items)
     keys = tuple(k for k in (k.strip() for k in keys) if k)
-    if not keys and secret:
-        raise ValueError("secret must not be empty")
+    if not keys:
+        raise ConfigurationError(
+            "secret is empty (nothing but whitespace or commas): pass the secret shared by clients and "
+            "workers, or None for unsigned payloads"
+        )
     return keys
+
+
+def env_secret() -> str | None:
+    """The ``RTQ_SECRET`` environment variable: None when unset or set to ``""``.
+
+    Raises:
+        ConfigurationError: it is set but holds no secret (only whitespace or commas).
+    """
+    value = os.environ.get("RTQ_SECRET")
+    if not value:
+        return None
+    try:
+        normalize_secrets(value)
+    except ConfigurationError:
+        raise ConfigurationError(
+            "RTQ_SECRET holds no secret (nothing but whitespace or commas): set it to the secret shared "
+            "by clients and workers, or unset it for unsigned payloads"
+        ) from None
+    return value
 
 
 class Serializer:

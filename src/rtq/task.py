@@ -17,7 +17,15 @@ from typing import Any
 
 from .errors import TaskCancelled, TaskTimeout
 
-__all__ = ["FINAL_STATES", "RedisTask", "TaskExecutePolicy", "TaskState", "current_task"]
+__all__ = [
+    "FINAL_STATES",
+    "RedisTask",
+    "TaskExecutePolicy",
+    "TaskState",
+    "current_task",
+    "outcome_stored_by_runner",
+    "runner_stores_outcome",
+]
 
 PROGRESS_INTERVAL = 0.1
 """Seconds between two progress writes of one task; updates in between are coalesced."""
@@ -170,3 +178,26 @@ def running(task: RedisTask) -> Iterator[RedisTask]:
         yield task
     finally:
         _current.reset(token)
+
+
+_runner_stores: contextvars.ContextVar[RedisTask | None] = contextvars.ContextVar("rtq_runner_stores", default=None)
+
+
+@contextmanager
+def outcome_stored_by_runner(task: RedisTask) -> Iterator[None]:
+    """While the block runs, whoever runs ``task`` (a worker) stores its outcome, not the code it calls.
+
+    A listener runs each task through :meth:`RedisTaskQueue.execute_task_locally` (the seed's
+    override point) and stores the outcome itself, fenced by its claim; this tells that method
+    not to write it a second time, unfenced.
+    """
+    token = _runner_stores.set(task)
+    try:
+        yield
+    finally:
+        _runner_stores.reset(token)
+
+
+def runner_stores_outcome(task: RedisTask) -> bool:
+    """Whether ``task`` runs inside :func:`outcome_stored_by_runner` (its outcome is stored for it)."""
+    return _runner_stores.get() is task

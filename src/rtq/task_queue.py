@@ -9,22 +9,23 @@ one blocking call lasts before the caller re-checks that the task still exists.
 
 from __future__ import annotations
 
+import contextvars
 import logging
-import os
 import time
 import uuid
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from threading import Event, Lock
 from typing import TYPE_CHECKING, Any
 
-from .backend.connections import TRANSIENT, connection_error
+from .backend.connections import CLIENT_TYPES, TRANSIENT, connection_error
 from .backend.keys import Keys, check_name
 from .backend.store import TaskStore, text
 from .collector import Blocking, Collector
 from .errors import TaskCancelled, TaskTimeout
-from .serialization import DEFAULT_MAX_PAYLOAD, Serializer
-from .task import RedisTask, TaskExecutePolicy, running
+from .serialization import DEFAULT_MAX_PAYLOAD, Serializer, env_secret
+from .task import RedisTask, TaskExecutePolicy, runner_stores_outcome, running
+from .validate import check_callable, check_count, check_seconds, describe
 from .worker.recovery import Reaper
 
 if TYPE_CHECKING:
@@ -67,12 +68,16 @@ class RedisTaskQueue:
         max_payload: int = DEFAULT_MAX_PAYLOAD,
         max_attempts: int = 3,
     ) -> None:
-        if timeout <= 0:
-            raise ValueError(f"timeout must be positive, not {timeout!r}")
-        if interval <= 0:
-            raise ValueError(f"interval must be positive, not {interval!r}")
-        if max_attempts < 1:
-            raise ValueError(f"max_attempts must be at least 1, not {max_attempts!r}")
+        if not isinstance(redis, CLIENT_TYPES):  # never echo it: a URL may hold a password
+            raise TypeError(
+                f"redis must be a redis-py client such as redis.Redis.from_url(url), not {type(redis).__name__}; "
+                "rtq.connect(url) makes a queue from a URL"
+            )
+        check_seconds("timeout", timeout)
+        check_seconds("interval", interval)
+        check_count("max_attempts", max_attempts)
+        if task_fn is not None:
+            check_callable("task_fn", task_fn)
         self.redis = redis
         self.prefix = prefix
         self.suffix = suffix
@@ -82,7 +87,7 @@ class RedisTaskQueue:
         self.max_attempts = max_attempts
         self.keys = Keys(prefix, suffix)
         if secret is None:
-            secret = os.environ.get("RTQ_SECRET") or None
+            secret = env_secret()
         self.serializer = Serializer(secret, max_payload=max_payload)
         self.store = TaskStore(redis, self.keys, self.serializer, max_attempts=max_attempts)
         self.reaper = Reaper(self.store, max_attempts)
@@ -150,28 +155,41 @@ class RedisTaskQueue:
             return self.store.listened(name)
 
     def listen(self, names: Sequence[str], workers: int = 128, event: Event | None = None) -> None:
-        """Serve the queues ``names`` with ``task_fn`` until ``event`` is set.
+        """Serve the queues ``names`` (a list, or one name as a str) until ``event`` is set.
 
-        Up to ``workers`` tasks run at once in threads; a task id is claimed only when a slot is
-        free, and it is moved atomically into this listener's in-progress list, so a crash never
-        loses it. Listener markers are set at once and kept fresh while every slot is busy.
+        Each task taken runs here through :meth:`execute_task_locally` (``task_fn`` unless a
+        subclass overrides it); the listener stores its outcome. Up to ``workers`` tasks run at
+        once in threads; a task id is claimed only when a slot is free, and it is moved
+        atomically into this listener's in-progress list, so a crash never loses it. A queue
+        entry that cannot be claimed (its data is gone, it expired, it already ran) is never
+        dropped silently: it goes to the dead-letter list with the reason, and is logged once.
+        Listener markers are set at once and kept fresh while every slot is busy.
         Returns within about ``interval`` seconds after ``event`` is set, once running tasks end.
         """
         from .worker.listener import Listener
 
-        if self.task_fn is None:
-            raise ValueError("listen() needs a task_fn to run the tasks it takes")
+        if self.task_fn is None and type(self).execute_task_locally is RedisTaskQueue.execute_task_locally:
+            raise ValueError("listen() needs a task_fn (or an execute_task_locally override) to run the tasks it takes")
         if isinstance(names, str):
-            names = [names]
+            names = [names]  # one queue name, not the letters of one
+        elif isinstance(names, (bytes, bytearray)) or not isinstance(names, Iterable):
+            raise TypeError(f"names must be a list of queue names (or one name as a str), not {describe(names)}")
+        check_count("workers", workers)
         Listener(self, list(names), workers=workers, event=event).run()
 
     # -- running ---------------------------------------------------------------------------
     def execute_task_locally(self, task: RedisTask, timeout: float | None = None) -> Any:
-        """Run ``task`` here with ``task_fn`` and store its outcome; returns its result."""
+        """Run ``task`` here with ``task_fn`` and store its outcome; returns its result.
+
+        This is the step every task run in this process goes through: ``query()``'s local runs
+        and each task :meth:`listen` takes, so a subclass that overrides it (to log, time, or set
+        up a GPU context) sees them all. A listener stores the outcome itself, fenced by its
+        claim: for a task it runs, this method only runs it.
+        """
         if self.task_fn is None:
             raise ValueError(f"cannot run task {task.id} locally: this queue has no task_fn")
         if timeout is not None:
-            task.expiry = time.time() + timeout
+            task.expiry = time.time() + check_seconds("timeout", timeout)
         try:
             with running(task):
                 task.result = self.task_fn(task)
@@ -180,13 +198,20 @@ class RedisTaskQueue:
             task.error = exc
             raise
         finally:
-            try:
-                self.store.write(task, state="failed" if task.error is not None else "done")
-            except Exception:  # the local result matters more than its copy in Redis
-                logger.warning("could not store the outcome of local task %s", task.id, exc_info=True)
+            if not runner_stores_outcome(task):
+                try:
+                    self.store.write(task, state="failed" if task.error is not None else "done")
+                except Exception:  # the local result matters more than its copy in Redis
+                    logger.warning("could not store the outcome of local task %s", task.id, exc_info=True)
 
     def execute_task_remotely(self, task: RedisTask, timeout: float | None = None, once: bool = False) -> Any:
         """Queue ``task`` for a listener and wait until it ends; returns its result.
+
+        ``query()`` sends its remote leg through here under every policy but Local, so a
+        subclass that overrides it sees them all. Under ``Auto`` the queue is checked for a
+        listener in the same atomic step that queues the task: when none marks it, nothing is
+        queued and the call ends early (with an exception of rtq's own that ``query()``
+        handles by running the task locally; an override should let it pass).
 
         Raises:
             rtq.errors.TaskTimeout: The deadline passed first (also a ``TimeoutError``).
@@ -194,13 +219,17 @@ class RedisTaskQueue:
             Exception: Whatever the task raised, re-raised as its own type.
         """
         if timeout is not None:
-            task.expiry = time.time() + timeout
+            task.expiry = time.time() + check_seconds("timeout", timeout)
+        if_listened = _auto.get() is task  # query()'s Auto: queue only where a listener is
         blocking = self._expect(task)
         try:
-            self.submit(task, notify=self.collector.inbox)
+            queued = self.submit(task, notify=self.collector.inbox, if_listened=if_listened)
         except BaseException:
             self.collector.remove([task.id])
             raise
+        if queued is None:
+            self.collector.remove([task.id])
+            raise _NotListened(task.name)
         blocking.wait.submitted = True
         return self._await(task, blocking, once=once)
 
@@ -213,7 +242,7 @@ class RedisTaskQueue:
         atomic step); returns None, storing nothing, when none does.
         """
         if timeout is not None:
-            task.expiry = time.time() + timeout
+            task.expiry = time.time() + check_seconds("timeout", timeout)
         token = uuid.uuid4().hex
         with _wrap_connection_errors(self.store.redis):
             queued = self.store.submit([(task, token, notify)], listened=task.name if if_listened else None)
@@ -305,22 +334,26 @@ class RedisTaskQueue:
         Raises:
             Exception: Whatever the task raised, as its own type; ``TaskTimeout`` on deadline.
         """
+        if timeout is not None:
+            check_seconds("timeout", timeout)
+        if policy.__class__ is not TaskExecutePolicy:
+            raise TypeError(
+                f"policy must be a TaskExecutePolicy ({', '.join(TaskExecutePolicy.__members__)}), not "
+                f"{describe(policy)}"
+            )
         task = self.build_task(id, name, params)
         if timeout is not None:
             task.expiry = time.time() + timeout
         if policy is TaskExecutePolicy.Auto:
-            # Remote when a listener marks the queue: checked and queued in one round trip.
-            blocking = self._expect(task)
+            # Remote when a listener marks the queue: execute_task_remotely checks and queues in
+            # one atomic step, and hands back _NotListened (having queued nothing) when none does.
+            intent = _auto.set(task)
             try:
-                queued = self.submit(task, notify=self.collector.inbox, if_listened=True)
-            except BaseException:
-                self.collector.remove([task.id])
-                raise
-            if queued is not None:
-                blocking.wait.submitted = True
-                return self._await(task, blocking, once=once)
-            self.collector.remove([task.id])
-            policy = TaskExecutePolicy.Local
+                return self.execute_task_remotely(task, timeout, once)
+            except _NotListened:
+                policy = TaskExecutePolicy.Local
+            finally:
+                _auto.reset(intent)
         if policy is TaskExecutePolicy.Local:
             return self.execute_task_locally(task, timeout)
         if policy is TaskExecutePolicy.Remote:
@@ -339,6 +372,18 @@ class RedisTaskQueue:
                 logger.warning("task %s in %s failed remotely (%r); running it locally", id, name, exc)
                 return self.execute_task_locally(task, self.timeout if timeout is None else timeout)
         raise ValueError(f"unknown policy {policy!r}")
+
+
+_auto: contextvars.ContextVar[RedisTask | None] = contextvars.ContextVar("rtq_auto", default=None)
+"""The task ``query()`` runs under ``Auto``: execute_task_remotely queues it only where a listener is."""
+
+
+class _NotListened(BaseException):
+    """Raised by ``execute_task_remotely`` under ``Auto`` when no listener marks the queue (nothing was queued).
+
+    A ``BaseException``, so an override's ``except Exception`` (to log a remote failure) lets it
+    through to ``query()``, which then runs the task locally.
+    """
 
 
 @contextmanager

@@ -23,6 +23,7 @@ from redis.retry import Retry
 from ..errors import RtqConnectionError
 
 __all__ = [
+    "CLIENT_TYPES",
     "TRANSIENT",
     "RedisError",
     "block_cap",
@@ -37,6 +38,8 @@ logger = logging.getLogger("rtq.heartbeat")
 
 RedisError = redis_py.RedisError
 """The root of what redis-py raises: what layers above the backend catch, without importing redis."""
+CLIENT_TYPES: tuple[type, ...] = (redis_py.Redis, redis_py.RedisCluster)
+"""What ``RedisTaskQueue(redis=...)`` accepts: a redis-py client (single server or cluster)."""
 TRANSIENT: tuple[type[Exception], ...] = (redis_py.ConnectionError, redis_py.TimeoutError)
 """Failures that pass (a restart, a dropped connection): retry with backoff."""
 

@@ -25,6 +25,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from ..validate import check_no_glob
+
 SEPARATOR = "|"
 
 
@@ -51,8 +53,9 @@ class Keys:
     suffix: str
 
     def __post_init__(self) -> None:
-        check_name("prefix", self.prefix)
-        check_name("suffix", self.suffix)
+        # ``rtq status`` and the collector SCAN for ``<prefix>|<suffix>|…`` patterns.
+        check_no_glob("prefix", check_name("prefix", self.prefix))
+        check_no_glob("suffix", check_name("suffix", self.suffix))
 
     @property
     def head(self) -> str:

@@ -34,6 +34,7 @@ from __future__ import annotations
 import json
 import time
 import traceback
+import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, cast
@@ -42,7 +43,7 @@ import redis as redis_py
 
 from ..errors import RemoteTaskError, SerializationError, TaskLost
 from ..serialization import CHUNK, Serializer, UnreadablePayload
-from ..task import FINAL_STATES, RedisTask, TaskState
+from ..task import FINAL_STATES, RedisTask, TaskState, current_task
 from . import scripts
 from .batching import GroupCommit
 from .connections import block_cap, raw_client
@@ -300,15 +301,25 @@ class TaskStore:
         return list(result)
 
     def write(self, task: RedisTask, *, state: str | None = None) -> None:
-        """Store ``task`` as it is now (``RedisTask.save``), keeping its claim and token."""
+        """Store ``task`` as it is now (``RedisTask.save``), keeping its claim and token.
+
+        Without ``state``: failed with an error, done with a result, else the state stored; a
+        new record is ``queued`` — the seed's submission is ``set_task`` plus an RPUSH of the id
+        on its queue, which a listener then runs — unless the task runs in this very thread
+        (its progress saved during a local run), which makes it ``running``.
+        """
         key = self.keys.task(task.id)
         old = self.redis.hmget(key, ["token", "state"])
-        token = text(old[0]) or "local"
+        token = text(old[0]) or uuid.uuid4().hex
         if state is None:
             state = (
                 TaskState.FAILED
                 if task.error is not None
-                else (TaskState.DONE if task.result is not None else text(old[1]) or TaskState.RUNNING)
+                else (
+                    TaskState.DONE
+                    if task.result is not None
+                    else text(old[1]) or (TaskState.RUNNING if current_task() is task else TaskState.QUEUED)
+                )
             )
         enc = self.record(task, token=token, state=state, notify=None)
         ttl_ms = max(int((task.expiry - time.time()) * 1000), int(KEEP_S * 1000) if state in FINAL_STATES else 1)

@@ -30,7 +30,7 @@ from ..backend.keys import check_name
 from ..backend.store import EVENTS_MAXLEN, text
 from ..backend.wire import Channel, call_script
 from ..errors import RtqError, SerializationError, SignatureError, TaskCancelled
-from ..task import RedisTask, running
+from ..task import RedisTask, outcome_stored_by_runner, running
 from .capture import capturing
 from .outcome import OutcomeWriter
 from .recovery import Reaper
@@ -255,6 +255,7 @@ class Listener:
         in queue order.
         """
         moved = [task_id]
+        queue_name = self.keys.queue_name(queue_key)
         with self.lock:
             self.claiming.add(task_id)
         try:
@@ -267,8 +268,8 @@ class Listener:
             first, extra = call_script(
                 channel,
                 claim,
-                [self.keys.task(task_id), self.running_key, queue_key],
-                [task_id, self.id, repr(time.time()), more],
+                [self.keys.task(task_id), self.running_key, self.keys.dead(), queue_key],
+                [task_id, self.id, repr(time.time()), queue_name, more],
             )
             extra = [text(i) for i in extra]
             with self.lock:
@@ -277,18 +278,33 @@ class Listener:
             claims: list[tuple[str, Any]] = [(task_id, first)]
             if extra:
                 now = repr(time.time())
+                dead = self.keys.dead()
                 replies = channel.pipeline(
-                    [("EVALSHA", claim.sha, 2, self.keys.task(i), self.running_key, i, self.id, now) for i in extra]
+                    [
+                        (
+                            "EVALSHA",
+                            claim.sha,
+                            3,
+                            self.keys.task(i),
+                            self.running_key,
+                            dead,
+                            i,
+                            self.id,
+                            now,
+                            queue_name,
+                        )
+                        for i in extra
+                    ]
                 )
                 claims += zip(extra, (r if isinstance(r, Exception) else r[0] for r in replies), strict=True)
             tasks = []
             for claimed_id, reply in claims:
                 try:
                     if isinstance(reply, redis_py.exceptions.NoScriptError):  # Redis restarted or flushed
-                        reply = self._claim_reply(claimed_id)  # loads the script; that claim never ran
+                        reply = self._claim_reply(claimed_id, queue_name)  # loads the script; that claim never ran
                     if isinstance(reply, Exception):
                         raise reply
-                    task = self._task_of_claim(claimed_id, reply)
+                    task = self._task_of_claim(claimed_id, queue_name, reply)
                 except Exception as exc:  # this id stays listed; the audit gives it back
                     logger.warning("could not claim task %s (%s)", claimed_id, exc)
                     continue
@@ -309,18 +325,22 @@ class Listener:
             fh.write(f"{task_id}\n")
         self.event.wait()
 
-    def _claim_reply(self, task_id: str) -> Any:
+    def _claim_reply(self, task_id: str, queue_name: str) -> Any:
         """claim.lua's claim of one id already in our list (one round trip)."""
         reply = self.store.scripts["claim"](
-            keys=[self.keys.task(task_id), self.running_key], args=[task_id, self.id, repr(time.time())]
+            keys=[self.keys.task(task_id), self.running_key, self.keys.dead()],
+            args=[task_id, self.id, repr(time.time()), queue_name],
         )
         return reply[0]
 
-    def _task_of_claim(self, task_id: str, reply: Any) -> RedisTask | None:
+    def _task_of_claim(self, task_id: str, queue_name: str, reply: Any) -> RedisTask | None:
         """The task claim.lua handed over, or None when it was skipped or refused (then failed)."""
         key = self.keys.task(task_id)
         if not reply:
-            logger.info("skipped task %s: expired, cancelled or gone", task_id)
+            logger.info("skipped task %s in %s: it was cancelled", task_id, queue_name)
+            return None
+        if isinstance(reply, (bytes, str)):  # claim.lua dead-lettered the entry, with this reason
+            logger.warning("dropped task %s from queue %s (dead-lettered): %s", task_id, queue_name, text(reply))
             return None
         attempt, token, expiry, first, extra, name, notify = reply
         task = RedisTask(id=task_id, name="", params=None, expiry=0.0)
@@ -385,8 +405,14 @@ class Listener:
         try:
             try:
                 # capturing() sends the task's last output on exit, before _finish stores the outcome
-                with running(task), capturing(self.store, task, self.id), stopper.armed():
-                    result = self.queue.task_fn(task)  # type: ignore[misc]
+                # Through execute_task_locally, the seed's override point; the outcome is ours to store.
+                with (
+                    running(task),
+                    capturing(self.store, task, self.id),
+                    stopper.armed(),
+                    outcome_stored_by_runner(task),
+                ):
+                    result = self.queue.execute_task_locally(task)
             except BaseException as exc:  # a task must never take its worker down
                 if stopper.exc_type is not None and isinstance(exc, stopper.exc_type) and not str(exc):
                     exc = stopper.exc_type(f"Task {task.id} in {task.name} {stopper.reason}")  # raised bare

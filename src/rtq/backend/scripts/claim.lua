@@ -3,34 +3,62 @@
 --
 -- KEYS[1]  hash  the task               <p>|<s>|task-result:<id>
 -- KEYS[2]  list  the worker's claims    <p>|<s>|task-running|<worker>
--- KEYS[3]  list  the task's queue (optional, with ARGV[4])  <p>|<s>|task-queue|<name>
+-- KEYS[3]  list  the dead-letter list   <p>|<s>|task-dead: gets an entry for an id that cannot be claimed
+-- KEYS[4]  list  the task's queue (optional, with ARGV[5])  <p>|<s>|task-queue|<name>
 -- ARGV[1]  the task id
 -- ARGV[2]  the worker id
 -- ARGV[3]  now, in seconds since the epoch
--- ARGV[4]  how many more ids to move from the queue's head into the worker's list (optional;
+-- ARGV[4]  the name of the queue the id came from (for the dead-letter entry)
+-- ARGV[5]  how many more ids to move from the queue's head into the worker's list (optional;
 --          the worker has that many free slots, and claims them with this script next)
 --
 -- Returns {claim, moved}. claim is {attempt, token, expiry, params, params#, name, notify} when
--- the task is now this worker's (everything the worker needs to run it, in this one round trip),
--- or false when it must be skipped (its data expired, it was cancelled or it already ended; a
--- skipped id is dropped from the worker's list). moved lists the further ids now in the
--- worker's list, in queue order.
+-- the task is now this worker's (everything the worker needs to run it, in this one round trip);
+-- false when it was cancelled (its caller knows: nothing more to say); or, when it cannot be
+-- claimed, the reason, as text: its data is gone, its deadline passed while queued, it already
+-- runs or ended (a duplicate entry), or its record is not one rtq wrote. Such an id is
+-- dead-lettered with that reason. Either way a skipped id is dropped from the worker's list.
+-- moved lists the further ids now in the worker's list, in queue order.
 local moved = {}
-local more = tonumber(ARGV[4] or '0') or 0
-if KEYS[3] then
+local more = tonumber(ARGV[5] or '0') or 0
+if KEYS[4] then
   for i = 1, more do
-    local id = redis.call('LMOVE', KEYS[3], KEYS[2], 'LEFT', 'RIGHT')
+    local id = redis.call('LMOVE', KEYS[4], KEYS[2], 'LEFT', 'RIGHT')
     if not id then
       break
     end
     moved[i] = id
   end
 end
-local state = redis.call('HGET', KEYS[1], 'state')
-local expiry = tonumber(redis.call('HGET', KEYS[1], 'expiry') or '0') or 0  -- garbage: expired
+local cur = redis.call('HMGET', KEYS[1], 'state', 'expiry', 'owner')
+local state = cur[1]
+local expiry = tonumber(cur[2] or '0') or 0  -- garbage: expired
 if state ~= 'queued' or expiry < tonumber(ARGV[3]) then
   redis.call('LREM', KEYS[2], -1, ARGV[1])
-  return {false, moved}
+  if state == 'cancelled' then
+    return {false, moved}
+  end
+  local reason
+  if state == 'queued' then
+    reason = 'its deadline passed while it was queued'
+  elseif state == 'running' then
+    reason = 'it already runs on worker ' .. (cur[3] or '?') .. ' (a second entry of one id)'
+  elseif state == 'done' or state == 'failed' then
+    reason = 'it already ended (' .. state .. ')'
+  elseif state then
+    reason = 'its record has the unknown state ' .. state
+  elseif redis.call('EXISTS', KEYS[1]) == 1 then
+    reason = 'its record has no state: it was not stored by rtq'
+  else
+    reason = 'its data is gone (expired, deleted, or never stored)'
+  end
+  local entry = cjson.encode({
+    id = ARGV[1], queue = ARGV[4], error = 'could not be claimed: ' .. reason, worker = ARGV[2],
+    time = tonumber(ARGV[3])
+  })
+  redis.call('LPUSH', KEYS[3], entry)
+  redis.call('LTRIM', KEYS[3], 0, 9999)
+  return {reason, moved}
 end
 local attempt = redis.call('HINCRBY', KEYS[1], 'attempt', 1)
 redis.call('HSET', KEYS[1], 'state', 'running', 'owner', ARGV[2], 'claimed', ARGV[3])
