@@ -4,6 +4,11 @@ Every write names the claim it was made under (the worker, the attempt, the subm
 the scripts refuse a write whose claim no longer holds, so a worker that was taken over, or a
 run of an earlier submission of the same id, can never overwrite a newer run's record.
 
+``move`` and ``claim``: a worker takes an id from a queue into its in-progress list in one
+atomic step (``BLMOVE``), so an id is never held only in memory, then ``claim.lua`` makes it the
+worker's (owner, attempt) and hands over its data; with free slots, the same round trip moves
+more ids, claimed together next. ``progress`` and ``output`` are a running task's reports.
+
 ``finish``: a small outcome goes through ``finish.lua`` alone, batched with the outcomes of
 tasks ending together (:class:`~rtq.backend.batching.GroupCommit`); one with extra frames (hash
 fields, or keys of their own when big) is written with ``finish.lua`` in one MULTI/EXEC
@@ -16,6 +21,7 @@ from __future__ import annotations
 
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -24,10 +30,10 @@ import redis as redis_py
 from ..serialization import size_text
 from .batching import GroupCommit
 from .keys import Keys
-from .store import KEEP_S, Encoded, TaskStore, flatten
-from .wire import Channel, raise_errors
+from .store import EVENTS_MAXLEN, KEEP_S, Encoded, TaskStore, flatten, text
+from .wire import Channel, call_script, raise_errors
 
-__all__ = ["Claims", "Held"]
+__all__ = ["Claims", "Held", "output_writer"]
 
 
 @dataclass(frozen=True)
@@ -61,6 +67,72 @@ class Claims:
         # stops the worker there).
         self.pause_in_outcome = os.environ.get("RTQ_TEST_PAUSE_IN_OUTCOME")
 
+    # -- claiming --------------------------------------------------------------------------
+    def move(self, channel: Channel, queue: str, wait: float) -> str | None:
+        """Move the next id of queue ``queue`` into this worker's list, waiting up to ``wait`` s."""
+        moved = channel.execute("BLMOVE", self.keys.queue(queue), self.running_key, "LEFT", "RIGHT", max(0.01, wait))
+        return None if moved is None else text(moved)
+
+    def claim(
+        self, channel: Channel, task_id: str, queue: str, more: int, on_moved: Callable[[list[str]], object]
+    ) -> list[tuple[str, Any]]:
+        """Claim ``task_id`` (just moved into this worker's list) and up to ``more`` ids still queued.
+
+        Two round trips at most: ``claim.lua`` claims the first id and moves up to ``more``
+        others from the queue into the worker's list (atomically), then those are claimed
+        together in one pipeline. ``on_moved`` is told the further ids as soon as they are known
+        (the worker holds them from then on). Returns ``(id, claim)`` for each, in queue order: a claim is
+        ``[attempt, token, expiry, params, params#, name, notify]`` (raw, as written by whoever
+        can write to Redis), False (cancelled: skipped), the reason it was dead-lettered
+        (bytes), or the exception that claim raised.
+        """
+        script = self.store.scripts["claim"]
+        keys_, dead = self.keys, self.keys.dead()
+        first, extra = call_script(
+            channel,
+            script,
+            [keys_.task(task_id), self.running_key, dead, keys_.queue(queue)],
+            [task_id, self.worker_id, repr(time.time()), queue, more],
+        )
+        extra = [text(i) for i in extra]
+        on_moved(extra)
+        claims: list[tuple[str, Any]] = [(task_id, first)]
+        if extra:
+            now = repr(time.time())
+            replies = channel.pipeline(
+                [
+                    ("EVALSHA", script.sha, 3, keys_.task(i), self.running_key, dead, i, self.worker_id, now, queue)
+                    for i in extra
+                ]
+            )
+            for i, reply in zip(extra, replies, strict=True):
+                if isinstance(reply, redis_py.exceptions.NoScriptError):  # Redis restarted or flushed
+                    try:  # that claim never ran: load the script, claim it again
+                        reply = call_script(
+                            channel, script, [keys_.task(i), self.running_key, dead], [i, self.worker_id, now, queue]
+                        )
+                    except redis_py.RedisError as exc:
+                        reply = exc
+                claims.append((i, reply if isinstance(reply, Exception) else reply[0]))
+        return claims
+
+    def listed(self) -> list[str]:
+        """The ids in this worker's in-progress list."""
+        return [text(i) for i in self.store.redis.lrange(self.running_key, 0, -1)]
+
+    # -- a running task's reports ----------------------------------------------------------
+    def progress(self, held: Held, progress: str) -> str | None:
+        """``progress.lua``: record ``"current total time"`` and push it to watchers.
+
+        Returns the task's state, ``'lost'`` when another claim owns it now, or None when its
+        data is gone ('cancelled' and 'lost' tell the running task to stop).
+        """
+        keys = [self.keys.task(held.task_id), self.keys.events(held.task_id)]
+        args = [self.worker_id, str(held.attempt), progress, EVENTS_MAXLEN, held.token]
+        state = self.store.scripts["progress"](keys=keys, args=args)
+        return text(state) if state is not None else None
+
+    # -- the end ---------------------------------------------------------------------------
     def finish(self, held: Held, state: str, enc: Encoded, *, dead_entry: str = "", what: str = "") -> bool:
         """Store an outcome ``enc`` (``state`` ``done`` or ``failed``); True when stored, False when fenced out.
 
@@ -130,6 +202,24 @@ class Claims:
         while not os.path.exists(f"{path}.go"):
             time.sleep(0.01)  # a test hook waiting on a file the test writes
         return replies + channel.pipeline(commands[upto:])
+
+
+def output_writer(
+    store: TaskStore, task_id: str, worker_id: str = "", attempt: str = "", token: str = ""
+) -> Callable[[list[str]], int]:
+    """A function sending ``kind, text, kind, text …`` to a task's events (``output.lua``).
+
+    Fenced by the claim (``worker_id``, ``attempt``, ``token``); unfenced with ''. It returns how
+    many entries were added (0 when the task's data is gone or another claim owns it now).
+    """
+    script = store.scripts["output"]
+    keys = [store.keys.task(task_id), store.keys.events(task_id)]
+    head = [worker_id, attempt, token, EVENTS_MAXLEN]
+
+    def send(entries: list[str]) -> int:
+        return int(script(keys=keys, args=[*head, *entries]) or 0)
+
+    return send
 
 
 def _split_frames(fields: dict[str, Any], small: tuple[str, ...]) -> tuple[dict[str, Any], dict[str, Any]]:

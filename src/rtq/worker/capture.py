@@ -33,8 +33,8 @@ from contextlib import AbstractContextManager, contextmanager, nullcontext
 from threading import get_ident
 from typing import TYPE_CHECKING, Any
 
+from ..backend.claims import output_writer
 from ..backend.connections import RedisError
-from ..backend.store import EVENTS_MAXLEN
 
 if TYPE_CHECKING:
     from ..backend.store import TaskStore
@@ -222,13 +222,9 @@ def capturing(store: TaskStore, task: RedisTask, worker_id: str = "") -> Iterato
         worker_id: The worker that claimed the task ('' leaves the writes unfenced).
     """
     install()
-    keys = [store.keys.task(task.id), store.keys.events(task.id)]
-    head = [worker_id, str(getattr(task, "_attempt", "")), getattr(task, "_token", ""), EVENTS_MAXLEN]
-    script = store.scripts["output"]
+    send = output_writer(store, task.id, worker_id, str(getattr(task, "_attempt", "")), getattr(task, "_token", ""))
     stopper = getattr(task, "_stopper", None)
-    sink = _Sink(
-        lambda entries: script(keys=keys, args=[*head, *entries]), stopper.shielded if stopper else nullcontext
-    )
+    sink = _Sink(send, stopper.shielded if stopper else nullcontext)
     ident = get_ident()
     outer = _sinks.get(ident)
     _sinks[ident] = sink

@@ -23,14 +23,14 @@ import uuid
 from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any
 
-import redis as redis_py
-
+from ..backend.claims import Held
+from ..backend.connections import TRANSIENT, RedisError
 from ..backend.eviction import eviction_warning
 from ..backend.keys import check_name
-from ..backend.store import EVENTS_MAXLEN, text
-from ..backend.wire import Channel, call_script
+from ..backend.store import text
+from ..backend.wire import Channel
 from ..errors import RtqError, SerializationError, SignatureError, TaskCancelled
-from ..task import RedisTask, outcome_stored_by_runner, running
+from ..task import RedisTask, TaskState, outcome_stored_by_runner, running
 from .capture import capturing
 from .outcome import OutcomeWriter
 from .recovery import Reaper
@@ -97,7 +97,6 @@ class Listener:
         self.keys = queue.keys
         self.store = queue.store
         self.redis = queue.store.redis
-        self.running_key = self.keys.running(self.id)
         self.info = {
             "id": self.id,
             "host": socket.gethostname(),
@@ -117,6 +116,7 @@ class Listener:
         self.heartbeat_process = heartbeat_process
         self.claiming: set[str] = set()  # ids moved into our list, not yet in ``active``
         self.outcomes = OutcomeWriter(self.store, self.id)
+        self.claims = self.outcomes.claims  # the Redis half of claiming, reporting and finishing
         self.abandoned: list[str] = []  # tasks still running after shutdown requeued them
         self.watchdog = Watchdog(self)
         # Test hook: pause right after BLMOVE, before claim.lua, writing the id to this file.
@@ -168,7 +168,7 @@ class Listener:
             logger.warning("grace period over: requeueing %d running task(s): %s", len(ids), ", ".join(ids))
             try:
                 self.reaper.give_back(self.id, refund=True)
-            except redis_py.RedisError as exc:  # they stay in our list: any worker requeues them
+            except RedisError as exc:  # they stay in our list: any worker requeues them
                 logger.warning("could not requeue %s (%s); they return when this lease lapses", ids, exc)
             with self.idle:
                 for task in self.active.values():
@@ -219,23 +219,21 @@ class Listener:
                     self.event.wait(claiming.backoff)
                     if self.event.is_set():
                         break
-                moved = channel.execute(
-                    "BLMOVE", claiming.key, self.running_key, "LEFT", "RIGHT", max(0.01, claiming.wait_cap)
-                )
+                moved = self.claims.move(channel, claiming.name, claiming.wait_cap)
                 claiming.backoff = 0.0
                 if moved is None:
                     continue
                 # More free slots: take more queued ids now, in the first claim's round trip.
                 while slots < CLAIM_BATCH and self.free.acquire(blocking=False):
                     slots += 1
-                tasks = self._claim_batch(channel, claiming.key, text(moved), slots - 1)
+                tasks = self._claim_batch(channel, claiming.name, moved, slots - 1)
                 for task in tasks[1:]:
                     pool.submit(self._execute, task)
                     slots -= 1
                 if tasks:
                     slots -= 1
                     return tasks[0]
-            except redis_py.RedisError as exc:
+            except RedisError as exc:
                 claiming.backoff = min(max(claiming.backoff * 2, 0.1), 5.0)
                 logger.warning("cannot claim from %s (%s); retrying in %.1fs", name, exc, claiming.backoff)
             except Exception:  # hostile data must never end the claiming: log, skip, go on
@@ -246,62 +244,29 @@ class Listener:
                     self.free.release()
         return None
 
-    def _claim_batch(self, channel: Channel, queue_key: str, task_id: str, more: int) -> list[RedisTask]:
+    def _claim_batch(self, channel: Channel, queue_name: str, task_id: str, more: int) -> list[RedisTask]:
         """Claim ``task_id`` (just moved into our list) and up to ``more`` ids still queued.
 
-        Two round trips at most: claim.lua claims the first id and moves up to ``more`` others
-        from the queue into our in-progress list (atomically, so no id is ever held only in
-        memory), then those are claimed together in one pipeline. Returns the tasks now ours,
-        in queue order.
+        Two round trips at most (:meth:`Claims.claim`); returns the tasks now ours, in queue order.
         """
         moved = [task_id]
-        queue_name = self.keys.queue_name(queue_key)
         with self.lock:
             self.claiming.add(task_id)
+
+        def hold(extra: list[str]) -> None:  # ids moved into our list: ours to claim, not the audit's
+            with self.lock:
+                self.claiming.update(extra)
+            moved.extend(extra)
+
         try:
             if self.event.is_set():  # stopped during the blocking move: put it back
                 self.reaper.give_back(self.id, refund=True, only=[task_id])
                 return []
             if self.pause_after_move:
                 self._pause_for_tests(task_id)
-            claim = self.store.scripts["claim"]
-            first, extra = call_script(
-                channel,
-                claim,
-                [self.keys.task(task_id), self.running_key, self.keys.dead(), queue_key],
-                [task_id, self.id, repr(time.time()), queue_name, more],
-            )
-            extra = [text(i) for i in extra]
-            with self.lock:
-                self.claiming.update(extra)
-            moved += extra
-            claims: list[tuple[str, Any]] = [(task_id, first)]
-            if extra:
-                now = repr(time.time())
-                dead = self.keys.dead()
-                replies = channel.pipeline(
-                    [
-                        (
-                            "EVALSHA",
-                            claim.sha,
-                            3,
-                            self.keys.task(i),
-                            self.running_key,
-                            dead,
-                            i,
-                            self.id,
-                            now,
-                            queue_name,
-                        )
-                        for i in extra
-                    ]
-                )
-                claims += zip(extra, (r if isinstance(r, Exception) else r[0] for r in replies), strict=True)
             tasks = []
-            for claimed_id, reply in claims:
+            for claimed_id, reply in self.claims.claim(channel, task_id, queue_name, more, hold):
                 try:
-                    if isinstance(reply, redis_py.exceptions.NoScriptError):  # Redis restarted or flushed
-                        reply = self._claim_reply(claimed_id, queue_name)  # loads the script; that claim never ran
                     if isinstance(reply, Exception):
                         raise reply
                     task = self._task_of_claim(claimed_id, queue_name, reply)
@@ -324,14 +289,6 @@ class Listener:
         with open(self.pause_after_move, "a") as fh:  # type: ignore[arg-type]
             fh.write(f"{task_id}\n")
         self.event.wait()
-
-    def _claim_reply(self, task_id: str, queue_name: str) -> Any:
-        """claim.lua's claim of one id already in our list (one round trip)."""
-        reply = self.store.scripts["claim"](
-            keys=[self.keys.task(task_id), self.running_key, self.keys.dead()],
-            args=[task_id, self.id, repr(time.time()), queue_name],
-        )
-        return reply[0]
 
     def _task_of_claim(self, task_id: str, queue_name: str, reply: Any) -> RedisTask | None:
         """The task claim.lua handed over, or None when it was skipped or refused (then failed)."""
@@ -358,7 +315,7 @@ class Listener:
                 raise SerializationError(f"task {task_id} has malformed fields: {exc}") from exc
             try:
                 task.params = self.store.decode(key, "params", first, extra or None)
-            except (SerializationError, SignatureError, redis_py.RedisError):
+            except (SerializationError, SignatureError, RedisError):
                 raise  # refused below; Redis trouble leaves the id listed, for the audit to give back
             except Exception as exc:  # MemoryError and the like: the next claim would fail alike
                 raise SerializationError(
@@ -373,10 +330,14 @@ class Listener:
 
     # -- running ---------------------------------------------------------------------------
     def _execute(self, task: RedisTask) -> None:
-        attempt = str(task._attempt)  # type: ignore[attr-defined]
-        progress = self.store.scripts["progress"]
-        key, events = self.keys.task(task.id), self.keys.events(task.id)
-
+        held = Held(
+            task.id,
+            task.name,
+            task._attempt,  # type: ignore[attr-defined]
+            getattr(task, "_token", ""),
+            task._notify,  # type: ignore[attr-defined]
+            task.expiry,
+        )
         stopper = stopper_of(task)
 
         def report(t: RedisTask) -> str | None:
@@ -384,21 +345,14 @@ class Listener:
                 # Shielded: a stop landing mid-call would leave a shared connection with an
                 # unread reply; the state returned here stops the task just as well.
                 with stopper.shielded():
-                    state = progress(
-                        keys=[key, events],
-                        args=[
-                            self.id,
-                            attempt,
-                            f"{t.current_progress!r} {t.total_progress!r} {t.update_progress_time!r}",
-                            EVENTS_MAXLEN,
-                            getattr(t, "_token", ""),
-                        ],
+                    state = self.claims.progress(
+                        held, f"{t.current_progress!r} {t.total_progress!r} {t.update_progress_time!r}"
                     )
-            except (redis_py.ConnectionError, redis_py.TimeoutError) as exc:
+            except TRANSIENT as exc:
                 # Redis away for a moment: the task goes on; its outcome is stored once it is back.
                 logger.warning("could not report the progress of task %s (%s)", task.id, exc)
-                return "running"
-            return text(state) if state is not None else "lost"
+                return TaskState.RUNNING
+            return state if state is not None else TaskState.LOST
 
         task._report = report
         task._save = lambda: report(task) and None
