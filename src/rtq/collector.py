@@ -52,7 +52,7 @@ from .task import FINAL_STATES, TaskState
 if TYPE_CHECKING:
     from .task_queue import RedisTaskQueue
 
-__all__ = ["CHECK_PERIOD", "LOST_AFTER", "Blocking", "Collector", "Ended", "Wait"]
+__all__ = ["CHECK_PERIOD", "ERROR", "LOST_AFTER", "Blocking", "Collector", "Ended", "Wait"]
 
 logger = logging.getLogger("rtq.client")
 
@@ -64,6 +64,8 @@ LOCATE_EVERY = 5.0
 """Longest gap between two looks for a long-queued task's id in its queue (an O(queue) scan)."""
 MAX_DONE_LISTS = 256
 """Most done lists of tasks announced elsewhere one wake-up blocks on (the rest are checked)."""
+ERROR = "error"
+"""How a wait ends when no outcome can be had (deadline, record or queue entry lost, unreadable)."""
 IDLE_EXIT = 30.0
 """Seconds the collector thread lingers with nothing to wait for before it ends."""
 EVENTS_KEEP_S = 10.0
@@ -75,8 +77,8 @@ class Ended:
     """How a waited-on task ended, as handed to its waiter.
 
     Attributes:
-        state: ``done``, ``failed`` or ``cancelled``; ``error`` when it could not be read (the
-            exception is ``value``: ``TaskLost``, ``TaskTimeout``, ``SignatureError``…).
+        state: ``done``, ``failed`` or ``cancelled``; :data:`ERROR` when it could not be read
+            (the exception is ``value``: ``TaskLost``, ``TaskTimeout``, ``SignatureError``…).
         value: The result when done, the exception when failed or ``error``.
         attempts: How many workers claimed it (0: a cancelled task never ran).
         progress: The record's last ``"current total time"`` progress, or None.
@@ -298,7 +300,7 @@ class Collector:
                 # A record expires with its deadline: gone at (or, with clock skew, just before)
                 # it, the task ran out of time; the next check says so.
                 if not (isinstance(end.error, TaskLost) and time.time() >= wait.expiry - 1.0):
-                    ended.append((wait, Ended("error", end.error)))
+                    ended.append((wait, Ended(ERROR, end.error)))
                 continue
             if end.state not in FINAL_STATES:
                 continue  # a stray push: the task goes on, and so does its waiter
@@ -328,7 +330,7 @@ class Collector:
         for wait in [w for w in waits if w.expiry <= now]:
             self.queue._cancel_quietly(wait.task_id)
             late = TaskTimeout(f"task {wait.task_id} in {wait.name} ran past its {wait.timeout:g} s timeout")
-            self._end(wait, Ended("error", late))
+            self._end(wait, Ended(ERROR, late))
         live = [w for w in waits if w.expiry > now and w.submitted]
         if not live:
             return
@@ -383,7 +385,7 @@ class Collector:
                     f"worker's list: Redis lost it from {where} (evicted under maxmemory? see "
                     "docs/reliability.md on maxmemory-policy)"
                 )
-                self._end(wait, Ended("error", lost))
+                self._end(wait, Ended(ERROR, lost))
 
     def _end(self, wait: Wait, how: Ended) -> None:
         with self._cond:

@@ -25,9 +25,9 @@ from .backend.keys import check_name
 from .backend.store import text
 from .calls import Call
 from .closures import check_worker_versions, ship_local_modules
-from .collector import Ended, Wait
+from .collector import ERROR, Ended, Wait
 from .errors import TaskCancelled
-from .task import RedisTask
+from .task import RedisTask, TaskState
 
 if TYPE_CHECKING:
     from .task_queue import RedisTaskQueue
@@ -81,7 +81,7 @@ class TaskFuture(concurrent.futures.Future):  # type: ignore[type-arg]
         if self.done():
             return self.cancelled()
         state = self._executor.queue.cancel(self.task_id, running=False)
-        if state == "queued" or state == "cancelled":
+        if state in (TaskState.QUEUED, TaskState.CANCELLED):
             return self._mark_cancelled()
         return False
 
@@ -90,9 +90,9 @@ class TaskFuture(concurrent.futures.Future):  # type: ignore[type-arg]
         if self.done():
             return False
         state = self._executor.queue.cancel(self.task_id, running=True)
-        if state == "queued":
+        if state == TaskState.QUEUED:
             return self._mark_cancelled()
-        return state == "running"
+        return state == TaskState.RUNNING
 
     def _mark_cancelled(self) -> bool:
         self._executor._forget(self.task_id)
@@ -246,9 +246,9 @@ class Executor(concurrent.futures.Executor):
             self._lock.notify_all()
         if how.progress:
             fut._keep_progress(how.progress)  # its final progress stays readable once the record is gone
-        if how.state == "done":
+        if how.state == TaskState.DONE:
             _settle(fut, fut.set_result, how.value)
-        elif how.state in ("failed", "error"):
+        elif how.state in (TaskState.FAILED, ERROR):
             _settle(fut, fut.set_exception, how.value)
         elif how.attempts == 0:  # cancelled while queued: no worker holds a claim on it, it never ran
             fut._mark_cancelled()  # as Future.cancel() does, whichever thread gets here first

@@ -21,10 +21,10 @@ from typing import TYPE_CHECKING, Any
 from .backend.connections import CLIENT_TYPES, TRANSIENT, connection_error
 from .backend.keys import Keys, check_name
 from .backend.store import TaskStore, text
-from .collector import Blocking, Collector
+from .collector import ERROR, Blocking, Collector
 from .errors import TaskCancelled, TaskTimeout
 from .serialization import DEFAULT_MAX_PAYLOAD, Serializer, env_secret
-from .task import RedisTask, TaskExecutePolicy, runner_stores_outcome, running
+from .task import RedisTask, TaskExecutePolicy, TaskState, runner_stores_outcome, running
 from .validate import check_callable, check_count, check_seconds, describe
 from .worker.recovery import Reaper
 
@@ -200,7 +200,7 @@ class RedisTaskQueue:
         finally:
             if not runner_stores_outcome(task):
                 try:
-                    self.store.write(task, state="failed" if task.error is not None else "done")
+                    self.store.write(task, state=TaskState.FAILED if task.error is not None else TaskState.DONE)
                 except Exception:  # the local result matters more than its copy in Redis
                     logger.warning("could not store the outcome of local task %s", task.id, exc_info=True)
 
@@ -284,12 +284,12 @@ class RedisTaskQueue:
                 self.collector.remove([task.id])
         ended = blocking.ended
         assert ended is not None
-        if once and ended.state != "error":
+        if once and ended.state != ERROR:
             with _wrap_connection_errors(self.store.redis):
                 self.store.discard(task.id)
-        if ended.state == "done":
+        if ended.state == TaskState.DONE:
             return ended.value
-        if ended.state == "cancelled":
+        if ended.state == TaskState.CANCELLED:
             raise TaskCancelled(f"Task {task.id} in {task.name} was cancelled")
         raise ended.value  # failed: the task's own exception; error: TaskTimeout, TaskLost, …
 

@@ -14,6 +14,7 @@ from typing import Any
 
 import redis as redis_py
 
+from ..task import TaskState
 from .keys import Keys
 from .store import OUTCOME_FIELDS, TaskStore, text
 from .wire import Channel
@@ -100,7 +101,7 @@ class Inbox:
             owner=text(owner),
             frames=self.store.frame_keys(self.keys.task(task_id), lists),
         )
-        if end.state and end.state not in ("done", "failed"):
+        if end.state and end.state not in (TaskState.DONE, TaskState.FAILED):
             return end  # not ended, or cancelled: nothing to decode
         try:
             end.state, end.value = self.store.outcome(task_id, values[:_N])  # TaskLost when it vanished

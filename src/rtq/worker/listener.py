@@ -324,7 +324,7 @@ class Listener:
         except (SerializationError, SignatureError) as exc:
             level = logging.ERROR if isinstance(exc, SignatureError) else logging.WARNING
             logger.log(level, "refused task %s in %s: %s", task_id, task.name, exc)
-            self.outcomes.finish(task, "failed", exc, dead_letter=True)
+            self.outcomes.finish(task, TaskState.FAILED, exc, dead_letter=True)
             return None
         return task
 
@@ -370,9 +370,9 @@ class Listener:
             except BaseException as exc:  # a task must never take its worker down
                 if stopper.exc_type is not None and isinstance(exc, stopper.exc_type) and not str(exc):
                     exc = stopper.exc_type(f"Task {task.id} in {task.name} {stopper.reason}")  # raised bare
-                self.outcomes.finish(task, "failed", exc)
+                self.outcomes.finish(task, TaskState.FAILED, exc)
             else:
-                self.outcomes.finish(task, "done", result)
+                self.outcomes.finish(task, TaskState.DONE, result)
         except Exception:
             logger.exception("could not store the outcome of task %s", task.id)
         finally:
