@@ -34,7 +34,7 @@ __all__ = [
     "raw_client",
 ]
 
-logger = logging.getLogger("rtq.heartbeat")
+logger = logging.getLogger("rtq.worker.heartbeat")
 
 RedisError = redis_py.RedisError
 """The root of what redis-py raises: what layers above the backend catch, without importing redis."""

@@ -41,12 +41,15 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from ..backend.connections import RedisError, helper_client
+from ..backend.connections import RedisError, connection_settings, helper_client
 from ..backend.keys import Keys
 from ..backend.workers import LeaseKeeper
 from ..backoff import Backoff
+
+if TYPE_CHECKING:
+    from .state import WorkerState
 
 logger = logging.getLogger("rtq.worker.heartbeat")
 
@@ -72,6 +75,38 @@ class HeartbeatConfig:
     period: float
     parent_pid: int
     record: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class HelperSettings:
+    """How a worker's helper reaches its Redis: plain connection settings and the key namespace."""
+
+    connection_class: type
+    connection_kwargs: dict[str, Any]
+    prefix: str
+    suffix: str
+
+    @classmethod
+    def of(cls, client: Any, keys: Keys) -> HelperSettings:
+        """The settings that reach the same server as ``client`` (see :func:`connection_settings`)."""
+        connection_class, connection_kwargs = connection_settings(client)
+        return cls(connection_class, connection_kwargs, keys.prefix, keys.suffix)
+
+    def config(self, state: WorkerState, parent_pid: int) -> HeartbeatConfig:
+        """What the helper of the worker ``state`` needs, now."""
+        return HeartbeatConfig(
+            connection_class=self.connection_class,
+            connection_kwargs=self.connection_kwargs,
+            prefix=self.prefix,
+            suffix=self.suffix,
+            worker_id=state.id,
+            names=list(state.names),
+            lease=state.lease,
+            marker_ttl=state.marker_ttl,
+            period=state.period,
+            parent_pid=parent_pid,
+            record=dict(state.info),
+        )
 
 
 def parent_state(pid: int) -> str | None:

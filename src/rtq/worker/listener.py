@@ -32,8 +32,10 @@ from ..backend.wire import Channel
 from ..errors import RtqError, SerializationError, SignatureError, TaskCancelled
 from ..task import RedisTask, TaskState, outcome_stored_by_runner, running
 from .capture import capturing
+from .heartbeat import HelperSettings
 from .outcome import OutcomeWriter
 from .recovery import Reaper
+from .state import WorkerState
 from .stopper import Stopper, stopper_of
 from .watchdog import Watchdog
 
@@ -107,18 +109,19 @@ class Listener:
             **(info or {}),
         }
         self.free = threading.Semaphore(workers)
-        self.active: dict[str, RedisTask] = {}
-        self.lock = threading.Lock()
+        self.state = WorkerState(
+            self.id, names, lease, self.period, queue.timeout, self.info, self.event, threading.Lock()
+        )
+        # The shared containers, by their short names (the same objects).
+        self.active, self.lock, self.claiming = self.state.active, self.state.lock, self.state.claiming
         self.idle = threading.Condition(self.lock)
         self.reaper = Reaper(queue.store, queue.max_attempts)
         self.registry = self.reaper.registry  # leases, records, markers: the Redis half of the watchdog
-        self.tasks_done = 0
-        self.heartbeat_process = heartbeat_process
-        self.claiming: set[str] = set()  # ids moved into our list, not yet in ``active``
         self.outcomes = OutcomeWriter(self.store, self.id)
         self.claims = self.outcomes.claims  # the Redis half of claiming, reporting and finishing
         self.abandoned: list[str] = []  # tasks still running after shutdown requeued them
-        self.watchdog = Watchdog(self)
+        helper = HelperSettings.of(self.redis, self.keys) if heartbeat_process else None
+        self.watchdog = Watchdog(self.state, self.registry, self.reaper, helper)
         # Test hook: pause right after BLMOVE, before claim.lua, writing the id to this file.
         self.pause_after_move = os.environ.get("RTQ_TEST_PAUSE_AFTER_MOVE")
 
@@ -126,6 +129,11 @@ class Listener:
     def period(self) -> float:
         """Seconds between heartbeats: several per lease and several per marker lifetime."""
         return max(0.05, min(self.lease / 5, self.queue.interval, self.queue.timeout / 3))
+
+    @property
+    def tasks_done(self) -> int:
+        """How many tasks this worker finished."""
+        return self.state.tasks_done
 
     # -- lifecycle -------------------------------------------------------------------------
     def run(self) -> None:
@@ -378,7 +386,7 @@ class Listener:
         finally:
             with self.idle:
                 self.active.pop(task.id, None)
-                self.tasks_done += 1
+                self.state.tasks_done += 1
                 self.idle.notify_all()
             self.free.release()
 

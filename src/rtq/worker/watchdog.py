@@ -21,15 +21,18 @@ import threading
 import time
 from typing import TYPE_CHECKING
 
-from ..backend.connections import RedisError, connection_settings
+from ..backend.connections import RedisError
 from ..backoff import Backoff
 from ..errors import TaskCancelled, TaskTimeout
 from ..task import TaskState
-from .heartbeat import HeartbeatConfig, HeartbeatHelper
+from .heartbeat import HeartbeatHelper
 from .stopper import stopper_of
 
 if TYPE_CHECKING:
-    from .listener import Listener
+    from ..backend.workers import WorkerRegistry
+    from .heartbeat import HelperSettings
+    from .recovery import Reaper
+    from .state import WorkerState
 
 __all__ = ["Watchdog"]
 
@@ -37,14 +40,22 @@ logger = logging.getLogger("rtq.worker")
 
 
 class Watchdog:
-    """The heartbeat thread (and helper process) of one listener.
+    """The heartbeat thread (and helper process) of one worker.
 
     Args:
-        listener: The worker it keeps alive; the watchdog reads what it holds (under its lock).
+        state: The worker's shared state; the watchdog reads what it holds (under its lock).
+        registry: Leases, records and markers in Redis.
+        reaper: Gives back the tasks of lapsed workers (and ids this one lost track of).
+        helper: How a helper process reaches Redis; None runs without one.
     """
 
-    def __init__(self, listener: Listener) -> None:
-        self.listener = listener
+    def __init__(
+        self, state: WorkerState, registry: WorkerRegistry, reaper: Reaper, helper: HelperSettings | None
+    ) -> None:
+        self.state = state
+        self.registry = registry
+        self.reaper = reaper
+        self.helper_settings = helper
         self.stopped = threading.Event()
         self.helper: HeartbeatHelper | None = None
         self.suspects: dict[str, float] = {}  # ids in our list we do not hold, and since when
@@ -55,7 +66,7 @@ class Watchdog:
         """Beat once (the worker is announced before it claims anything), then keep beating."""
         self.beat()
         self._start_helper()
-        self._thread = threading.Thread(target=self._loop, name=f"rtq-heartbeat-{self.listener.id}", daemon=True)
+        self._thread = threading.Thread(target=self._loop, name=f"rtq-heartbeat-{self.state.id}", daemon=True)
         self._thread.start()
 
     def draining(self) -> None:
@@ -76,64 +87,41 @@ class Watchdog:
         self._retire()
 
     def _start_helper(self) -> None:
-        listener = self.listener
-        if not listener.heartbeat_process:
+        if self.helper_settings is None:
             return
-        connection_class, connection_kwargs = connection_settings(listener.redis)
-        config = HeartbeatConfig(
-            connection_class=connection_class,
-            connection_kwargs=connection_kwargs,
-            prefix=listener.keys.prefix,
-            suffix=listener.keys.suffix,
-            worker_id=listener.id,
-            names=list(listener.names),
-            lease=listener.lease,
-            marker_ttl=listener.queue.timeout,
-            period=listener.period,
-            parent_pid=os.getpid(),
-            record=dict(listener.info),
-        )
-        self.helper = HeartbeatHelper(config)
+        self.helper = HeartbeatHelper(self.helper_settings.config(self.state, os.getpid()))
         if self.helper.start():
-            listener.info["heartbeat_pid"] = self.helper.pid
+            self.state.info["heartbeat_pid"] = self.helper.pid
 
     def _retire(self) -> None:
-        listener = self.listener
         try:
-            listener.registry.retire(listener.id, listener.names)
+            self.registry.retire(self.state.id, self.state.names)
         except RedisError:
-            logger.warning("could not remove worker record %s", listener.id)
+            logger.warning("could not remove worker record %s", self.state.id)
 
     # -- the beat --------------------------------------------------------------------------
     def beat(self) -> None:
         """Refresh this worker's lease and record, and the listener markers."""
-        listener = self.listener
-        with listener.lock:
-            running_ids = list(listener.active)
-        stopping = listener.event.is_set()
-        record = {
-            **listener.info,
-            "beat": time.time(),
-            "running": running_ids,
-            "done": listener.tasks_done,
-            "stopping": stopping,
-        }
-        markers = [] if stopping else listener.names
-        listener.registry.beat(listener.id, record, listener.lease, markers, listener.queue.timeout)
+        state = self.state
+        with state.lock:
+            running_ids = list(state.active)
+            done = state.tasks_done
+        stopping = state.stopping.is_set()
+        record = {**state.info, "beat": time.time(), "running": running_ids, "done": done, "stopping": stopping}
+        self.registry.beat(state.id, record, state.lease, [] if stopping else state.names, state.marker_ttl)
 
     def _loop(self) -> None:
-        listener = self.listener
-        period = listener.period
+        state = self.state
         # Never back off past a third of the lease: once Redis is back, the lease must be too.
-        backoff = Backoff(period, max(period, min(5.0, listener.lease / 3)), rest=period)
+        backoff = Backoff(state.period, max(state.period, min(5.0, state.lease / 3)), rest=state.period)
         while not self.stopped.wait(backoff.delay):
             if self.helper is not None:
                 self.helper.ensure()
                 # A restarted helper has a new pid: the record names the live one.
-                listener.info["heartbeat_pid"] = self.helper.pid
+                state.info["heartbeat_pid"] = self.helper.pid
             try:
                 self.beat()
-                listener.reaper.reap(exclude=listener.id)
+                self.reaper.reap(exclude=state.id)
                 self._watch()
                 self._audit()
             except RedisError as exc:
@@ -152,12 +140,11 @@ class Watchdog:
         A task that calls ``update()`` learns it there; this reaches the ones that never do
         (see :mod:`rtq.worker.stopper` for what it can and cannot interrupt).
         """
-        listener = self.listener
-        with listener.lock:
-            tasks = list(listener.active.values())
+        worker = self.state
+        tasks = worker.running()
         if not tasks:
             return
-        claims = listener.registry.claims([task.id for task in tasks])
+        claims = self.registry.claims([task.id for task in tasks])
         now = time.time()
         for task, claim in zip(tasks, claims, strict=True):
             state, owner, attempt, token = claim.state, claim.owner, claim.attempt, claim.token
@@ -165,7 +152,7 @@ class Watchdog:
             if stopper.finished:
                 continue  # it ended by itself; its record may already be stored or read and gone
             exc_type: type[BaseException] = TaskCancelled
-            mine = owner == listener.id and attempt == str(task._attempt)  # type: ignore[attr-defined]
+            mine = owner == worker.id and attempt == str(task._attempt)  # type: ignore[attr-defined]
             if getattr(task, "_token", "") and token is not None and token != task._token:  # type: ignore[attr-defined]
                 mine = False
             if state is None:
@@ -180,13 +167,13 @@ class Watchdog:
                 continue
             if stopper.noticed is None:
                 stopper.noticed = now
-            window = max(1.0, 2 * listener.period)
+            window = max(1.0, 2 * worker.period)
             if exc_type is TaskCancelled and now - task._reported_at < window and now - stopper.noticed < window:
                 continue  # it calls update(), which raises at a point of its own choosing
             if not stopper.requested:
                 logger.warning("stopping task %s in %s: it %s", task.id, task.name, reason)
                 if state is None:  # wake its caller now, who then finds the data gone
-                    listener.registry.wake(task._notify, task.id)  # type: ignore[attr-defined]
+                    self.registry.wake(task._notify, task.id)  # type: ignore[attr-defined]
             stopper.stop(exc_type, reason)
 
     def _audit(self) -> None:
@@ -196,15 +183,14 @@ class Watchdog:
         restart with persistence): the id would sit in a live worker's list forever. One seen
         there, unheld, for a whole lease goes back to its queue.
         """
-        listener = self.listener
-        listed = set(listener.registry.claimed(listener.id))
-        with listener.lock:
-            held = set(listener.active) | listener.claiming
+        state = self.state
+        listed = set(self.registry.claimed(state.id))
+        held = state.held()
         now = time.monotonic()
         self.suspects = {i: self.suspects.get(i, now) for i in listed - held}
-        due = [i for i, since in self.suspects.items() if now - since >= max(listener.lease, 3 * listener.period)]
+        due = [i for i, since in self.suspects.items() if now - since >= max(state.lease, 3 * state.period)]
         if due:
             logger.warning("giving back task(s) this worker lost track of: %s", ", ".join(due))
-            listener.reaper.give_back(listener.id, refund=True, only=due)
+            self.reaper.give_back(state.id, refund=True, only=due)
             for task_id in due:
                 self.suspects.pop(task_id, None)
