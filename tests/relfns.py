@@ -85,10 +85,9 @@ def serve_with_a_keyword_client(url: str, name: str, lease: float) -> None:
     import redis
 
     from rtq.task_queue import RedisTaskQueue
-    from rtq.worker.listener import Listener
 
     parts = urlsplit(url)
     password = unquote(parts.password) if parts.password else None
     client = redis.Redis(host=parts.hostname or "127.0.0.1", port=parts.port or 6379, password=password)
     queue = RedisTaskQueue(client, "test", timeout=30, interval=0.5, task_fn=task)
-    Listener(queue, [name], workers=1, lease=lease).run()
+    queue.listener([name], workers=1, lease=lease).run()

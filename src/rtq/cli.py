@@ -133,7 +133,6 @@ def worker_main(args: argparse.Namespace) -> int:
     from .calls import run_call
     from .connection import connect, is_local_url, redact_url
     from .errors import RtqError
-    from .worker.listener import Listener
 
     logging.basicConfig(
         level=logging.INFO if args.verbose else logging.WARNING,
@@ -184,7 +183,7 @@ def worker_main(args: argparse.Namespace) -> int:
     from .worker.gpus import visible_gpus
 
     info = {**runtime_versions(), "gpus": visible_gpus()}
-    listener = Listener(queue, list(args.names), workers=args.workers, lease=args.lease, grace=args.grace, info=info)
+    listener = queue.listener(list(args.names), workers=args.workers, lease=args.lease, grace=args.grace, info=info)
 
     def stop(signum: int, frame: Any) -> None:
         name = signal.Signals(signum).name

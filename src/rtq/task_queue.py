@@ -31,6 +31,8 @@ from .worker.recovery import Reaper
 if TYPE_CHECKING:
     import redis as redis_py
 
+    from .worker.listener import Listener
+
 __all__ = ["RedisTask", "RedisTaskQueue", "TaskExecutePolicy"]
 
 logger = logging.getLogger(__name__)
@@ -166,8 +168,6 @@ class RedisTaskQueue:
         Listener markers are set at once and kept fresh while every slot is busy.
         Returns within about ``interval`` seconds after ``event`` is set, once running tasks end.
         """
-        from .worker.listener import Listener
-
         if self.task_fn is None and type(self).execute_task_locally is RedisTaskQueue.execute_task_locally:
             raise ValueError("listen() needs a task_fn (or an execute_task_locally override) to run the tasks it takes")
         if isinstance(names, str):
@@ -175,7 +175,26 @@ class RedisTaskQueue:
         elif isinstance(names, (bytes, bytearray)) or not isinstance(names, Iterable):
             raise TypeError(f"names must be a list of queue names (or one name as a str), not {describe(names)}")
         check_count("workers", workers)
-        Listener(self, list(names), workers=workers, event=event).run()
+        self.listener(list(names), workers=workers, event=event).run()
+
+    def listener(self, names: Sequence[str], **options: Any) -> Listener:
+        """A worker for queues ``names`` of this namespace, not started yet (``rtq worker`` runs one).
+
+        Each task it claims runs through :meth:`execute_task_locally`. ``options`` are the
+        :class:`~rtq.worker.listener.Listener`'s (``workers``, ``event``, ``lease``, ``grace``,
+        ``info``, ``worker_id``, ``heartbeat_process``).
+        """
+        from .worker.listener import Listener
+
+        return Listener(
+            self.store,
+            self.execute_task_locally,
+            list(names),
+            interval=self.interval,
+            marker_ttl=self.timeout,
+            max_attempts=self.max_attempts,
+            **options,
+        )
 
     # -- running ---------------------------------------------------------------------------
     def execute_task_locally(self, task: RedisTask, timeout: float | None = None) -> Any:

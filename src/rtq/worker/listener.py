@@ -20,6 +20,7 @@ import socket
 import threading
 import time
 import uuid
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any
 
@@ -40,7 +41,7 @@ from .stopper import Stopper, stopper_of
 from .watchdog import Watchdog
 
 if TYPE_CHECKING:
-    from ..task_queue import RedisTaskQueue
+    from ..backend.store import TaskStore
 
 logger = logging.getLogger("rtq.worker")
 
@@ -55,11 +56,18 @@ def new_worker_id() -> str:
 
 
 class Listener:
-    """Serves some queues of a :class:`RedisTaskQueue` with its ``task_fn``.
+    """Serves some queues of one namespace, running each task it claims with ``run``.
+
+    Made by :meth:`RedisTaskQueue.listener` (``listen()``, ``rtq worker``), whose
+    ``execute_task_locally`` is the ``run``; the listener stores each outcome, fenced by its claim.
 
     Args:
-        queue: The queue whose ``task_fn`` runs the tasks.
+        store: The namespace's task records.
+        run: Runs one task and returns its result (or raises its error).
         names: Queue names to serve.
+        interval: Longest one blocking wait lasts (seconds) before stop events are checked.
+        marker_ttl: Seconds a queue's listener marker lives (the queue's ``timeout``).
+        max_attempts: The attempt limit for records that carry none of their own.
         workers: Tasks that may run at once.
         event: Stops the listener when set.
         lease: Seconds this worker's heartbeat stays valid.
@@ -72,9 +80,13 @@ class Listener:
 
     def __init__(
         self,
-        queue: RedisTaskQueue,
+        store: TaskStore,
+        run: Callable[[RedisTask], Any],
         names: list[str],
         *,
+        interval: float,
+        marker_ttl: float,
+        max_attempts: int,
         workers: int = 128,
         event: threading.Event | None = None,
         lease: float = LEASE,
@@ -89,16 +101,18 @@ class Listener:
             check_name("queue name", name)
         if workers < 1:
             raise ValueError(f"workers must be at least 1, not {workers!r}")
-        self.queue = queue
+        self.run_task = run
+        self.interval = interval
+        self.marker_ttl = marker_ttl
         self.names = names
         self.workers = workers
         self.event = event or threading.Event()
         self.lease = lease
         self.grace = grace
         self.id = worker_id or new_worker_id()
-        self.keys = queue.keys
-        self.store = queue.store
-        self.redis = queue.store.redis
+        self.keys = store.keys
+        self.store = store
+        self.redis = store.redis
         self.info = {
             "id": self.id,
             "host": socket.gethostname(),
@@ -110,12 +124,12 @@ class Listener:
         }
         self.free = threading.Semaphore(workers)
         self.state = WorkerState(
-            self.id, names, lease, self.period, queue.timeout, self.info, self.event, threading.Lock()
+            self.id, names, lease, self.period, marker_ttl, self.info, self.event, threading.Lock()
         )
         # The shared containers, by their short names (the same objects).
         self.active, self.lock, self.claiming = self.state.active, self.state.lock, self.state.claiming
         self.idle = threading.Condition(self.lock)
-        self.reaper = Reaper(queue.store, queue.max_attempts)
+        self.reaper = Reaper(store, max_attempts)
         self.registry = self.reaper.registry  # leases, records, markers: the Redis half of the watchdog
         self.outcomes = OutcomeWriter(self.store, self.id)
         self.claims = self.outcomes.claims  # the Redis half of claiming, reporting and finishing
@@ -128,7 +142,7 @@ class Listener:
     @property
     def period(self) -> float:
         """Seconds between heartbeats: several per lease and several per marker lifetime."""
-        return max(0.05, min(self.lease / 5, self.queue.interval, self.queue.timeout / 3))
+        return max(0.05, min(self.lease / 5, self.interval, self.marker_ttl / 3))
 
     @property
     def tasks_done(self) -> int:
@@ -142,12 +156,12 @@ class Listener:
         if warning:
             logger.warning("%s", warning)
         for name in self.names:
-            self.queue.set_queue_listened(name)
+            self.store.mark_listened(name, self.marker_ttl)
         self.watchdog.start()
         # A thread per slot, and one per queue for the claiming that goes on meanwhile.
         pool = ThreadPoolExecutor(self.workers + len(self.names), thread_name_prefix="rtq-task")
         contended = self.workers < len(self.names)
-        wait_cap = min(self.queue.interval, self.store.cap, 0.1 if contended else float("inf"))
+        wait_cap = min(self.interval, self.store.cap, 0.1 if contended else float("inf"))
         claims = [_Claiming(name, self.keys.queue(name), wait_cap, Channel(self.redis)) for name in self.names]
         for claiming in claims:
             pool.submit(self._claim_and_run, claiming, pool)
@@ -217,7 +231,7 @@ class Listener:
         """
         name, channel = claiming.name, claiming.channel
         while not self.event.is_set():
-            if not self.free.acquire(timeout=self.queue.interval):
+            if not self.free.acquire(timeout=self.interval):
                 continue
             slots = 1  # free slots this iteration holds; each task claimed takes one
             try:
@@ -374,7 +388,7 @@ class Listener:
                     stopper.armed(),
                     outcome_stored_by_runner(task),
                 ):
-                    result = self.queue.execute_task_locally(task)
+                    result = self.run_task(task)
             except BaseException as exc:  # a task must never take its worker down
                 if stopper.exc_type is not None and isinstance(exc, stopper.exc_type) and not str(exc):
                     exc = stopper.exc_type(f"Task {task.id} in {task.name} {stopper.reason}")  # raised bare
