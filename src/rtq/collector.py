@@ -332,6 +332,10 @@ class Collector:
                 continue
             if state not in FINAL:
                 continue  # a stray push: the task goes on, and so does its waiter
+            if state == "failed" and isinstance(value, TaskTimeout) and time.time() >= wait.expiry:
+                # The worker stopped it at its deadline a moment before this check would have:
+                # the same error, in the words of the timeout the caller gave.
+                value = self._late(wait, cause=value)
             ended.append((wait, Ended(state, value, _attempts(attempts), text(progress) or None)))
             if wait.consume:
                 lists = [params_list, values[OUTCOME_FIELDS.index("result#")], values[OUTCOME_FIELDS.index("error#")]]
@@ -363,8 +367,7 @@ class Collector:
         now = time.time()
         for wait in [w for w in waits if w.expiry <= now]:
             self.queue._cancel_quietly(wait.task_id)
-            late = TaskTimeout(f"task {wait.task_id} in {wait.name} ran past its {wait.timeout:g} s timeout")
-            self._end(wait, Ended("error", late))
+            self._end(wait, Ended("error", self._late(wait)))
         live = [w for w in waits if w.expiry > now and w.submitted]
         if not live:
             return
@@ -442,6 +445,13 @@ class Collector:
                     "docs/reliability.md on maxmemory-policy)"
                 )
                 self._end(wait, Ended("error", lost))
+
+    @staticmethod
+    def _late(wait: Wait, cause: BaseException | None = None) -> TaskTimeout:
+        """The error of a task that ran past its deadline, as its caller reads it."""
+        late = TaskTimeout(f"task {wait.task_id} in {wait.name} ran past its {wait.timeout:g} s timeout")
+        late.__cause__ = cause
+        return late
 
     def _end(self, wait: Wait, how: Ended) -> None:
         with self._cond:
