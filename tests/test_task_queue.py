@@ -492,6 +492,20 @@ def test_one_slot_serves_several_queues_one_task_at_a_time(r, workers, tmp_path)
     assert len(lines(started)) == 3  # every queue was served
 
 
+def test_one_slot_takes_turns_between_its_queues(r, workers):
+    """A slot freed by a claimer whose queue was empty goes to the queue that waited longest: with
+    one slot on four queues, every queue's task is served within seconds, round after round (a
+    claimer used to take its slot straight back, and a queue's task waited for its deadline)."""
+    names = ("a", "b", "c", "d")
+    workers.start(*names, args=("--workers", "1"))
+    q = make_queue(r)
+    for round_ in range(8):
+        tasks = [q.build_task(f"turn{round_}{n}", n, {"action": "echo", "value": n}) for n in names]
+        for task in tasks:
+            q.submit(task, timeout=20)
+        assert [q.wait(task) for task in tasks] == list(names), f"round {round_}"
+
+
 def test_big_frames_live_in_keys_of_their_own_and_go_with_their_record(r, workers):
     """A payload of 1 MiB or more keeps its buffers under keys that expire; replacing the task
     (a reused id) or reading it once deletes them, and nothing of it is left behind."""

@@ -34,6 +34,7 @@ from ..task import RedisTask, outcome_stored_by_runner, running
 from .capture import capturing
 from .outcome import OutcomeWriter
 from .recovery import Reaper
+from .slots import Slots
 from .stopper import Stopper, stopper_of
 from .watchdog import Watchdog
 
@@ -107,7 +108,7 @@ class Listener:
             "started": time.time(),
             **(info or {}),
         }
-        self.free = threading.Semaphore(workers)
+        self.free = Slots(workers)  # first come, first served: several queues take turns
         self.active: dict[str, RedisTask] = {}
         self.lock = threading.Lock()
         self.idle = threading.Condition(self.lock)
