@@ -142,3 +142,12 @@ def workers(redis_url: str, r: redis.Redis) -> Iterator[Workers]:
     pool = Workers(redis_url)
     yield pool
     pool.kill_all()
+
+
+def fake_nvidia_smi(folder: Path, gpus: int) -> dict[str, str]:
+    """An ``nvidia-smi`` that lists ``gpus`` GPUs, first on PATH: the env for a worker on a machine that has them."""
+    script = folder / "nvidia-smi"
+    listing = "".join(f"GPU {i}: Fake GPU (UUID: GPU-{i:08d}-fake)\\n" for i in range(gpus))
+    script.write_text(f"#!/bin/sh\nprintf '{listing}'\n")
+    script.chmod(0o755)
+    return {"PATH": f"{folder}{os.pathsep}{os.environ.get('PATH', '')}"}

@@ -15,7 +15,7 @@ import time
 import pytest
 
 import rtq
-from conftest import ROOT, wait_for
+from conftest import ROOT, fake_nvidia_smi, wait_for
 from rtq.errors import SerializationError, TaskCancelled, VersionMismatch
 
 # Workers get only src/ on their path: nothing defined in this test module (or next to it) can be
@@ -252,8 +252,9 @@ def test_current_task_and_tqdm_report_into_the_task(ex):
     assert fut.progress == (5.0, 5.0)
 
 
-def test_gpu_pinning_one_process_per_gpu(queue, workers, r):
-    proc = workers.start("pin", task_fn=None, env=ISOLATED, args=("--gpus", "0,1", "--workers", "1"), wait=False)
+def test_gpu_pinning_one_process_per_gpu(queue, workers, r, tmp_path):
+    env = {**ISOLATED, **fake_nvidia_smi(tmp_path, 2)}  # --gpus 0,1 is checked against the GPUs listed
+    proc = workers.start("pin", task_fn=None, env=env, args=("--gpus", "0,1", "--workers", "1"), wait=False)
     wait_for(
         lambda: len([w for w in r.zrange(queue.keys.workers(), 0, -1)]) >= 2 or proc.poll() is not None,
         20,

@@ -249,6 +249,9 @@ def test_usage_errors(cells: Kernel) -> None:
     message = usage_error(cells.run("%%rtq nosuchqueue\n1"))
     assert "no worker listens on queue 'nosuchqueue'" in message and "cells" in message
     assert "frobnicate" in usage_error(cells.run("%rtq frobnicate"))
+    for bad in ("0", "-1", "nan", "inf"):
+        message = usage_error(cells.run(f"%%rtq cells --timeout {bad}\n1"))
+        assert f"--timeout must be a finite number of seconds above zero, not {bad}" in message
     assert "cannot reach Redis" in usage_error(cells.run("%rtq connect redis://127.0.0.1:1/0"))
     assert cells.value("%%rtq cells\n'still connected'") == "'still connected'"  # the old session stays
     cell = cells.run("%%rtq cells --timeout 0.5\nimport time\nfor i in range(3000):\n    time.sleep(0.01)")

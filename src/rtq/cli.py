@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
+import math
 import os
 import signal
 import sys
@@ -36,31 +37,96 @@ def load_function(spec: str) -> Callable[..., Any]:
     return obj  # type: ignore[no-any-return]
 
 
+def _whole(least: int) -> Callable[[str], int]:
+    """An argparse type: a whole number of at least ``least``."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"must be a whole number, not {text!r}") from None
+        if value < least:
+            raise argparse.ArgumentTypeError(f"must be at least {least}, not {text!r}")
+        return value
+
+    return parse
+
+
+def _seconds(*, allow_zero: bool = False) -> Callable[[str], float]:
+    """An argparse type: a finite number of seconds above zero (or at least zero)."""
+
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"must be a number of seconds, not {text!r}") from None
+        if not math.isfinite(value) or value < 0 or (value == 0 and not allow_zero):
+            least = "zero or more" if allow_zero else "above zero"
+            raise argparse.ArgumentTypeError(f"must be a finite number of seconds {least}, not {text!r}")
+        return value
+
+    return parse
+
+
+def _key_part(kind: str, *, glob: bool = False) -> Callable[[str], str]:
+    """An argparse type: a queue name, prefix or suffix that can be part of a key."""
+
+    def parse(text: str) -> str:
+        from .backend.keys import check_name
+        from .validate import check_no_glob
+
+        try:
+            check_name(kind, text)
+            if glob:
+                check_no_glob(kind, text)
+        except ValueError as exc:
+            raise argparse.ArgumentTypeError(str(exc)) from None
+        return text
+
+    return parse
+
+
+def _port(text: str) -> int:
+    value = _whole(1)(text)
+    if value > 65535:
+        raise argparse.ArgumentTypeError(f"must be a TCP port from 1 to 65535, not {text!r}")
+    return value
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="rtq", description="Run notebook work on remote workers through Redis.")
     sub = parser.add_subparsers(dest="command", required=True)
 
     demo = sub.add_parser("demo", help="run a demo on an embedded server with local workers")
-    demo.add_argument("--tasks", type=int, default=0, help="run only the first N jobs (default: all)")
-    demo.add_argument("--workers", type=int, default=2, help="worker processes to start (default 2)")
+    demo.add_argument("--tasks", type=_whole(0), default=0, help="run only the first N jobs (default: all)")
+    demo.add_argument("--workers", type=_whole(1), default=2, help="worker processes to start (default 2)")
 
     worker = sub.add_parser("worker", help="serve one or more queues")
-    worker.add_argument("names", nargs="+", metavar="NAME", help="queue names to serve")
+    worker.add_argument("names", nargs="+", type=_key_part("queue name"), metavar="NAME", help="queue names to serve")
     worker.add_argument("--url", help="Redis URL (default: RTQ_REDIS_URL)")
-    worker.add_argument("--prefix", default="rtq", help="key prefix (default: rtq)")
-    worker.add_argument("--suffix", default="task-queue", help="key suffix (default: task-queue)")
-    worker.add_argument("--workers", type=int, default=4, help="tasks run at once (default 4)")
-    worker.add_argument("--timeout", type=float, default=300, help="queue timeout in seconds (default 300)")
-    worker.add_argument("--interval", type=float, default=1.0, help="longest blocking wait in seconds (default 1)")
-    worker.add_argument("--task-fn", help="module:function to run plain seed tasks (default: shipped calls)")
-    worker.add_argument("--grace", type=float, default=30.0, help="seconds running tasks get on SIGTERM (default 30)")
-    worker.add_argument("--lease", type=float, default=10.0, help="heartbeat lease in seconds (default 10)")
     worker.add_argument(
-        "--max-attempts", type=int, default=3, help="claims before a task this worker reaps fails (default 3)"
+        "--prefix", default="rtq", type=_key_part("prefix", glob=True), help="key prefix (default: rtq)"
+    )
+    worker.add_argument(
+        "--suffix", default="task-queue", type=_key_part("suffix", glob=True), help="key suffix (default: task-queue)"
+    )
+    worker.add_argument("--workers", type=_whole(1), default=4, help="tasks run at once (default 4)")
+    worker.add_argument("--timeout", type=_seconds(), default=300, help="queue timeout in seconds (default 300)")
+    worker.add_argument("--interval", type=_seconds(), default=1.0, help="longest blocking wait in seconds (default 1)")
+    worker.add_argument("--task-fn", help="module:function to run plain seed tasks (default: shipped calls)")
+    worker.add_argument(
+        "--grace",
+        type=_seconds(allow_zero=True),
+        default=30.0,
+        help="seconds running tasks get on SIGTERM (default 30)",
+    )
+    worker.add_argument("--lease", type=_seconds(), default=10.0, help="heartbeat lease in seconds (default 10)")
+    worker.add_argument(
+        "--max-attempts", type=_whole(1), default=3, help="claims before a task this worker reaps fails (default 3)"
     )
     worker.add_argument(
         "--max-payload",
-        type=int,
+        type=_whole(1),
         default=None,
         metavar="BYTES",
         help="largest payload a task may ship or return (default 400 MiB; set the same on clients)",
@@ -76,7 +142,7 @@ def _parser() -> argparse.ArgumentParser:
     worker.add_argument("-v", "--verbose", action="store_true", help="log every task")
 
     server = sub.add_parser("server", help="run the embedded server in the foreground (for a machine without Redis)")
-    server.add_argument("--port", type=int, default=None, help="TCP port on 127.0.0.1 (default: a free one)")
+    server.add_argument("--port", type=_port, default=None, help="TCP port on 127.0.0.1 (default: a free one)")
     server.add_argument(
         "--url-file",
         metavar="FILE",
@@ -86,8 +152,8 @@ def _parser() -> argparse.ArgumentParser:
 
     status = sub.add_parser("status", help="show workers, queues and running tasks")
     status.add_argument("--url", help="Redis URL (default: RTQ_REDIS_URL)")
-    status.add_argument("--prefix", default="rtq")
-    status.add_argument("--suffix", default="task-queue")
+    status.add_argument("--prefix", default="rtq", type=_key_part("prefix", glob=True))
+    status.add_argument("--suffix", default="task-queue", type=_key_part("suffix", glob=True))
     return parser
 
 
@@ -129,16 +195,22 @@ def _url_or_exit(url: str | None, what: str) -> str:
 
 
 def worker_main(args: argparse.Namespace) -> int:
-    from .backend.keys import check_name
+    from .backend.connections import RedisError
     from .calls import run_call
     from .connection import connect, is_local_url, redact_url
-    from .errors import RtqError
+    from .errors import ConfigurationError, RtqError
+    from .serialization import env_secret
 
     logging.basicConfig(
         level=logging.INFO if args.verbose else logging.WARNING,
         format="%(asctime)s %(name)s %(levelname)s %(message)s",
     )
     url = _url_or_exit(args.url, "worker")
+    try:
+        env_secret()  # every flag was checked by the parser; this is the one setting it cannot see
+    except ConfigurationError as exc:
+        print(f"rtq worker: {exc}", file=sys.stderr)
+        return 2
     if args.gpus is not None:
         from .worker.gpus import parse_gpus, supervise
 
@@ -148,12 +220,6 @@ def worker_main(args: argparse.Namespace) -> int:
             print(f"rtq worker: {exc}", file=sys.stderr)
             return 2
         return supervise(_without_gpus(args.argv[1:]), gpus)
-    for name in args.names:
-        try:
-            check_name("queue name", name)
-        except ValueError as exc:
-            print(f"rtq worker: {exc}", file=sys.stderr)
-            return 2
     task_fn = load_function(args.task_fn) if args.task_fn else run_call
     try:
         queue = connect(
@@ -168,7 +234,7 @@ def worker_main(args: argparse.Namespace) -> int:
         )
     except RtqError as exc:
         print(f"rtq worker: {exc}", file=sys.stderr)
-        return 1
+        return 2 if isinstance(exc, ConfigurationError) else 1
     # Every task's params are a pickle, whatever the task_fn: unpickling one runs code.
     if not queue.signed and not args.insecure and not is_local_url(url):
         print(
@@ -193,10 +259,26 @@ def worker_main(args: argparse.Namespace) -> int:
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
     print(f"rtq worker {listener.id} serving {', '.join(args.names)} with {args.workers} slot(s)", flush=True)
-    runner = threading.Thread(target=listener.run, name="rtq-listener")
+    failed: list[BaseException] = []
+
+    def serve() -> None:
+        try:
+            listener.run()
+        except BaseException as exc:  # reported below: the exit status must say the worker failed
+            failed.append(exc)
+
+    runner = threading.Thread(target=serve, name="rtq-listener")
     runner.start()
     while runner.is_alive():  # the main thread stays free to take signals
         runner.join(0.5)
+    if failed:
+        # A supervisor (systemd's Restart=on-failure, Kubernetes) restarts a worker that exits non-zero.
+        error = failed[0]
+        if isinstance(error, (RtqError, RedisError)):
+            print(f"rtq worker: stopped serving: {type(error).__name__}: {error}", file=sys.stderr)
+        else:  # not the user's doing: the traceback is for the bug report
+            logging.getLogger("rtq.worker").error("stopped serving", exc_info=error)
+        return 1
     if listener.abandoned:
         # Tasks stuck in a C call ignored the stop after the grace period; they were requeued,
         # and waiting for them would keep this process alive: leave now, with a clean status.
@@ -209,7 +291,7 @@ def worker_main(args: argparse.Namespace) -> int:
 
 def status_main(args: argparse.Namespace) -> int:
     from .connection import connect
-    from .errors import RtqError
+    from .errors import ConfigurationError, RtqError
     from .status import format_status, gather_status
 
     url = _url_or_exit(args.url, "status")
@@ -218,7 +300,7 @@ def status_main(args: argparse.Namespace) -> int:
         print(format_status(gather_status(queue)))
     except RtqError as exc:
         print(f"rtq status: {exc}", file=sys.stderr)
-        return 1
+        return 2 if isinstance(exc, ConfigurationError) else 1
     return 0
 
 

@@ -304,7 +304,12 @@ class Collector:
                 continue
             if end.state not in FINAL_STATES:
                 continue  # a stray push: the task goes on, and so does its waiter
-            ended.append((wait, Ended(end.state, end.value, end.attempts, end.progress)))
+            value = end.value
+            if end.state == TaskState.FAILED and isinstance(value, TaskTimeout) and time.time() >= wait.expiry:
+                # The worker stopped it at its deadline a moment before this check would have:
+                # the same error, in the words of the timeout the caller gave.
+                value = self._late(wait, cause=value)
+            ended.append((wait, Ended(end.state, value, end.attempts, end.progress)))
             if wait.consume:
                 consumed.append((wait.task_id, end))
         with self._cond:
@@ -329,8 +334,7 @@ class Collector:
         now = time.time()
         for wait in [w for w in waits if w.expiry <= now]:
             self.queue._cancel_quietly(wait.task_id)
-            late = TaskTimeout(f"task {wait.task_id} in {wait.name} ran past its {wait.timeout:g} s timeout")
-            self._end(wait, Ended(ERROR, late))
+            self._end(wait, Ended(ERROR, self._late(wait)))
         live = [w for w in waits if w.expiry > now and w.submitted]
         if not live:
             return
@@ -386,6 +390,13 @@ class Collector:
                     "docs/reliability.md on maxmemory-policy)"
                 )
                 self._end(wait, Ended(ERROR, lost))
+
+    @staticmethod
+    def _late(wait: Wait, cause: BaseException | None = None) -> TaskTimeout:
+        """The error of a task that ran past its deadline, as its caller reads it."""
+        late = TaskTimeout(f"task {wait.task_id} in {wait.name} ran past its {wait.timeout:g} s timeout")
+        late.__cause__ = cause
+        return late
 
     def _end(self, wait: Wait, how: Ended) -> None:
         with self._cond:

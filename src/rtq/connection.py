@@ -6,11 +6,12 @@ import inspect
 import ipaddress
 import os
 import re
+import socket
 from collections.abc import Sequence
 from typing import Any
 from urllib.parse import urlsplit
 
-from .backend.connections import RedisError, client_from_url
+from .backend.connections import RedisError, client_from_url, client_options
 from .errors import ConfigurationError, RtqConnectionError
 from .task_queue import RedisTaskQueue
 
@@ -20,29 +21,87 @@ _QUEUE_OPTIONS = set(inspect.signature(RedisTaskQueue).parameters) - {"redis", "
 
 
 def resolve_url(url: str | None = None) -> str:
-    """``url``, else ``RTQ_REDIS_URL``, else the URL of this process's embedded server."""
-    if url:
-        return url
+    """``url``, else ``RTQ_REDIS_URL``, else the URL of this process's embedded server.
+
+    Raises:
+        TypeError: ``url`` is neither None nor a str.
+        ConfigurationError: ``url`` is empty, or names no place to connect to (``0.0.0.0``).
+    """
+    if url is not None:
+        return _check_url(url, "url")
     env = os.environ.get("RTQ_REDIS_URL")
     if env:
-        return env
+        return _check_url(env, "RTQ_REDIS_URL")
     from .server import default_server
 
     return default_server().url
 
 
+def _check_url(url: Any, what: str) -> str:
+    if not isinstance(url, str):
+        raise TypeError(
+            f"{what} must be a Redis URL string such as redis://HOST:6379/0 (or None), not {type(url).__name__}"
+        )
+    if not url.strip():
+        raise ConfigurationError(
+            f"{what} is empty: pass a Redis URL such as redis://HOST:6379/0, or None for RTQ_REDIS_URL "
+            "(else an embedded server)"
+        )
+    if "://" in url and _unspecified(_host(url)):
+        raise ConfigurationError(
+            f"{redact_url(url)!r} names no place to connect to: {_host(url)} means 'every address of this "
+            "machine' to a server that listens; connect to 127.0.0.1 (this machine) or the server's own address"
+        )
+    return url
+
+
+def _host(url: str) -> str:
+    try:
+        return (urlsplit(url).hostname or "").lower().rstrip(".")
+    except ValueError:  # a malformed URL: redis-py names the problem when it parses it
+        return ""
+
+
+def _ip(host: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+    """``host`` as an address, in every spelling a socket takes (``127.1``, ``0x7f.0.0.1``, ``::ffff:127.0.0.1``)."""
+    ip: ipaddress.IPv4Address | ipaddress.IPv6Address
+    try:
+        ip = ipaddress.ip_address(host)
+    except ValueError:
+        if not host[:1].isdigit():
+            return None
+        try:  # the short and hex forms inet_aton reads, as the connecting socket will
+            ip = ipaddress.IPv4Address(socket.inet_aton(host))
+        except (OSError, ValueError):
+            return None
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        return ip.ipv4_mapped
+    return ip
+
+
+def _unspecified(host: str) -> bool:
+    ip = _ip(host)
+    return ip is not None and ip.is_unspecified
+
+
 def is_local_url(url: str) -> bool:
-    """Whether ``url`` points at a loopback address or a unix socket."""
+    """Whether ``url`` points at this machine: a unix socket, ``localhost``, a loopback address in any
+    spelling (``127.0.0.1``, ``127.1``, ``::1``, ``::ffff:127.0.0.1``), or this machine's own host name.
+
+    ``0.0.0.0`` is not: it is no address to connect to (:func:`connect` refuses it).
+    """
     parts = urlsplit(url)
     if parts.scheme == "unix":
         return True
-    host = (parts.hostname or "").lower().rstrip(".")
-    if host == "localhost":
+    host = _host(url)
+    if host == "localhost" or host.endswith(".localhost"):
         return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:  # a host name other than localhost: it may resolve anywhere
-        return False
+    ip = _ip(host)
+    if ip is not None:
+        return ip.is_loopback
+    own = socket.gethostname().lower().rstrip(".")
+    # Another host name may resolve anywhere; this machine's own name (short or full) is here.
+    return bool(host) and host in {own, own.split(".")[0]}
 
 
 def connect(
@@ -74,6 +133,14 @@ def connect(
         client = client_from_url(resolved, **options)
     except ValueError as exc:
         raise ConfigurationError(f"invalid Redis URL {redact_url(resolved)!r}: {_scrub(str(exc), resolved)}") from exc
+    unknown = sorted(set(options) - client_options(client))
+    if unknown:
+        client.close()
+        raise ConfigurationError(
+            f"connect() got unknown option(s) {', '.join(map(repr, unknown))}: neither a RedisTaskQueue option "
+            f"({', '.join(sorted(_QUEUE_OPTIONS | {'secret'}))}) nor a setting of redis.Redis.from_url "
+            "(socket_timeout, max_connections, ssl_ca_certs, …)"
+        )
     try:
         client.ping()
     except RedisError as exc:

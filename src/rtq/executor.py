@@ -28,6 +28,7 @@ from .closures import check_worker_versions, ship_local_modules
 from .collector import ERROR, Ended, Wait
 from .errors import TaskCancelled
 from .task import RedisTask, TaskState
+from .validate import check_callable, check_count, check_seconds, check_wait
 
 if TYPE_CHECKING:
     from .task_queue import RedisTaskQueue
@@ -63,6 +64,20 @@ class TaskFuture(concurrent.futures.Future):  # type: ignore[type-arg]
 
     def __repr__(self) -> str:
         return f"<TaskFuture {self.task_id} on {self.name!r} {self._state.lower()}>"
+
+    def result(self, timeout: float | None = None) -> Any:
+        """The call's return value, waiting up to ``timeout`` seconds (None: until it ends).
+
+        Raises:
+            TimeoutError: It did not end within ``timeout`` (the call goes on).
+            rtq.errors.TaskTimeout: The call ran past its own deadline (the Executor's ``timeout``).
+            Exception: Whatever the call raised, as its own type.
+        """
+        return super().result(check_wait("timeout", timeout))
+
+    def exception(self, timeout: float | None = None) -> BaseException | None:
+        """The exception the call raised (None if it returned), waiting as :meth:`result` does."""
+        return super().exception(check_wait("timeout", timeout))
 
     @property
     def progress(self) -> tuple[float, float]:
@@ -129,7 +144,7 @@ class Executor(concurrent.futures.Executor):
         check_name("queue name", name)
         self.queue = queue
         self.name = name
-        self.timeout = queue.timeout if timeout is None else timeout
+        self.timeout = queue.timeout if timeout is None else check_seconds("timeout", timeout)
         self.check_versions = check_versions
         self._pending: dict[str, TaskFuture] = {}
         self.events = Events(queue.store)  # what a future's progress reads
@@ -149,9 +164,11 @@ class Executor(concurrent.futures.Executor):
         """Ship ``fn(*args, **kwargs)`` to a worker; returns its future at once.
 
         Raises:
+            TypeError: ``fn`` is not callable (nothing is stored).
             rtq.errors.SerializationError: an argument cannot be shipped (nothing is stored).
             rtq.errors.VersionMismatch: the queue's workers run another Python/cloudpickle.
         """
+        check_callable("submit()'s fn", fn)
         return self._submit_calls([Call(fn, args, kwargs)])[0]
 
     def _submit_calls(self, calls: list[Call]) -> list[TaskFuture]:
@@ -193,8 +210,9 @@ class Executor(concurrent.futures.Executor):
 
         ``chunksize`` > 1 runs that many calls per task, saving round trips on tiny calls.
         """
-        if chunksize < 1:
-            raise ValueError("chunksize must be >= 1")
+        check_callable("map()'s fn", fn)
+        check_count("chunksize", chunksize)
+        timeout = check_wait("timeout", timeout)
         end = None if timeout is None else time.monotonic() + timeout
         args = zip(*iterables)  # noqa: B905 - stops at the shortest, as Executor.map does
         if chunksize == 1:

@@ -28,6 +28,7 @@ __all__ = [
     "RedisError",
     "block_cap",
     "client_from_url",
+    "client_options",
     "connection_error",
     "connection_settings",
     "helper_client",
@@ -216,3 +217,22 @@ def client_from_url(url: str, **options: Any) -> redis_py.Redis:
         ValueError: the URL or an option is malformed (redis-py's and urllib's own message).
     """
     return redis_py.Redis.from_url(url, **options)
+
+
+def client_options(client: redis_py.Redis) -> set[str]:
+    """The keyword arguments ``redis.Redis.from_url`` made ``client`` with may hold.
+
+    Unknown ones are not refused there: redis-py hands them to each connection it makes, and
+    the first command fails with a ``TypeError`` from deep inside it.
+    """
+    pool = client.connection_pool
+    names = {"single_connection_client"}
+    for cls in (*type(pool).__mro__, *pool.connection_class.__mro__):
+        init = cls.__dict__.get("__init__")
+        if init is None:
+            continue
+        try:
+            names |= set(inspect.signature(init).parameters)
+        except (TypeError, ValueError):
+            continue
+    return names - {"self", "args", "kwargs", "connection_kwargs"}

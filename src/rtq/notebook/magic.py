@@ -14,6 +14,7 @@ User mistakes (an unknown option, no connection, a queue no worker serves, an un
 
 from __future__ import annotations
 
+import math
 import os
 import re
 import subprocess
@@ -281,8 +282,8 @@ class RtqMagics(Magics):
             check_name("queue name", name)
         except ValueError as exc:
             raise UsageError(f"%%rtq: {exc}") from None
-        if args.timeout is not None and args.timeout <= 0:
-            raise UsageError(f"%%rtq: --timeout must be positive, not {args.timeout:g}")
+        if args.timeout is not None and not (math.isfinite(args.timeout) and args.timeout > 0):
+            raise UsageError(f"%%rtq: --timeout must be a finite number of seconds above zero, not {args.timeout:g}")
         self._check_served(session, name)
         spec, explicit_pull = self._spec(args, line, cell)
         ex = session.executor(name, args.timeout)

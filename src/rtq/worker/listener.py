@@ -36,6 +36,7 @@ from .capture import capturing
 from .heartbeat import HelperSettings
 from .outcome import OutcomeWriter
 from .recovery import Reaper
+from .slots import Slots
 from .state import WorkerState
 from .stopper import Stopper, stopper_of
 from .watchdog import Watchdog
@@ -122,7 +123,7 @@ class Listener:
             "started": time.time(),
             **(info or {}),
         }
-        self.free = threading.Semaphore(workers)
+        self.free = Slots(workers)  # first come, first served: several queues take turns
         self.state = WorkerState(
             self.id, names, lease, self.period, marker_ttl, self.info, self.event, threading.Lock()
         )
