@@ -171,11 +171,85 @@ def test_exception_keeps_its_type_and_shows_the_cells_line(cells: Kernel) -> Non
     tb = traceback_text(cell)
     assert errors(cell)[0].ename == "ZeroDivisionError"
     assert "----> 5 f(0)" in tb and "----> 3     return 1 / n" in tb, tb
-    # A generator expression runs in a frame of its own: that frame points at the line too.
-    cell = cells.run("%%rtq cells\ny = 2\ntotal = sum(1 / (i - i) for i in range(y))")
-    tb = traceback_text(cell)
-    assert tb.count("----> 3 total = sum(1 / (i - i) for i in range(y))") == 2, tb
     assert cells.value("isinstance(sys.last_value, ZeroDivisionError) if (sys := __import__('sys')) else 0") == "True"
+
+
+def test_traceback_names_the_cell_as_ipython_does(cells: Kernel) -> None:
+    """IPython 9 counts a cell before it runs: the magic must not name the next one."""
+    local = cells.run("x = 0\n1 / x")
+    assert f"Cell In[{local.execution_count}], line 2" in traceback_text(local)  # IPython's own naming
+    cell = cells.run("%%rtq cells\nx = 1\ny = x / 0\n")
+    tb = traceback_text(cell)
+    assert f"Cell In[{cell.execution_count}], line 3" in tb, tb
+
+
+@pytest.mark.skipif(
+    not os.environ.get("RTQ_TEST_IPYTHON8"), reason="set RTQ_TEST_IPYTHON8 (see Makefile: test-ipython8)"
+)
+def test_traceback_names_the_cell_on_ipython_8(workers: Workers, redis_url: str) -> None:
+    """The same mechanism on IPython 8, which counts a cell after it ran (``make test-ipython8``)."""
+    workers.start("cells", task_fn=None, prefix="rtq")
+    path = os.pathsep.join([os.environ["RTQ_TEST_IPYTHON8"], os.environ.get("PYTHONPATH", "")])
+    client = _client()
+    with client.setup_kernel(env=_kernel_env(PYTHONPATH=path)):
+        k = Kernel(client)
+        assert k.value("import IPython; IPython.version_info[0]") == "8"
+        k.run("%load_ext rtq")
+        k.connect(redis_url)
+        k.run("def helper(x):\n    return 1 / x")
+        helper = k.nb.cells[-1]
+        cell = k.run("%%rtq cells\nx = 0\ny = helper(x)\n")
+        tb = traceback_text(cell)
+        assert f"Cell In[{cell.execution_count}], line 3" in tb, tb
+        assert f"Cell In[{helper.execution_count}], line 2, in helper" in tb, tb
+
+
+def test_a_helper_from_an_earlier_cell_shows_that_cell(cells: Kernel) -> None:
+    """Code shipped by value keeps its cell's name and lines: traceback and warnings show them."""
+    helper = cells.run("import warnings\ndef helper(x):\n    warnings.warn('careful')\n    return 1 / x")
+    cell = cells.run("%%rtq cells\ny = helper(0)")
+    tb = traceback_text(cell)
+    assert errors(cell)[0].ename == "ZeroDivisionError"
+    assert f"Cell In[{helper.execution_count}], line 4, in helper" in tb, tb
+    assert "----> 4     return 1 / x" in tb and "<dynamic-code>" not in tb, tb
+    # The warning, printed on the worker, names the helper's cell file and shows its line.
+    filename = cells.value("helper.__code__.co_filename").strip("'")
+    warning = streams(cell, "stderr")
+    assert f"{filename}:3: UserWarning: careful" in warning, warning
+    assert "warnings.warn('careful')" in warning and "<dynamic-code>" not in warning, warning
+
+
+def test_a_comprehension_does_not_print_the_cells_frame_twice(cells: Kernel) -> None:
+    cell = cells.run("%%rtq cells\ny = 2\ntotal = [1 / (i - i) for i in range(y)]")
+    tb = traceback_text(cell)
+    assert errors(cell)[0].ename == "ZeroDivisionError"
+    assert tb.count("----> 3 total = [1 / (i - i) for i in range(y)]") == 1, tb
+    cell = cells.run("%%rtq cells\ny = 2\ntotal = sum(1 / (i - i) for i in range(y))")
+    assert traceback_text(cell).count("----> 3 total = sum(") == 1, traceback_text(cell)
+
+
+def test_an_executor_error_shows_the_users_frames_and_the_worker(cells: Kernel, redis_url: str) -> None:
+    """fut.result() in a cell: the cells' frames, then the worker; no rtq or futures internals."""
+    cells.run(f"import rtq\nq = rtq.connect({redis_url!r})\nex = rtq.Executor(q, 'cells')")
+    helper = cells.run("def helper(x):\n    return 1 / x")
+    caller = cells.run("import warnings\ndef bad(n):\n    warnings.warn('watch out')\n    return helper(n)")
+    cell = cells.run("fut = ex.submit(bad, 0)\nfut.result(30)")
+    tb = traceback_text(cell)
+    assert errors(cell)[0].ename == "ZeroDivisionError"
+    assert f"Cell In[{cell.execution_count}], line 2" in tb and "----> 2 fut.result(30)" in tb, tb
+    assert f"Cell In[{caller.execution_count}], line 4, in bad" in tb, tb
+    assert f"Cell In[{helper.execution_count}], line 2, in helper" in tb and "----> 2     return 1 / x" in tb, tb
+    assert re.search(r"ZeroDivisionError: division by zero\n\(raised on worker \S+, pid \d+\)", tb), tb
+    for internal in ("listener.py", "calls.py", "concurrent/futures", "<dynamic-code>", "Remote traceback"):
+        assert internal not in tb, (internal, tb)
+    # What the task printed on the worker (here its warning) names the cell and shows the line.
+    cell = cells.run(
+        "from rtq.watch import watch\nseen = []\nwatch(fut, on_output=lambda s, t: seen.append(t), timeout=30)\n"
+        "print(''.join(seen))"
+    )
+    filename = cells.value("bad.__code__.co_filename").strip("'")
+    out = streams(cell, "stdout")
+    assert f"{filename}:3: UserWarning: watch out" in out and "warnings.warn('watch out')" in out, out
 
 
 def test_no_wait_returns_a_handle_and_variables_arrive_on_wait(cells: Kernel) -> None:

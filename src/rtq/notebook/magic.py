@@ -322,11 +322,13 @@ class RtqMagics(Magics):
     def _spec(self, args: Any, line: str, cell: str) -> tuple[CellSpec, bool]:
         shell = self.ip
         text_ = f"%%rtq {line}".rstrip() + "\n" + cell
+        number = cell_number(shell)
         compiler = getattr(shell, "compile", None)
         if compiler is not None and hasattr(compiler, "cache"):
-            filename = compiler.cache(text_, shell.execution_count, raw_code=text_)
+            # Registered as a cell of that number: tracebacks read "Cell In[n]", as IPython's own.
+            filename = compiler.cache(text_, number, raw_code=text_)
         else:
-            filename = f"<rtq-cell-{shell.execution_count}>"
+            filename = f"<rtq-cell-{number}>"
         # A SyntaxError propagates as is: IPython shows it with the cell's line and a caret.
         analysis = analyze(cell, filename, first_line=2)
         ns = shell.user_ns
@@ -372,6 +374,18 @@ class RtqMagics(Magics):
             display=display,
         )
         return spec, explicit_pull
+
+
+def cell_number(shell: Any) -> int:
+    """The number IPython shows for the cell running now (``In[n]``), as its own tracebacks do.
+
+    IPython 9 counts a cell before running it (its ``execution_count`` is already the next
+    cell's while one runs), IPython 8 after it ran; on both, the execution result IPython hands
+    its display hook while a cell runs holds that cell's number.
+    """
+    running = getattr(getattr(shell, "displayhook", None), "exec_result", None)
+    number = getattr(running, "execution_count", None)
+    return number if isinstance(number, int) else int(shell.execution_count)
 
 
 def _by_value(module: Any) -> bool:

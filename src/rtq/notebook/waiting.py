@@ -21,6 +21,7 @@ from typing import Any
 
 from ..errors import RtqError, TaskTimeout
 from ..executor import Executor, TaskFuture
+from ..frames import remote_frames
 from .cells import CellResult
 from .tracebacks import prepare, short_error
 
@@ -243,7 +244,7 @@ def wait_cell(
             KeyboardInterrupt(), f"stopped the remote cell (task {fut.task_id} on {fut.name!r})"
         ) from None
     except TaskTimeout as exc:
-        if getattr(exc, "_rtq_cell_frames", None) is not None:  # raised by the cell's own code
+        if remote_frames(exc) is not None:  # raised by the cell's own code
             raise
         limit = getattr(fut._executor, "timeout", None)
         raise short_error(
