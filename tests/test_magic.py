@@ -7,8 +7,10 @@ subprocess on queue ``cells`` against the session's Redis and connects the kerne
 from __future__ import annotations
 
 import asyncio
+import html
 import os
 import re
+import textwrap
 import threading
 from collections.abc import Iterator
 from typing import Any
@@ -256,7 +258,7 @@ def test_no_wait_returns_a_handle_and_variables_arrive_on_wait(cells: Kernel) ->
     cell = cells.run("%%rtq cells --no-wait -o job\nz = 7\nz * 6")
     assert not errors(cell), traceback_text(cell)
     assert "%rtq wait job" in streams(cell, "stdout")
-    assert "rtq cell" in result(cell)["text/plain"]
+    assert not result(cell)  # the handle is in `job`, said once: not also shown as Out[n]
     assert cells.value("type(job).__mro__[1].__name__") == "'TaskFuture'"
     assert cells.value("'z' in dir()") == "False"  # nothing arrives behind the user's back
     assert cells.value("%rtq wait job") == "42"
@@ -264,6 +266,9 @@ def test_no_wait_returns_a_handle_and_variables_arrive_on_wait(cells: Kernel) ->
     # The other way to wait: the handle's result().
     cells.run("%%rtq cells --no-wait -o job2\nw = 3")
     assert cells.value("job2.result(30), w") == "(None, 3)"
+    # Without -o the handle is the cell's value (Out[n]), and only that.
+    cell = cells.run("%%rtq cells --no-wait\nv = 5")
+    assert not streams(cell) and "%%rtq cell In[" in result(cell)["text/plain"], cell.outputs
     # A failed --no-wait cell raises its own exception when waited on.
     cells.run("%%rtq cells --no-wait -o job3\n[][1]")
     cell = cells.run("%rtq wait job3")
@@ -337,43 +342,6 @@ def test_status(cells: Kernel) -> None:
     assert "queues=cells" in out and "workers (1)" in out
 
 
-def test_interrupt_stops_the_remote_cell(cells: Kernel, r: redis.Redis) -> None:
-    cell = nbformat.v4.new_code_cell(
-        "%%rtq cells -o slow\nimport time\nfor i in range(3000):\n    time.sleep(0.01)\nended = True"
-    )
-    cells.nb.cells.append(cell)
-
-    def execute() -> None:  # in a thread with its own event loop, closed after (no leaked loop)
-        loop = asyncio.new_event_loop()
-        try:
-            loop.run_until_complete(cells.client.async_execute_cell(cell, len(cells.nb.cells) - 1))
-        finally:
-            loop.close()
-
-    runner = threading.Thread(target=execute)
-    runner.start()
-    try:
-
-        def running() -> list[bytes]:
-            return [k for k in r.scan_iter("rtq|task-queue|task-result:*") if r.hget(k, "state") == b"running"]
-
-        wait_for(running, 30, "the cell to run on the worker")
-        run_sync(cells.client.km.interrupt_kernel)()
-    finally:
-        runner.join(60)
-    assert not runner.is_alive()
-    (err,) = errors(cell)
-    assert err.ename == "KeyboardInterrupt"
-    assert "stopped the remote cell" in traceback_text(cell), traceback_text(cell)
-    # The worker stopped the cell (it would otherwise run for 30 s) and the kernel knows it.
-    worker_ids = [w.decode() for w in r.zrange("rtq|task-queue|workers", 0, -1)]
-    wait_for(lambda: all(r.llen(f"rtq|task-queue|task-running|{w}") == 0 for w in worker_ids), 15, "the stop")
-    assert cells.value("type(slow.exception(10)).__name__") == "'TaskCancelled'"
-    assert cells.value("'ended' in dir()") == "False"
-    # The next cell runs at once.
-    assert cells.value("%%rtq cells\n1 + 1") == "2"
-
-
 def test_connect_without_url_starts_embedded_server_and_local_worker(tmp_path: Any) -> None:
     client = _client()
     with client.setup_kernel(env=_kernel_env()):
@@ -398,16 +366,133 @@ def test_connect_without_url_starts_embedded_server_and_local_worker(tmp_path: A
         wait_for(gone, 30, "the local worker to stop with the kernel")
 
 
+def bar_of(kernel: Kernel, cell: Any) -> dict[str, Any]:
+    """The widget bar a cell shows: its models' states by kind (bars, HTML values), and where it sits."""
+    shown = [i for i, o in enumerate(cell.outputs) if "application/vnd.jupyter.widget-view+json" in o.get("data", {})]
+    if not shown:
+        return {}
+    root = cell.outputs[shown[0]].data["application/vnd.jupyter.widget-view+json"]["model_id"]
+    states, pending = {}, [root]
+    while pending:  # the view's models: the box, and what its children and layouts name
+        model_id = pending.pop()
+        state = dict(kernel.client.widget_state.get(model_id, {}))  # a copy: another thread may update it
+        states[model_id] = state
+        refs = [v for v in state.values() if isinstance(v, str) and v.startswith("IPY_MODEL_")]
+        refs += [c for v in state.values() if isinstance(v, list) for c in v if str(c).startswith("IPY_MODEL_")]
+        pending += [r[len("IPY_MODEL_") :] for r in refs if r[len("IPY_MODEL_") :] not in states]
+    html_ = " ".join(m.get("value", "") for m in states.values() if m.get("_model_name") == "HTMLModel")
+    bars = [m for m in states.values() if m.get("_model_name") == "FloatProgressModel"]
+    return {"position": shown[0], "bars": bars, "html": html.unescape(html_)}
+
+
+LOOP = (
+    "import time, rtq\ntask = rtq.current_task()\nfor i in range(1, 21):\n    time.sleep(0.05)\n    task.update(i, 20)"
+)
+
+
 def test_progress_bar_appears_after_progress_after(cells: Kernel) -> None:
-    loop = "import time, rtq\ntask = rtq.current_task()\nfor i in range(1, 21):\n    time.sleep(0.05)\n"
-    loop += "    task.update(i, 20)"
-    cell = cells.run(f"%%rtq cells --progress-after 0.3\n{loop}")
+    cell = cells.run(f"%%rtq cells --progress-after 0.3\nprint('before the bar')\n{LOOP}\nprint('after it')")
     assert not errors(cell), traceback_text(cell)
-    bars = [o for o in cell.outputs if o.output_type == "display_data"]
-    assert len(bars) == 1, cell.outputs  # one bar, updated in place
-    assert not streams(cell), streams(cell)  # `task` (a RedisTask) quietly stays on the worker
-    assert "20/20" in bars[0].data["text/plain"] and "100%" in bars[0].data["text/plain"]
+    bar = bar_of(cells, cell)
+    assert bar and bar["position"] == 0, cell.outputs  # rtq.progress's widget, above the cell's output
+    assert streams(cell) == "before the bar\nafter it\n"  # `task` (a RedisTask) quietly stays on the worker
+    (gauge,) = bar["bars"]
+    assert gauge["value"] == gauge["max"] == 20 and gauge["bar_style"] == "success", gauge
+    assert re.search(r"20/20 \[00:0\d<00:00, +[\d.]+it/s\]", bar["html"]), bar["html"]
+    assert re.search(r"%%rtq cell In\[\d+\]", bar["html"]), bar["html"]
     # A cell that ends before --progress-after shows no bar.
-    cell = cells.run(f"%%rtq cells --progress-after 30\n{loop}")
+    cell = cells.run(f"%%rtq cells --progress-after 30\n{LOOP}")
     assert not errors(cell), traceback_text(cell)
-    assert not [o for o in cell.outputs if o.output_type == "display_data"]
+    assert not bar_of(cells, cell), cell.outputs
+
+
+def test_the_bar_turns_red_on_an_error_and_says_why(cells: Kernel) -> None:
+    failing = LOOP + "\n    if i == 10:\n        1 / 0"
+    cell = cells.run(f"%%rtq cells --progress-after 0.2\n{failing}")
+    assert errors(cell)[0].ename == "ZeroDivisionError"
+    bar = bar_of(cells, cell)
+    (gauge,) = bar["bars"]
+    assert 5 <= gauge["value"] <= 10 and gauge["bar_style"] == "danger", (
+        gauge
+    )  # where it stopped (reports are 0.1 s apart)
+    assert "failed: ZeroDivisionError: division by zero" in bar["html"], bar["html"]
+
+
+def test_text_bars_where_widgets_are_off(cells: Kernel) -> None:
+    cells.run("import os\nos.environ['RTQ_PROGRESS'] = 'text'")
+    try:
+        cell = cells.run(f"%%rtq cells --progress-after 0.3\nprint('before the bar')\n{LOOP}")
+    finally:
+        cells.run("del os.environ['RTQ_PROGRESS']")
+    assert not errors(cell), traceback_text(cell)
+    assert not bar_of(cells, cell)
+    first = cell.outputs[0]
+    assert first.output_type == "display_data" and "20/20 [" in first.data["text/plain"], cell.outputs
+    assert streams(cell) == "before the bar\n"
+
+
+def test_interrupt_stops_the_remote_cell(cells: Kernel, r: redis.Redis) -> None:
+    cell = nbformat.v4.new_code_cell(
+        "%%rtq cells -o slow --progress-after 0.2\nimport time, rtq\n"
+        "for i in rtq.tqdm(range(3000)):\n    time.sleep(0.01)\nended = True"
+    )
+    cells.nb.cells.append(cell)
+
+    def execute() -> None:  # in a thread with its own event loop, closed after (no leaked loop)
+        loop = asyncio.new_event_loop()
+        try:
+            loop.run_until_complete(cells.client.async_execute_cell(cell, len(cells.nb.cells) - 1))
+        finally:
+            loop.close()
+
+    runner = threading.Thread(target=execute)
+    runner.start()
+    try:
+
+        def running() -> bool:
+            bars = bar_of(cells, cell).get("bars", [])  # the bar is up: the cell runs on the worker
+            return bool(bars) and bars[0].get("value", 0) > 0
+
+        wait_for(running, 30, "the cell's bar to move")
+        run_sync(cells.client.km.interrupt_kernel)()
+    finally:
+        runner.join(60)
+    assert not runner.is_alive()
+    (err,) = errors(cell)
+    assert err.ename == "KeyboardInterrupt"
+    assert "stopped the remote cell" in traceback_text(cell), traceback_text(cell)
+    bar = bar_of(cells, cell)
+    (gauge,) = bar["bars"]
+    assert gauge["bar_style"] == "danger" and 0 < gauge["value"] < 3000 and "interrupted" in bar["html"], bar
+    # The worker stopped the cell (it would otherwise run for 30 s) and the kernel knows it.
+    worker_ids = [w.decode() for w in r.zrange("rtq|task-queue|workers", 0, -1)]
+    wait_for(lambda: all(r.llen(f"rtq|task-queue|task-running|{w}") == 0 for w in worker_ids), 15, "the stop")
+    assert cells.value("type(slow.exception(10)).__name__") == "'TaskCancelled'"
+    assert cells.value("'ended' in dir()") == "False"
+    # The next cell runs at once.
+    assert cells.value("%%rtq cells\n1 + 1") == "2"
+
+
+def test_status_lists_running_tasks_by_what_they_run(cells: Kernel, redis_url: str, tmp_path: Any) -> None:
+    flag = str(tmp_path / "go")
+    wait = f"import os, time\nwhile not os.path.exists({flag!r}):\n    time.sleep(0.05)"
+    cells.run(f"%%rtq cells --no-wait -o quiet\n{wait}")
+    quiet = cells.nb.cells[-1]
+    body = textwrap.indent(f"task = rtq.current_task()\ntask.update(3, epochs)\n{wait}", "    ")
+    cells.run(
+        f"import rtq\nq = rtq.connect({redis_url!r})\nex = rtq.Executor(q, 'cells')\n"
+        f"def train(epochs):\n{body}\nfut = ex.submit(train, 12)"
+    )
+    try:
+
+        def listed() -> str:
+            out = streams(cells.run("%rtq status"))
+            return out if "running tasks (2)" in out and "train(12)  on cells  3/12 (25%)" in out else ""
+
+        out = str(wait_for(listed, 30, "both tasks to run and report"))
+        line = next(ln for ln in out.splitlines() if f"%%rtq cell In[{quiet.execution_count}]" in ln)
+        assert re.search(r"  on cells  no progress reported  running \d+s  worker \S+  task [0-9a-f]{32}$", line), out
+        assert "0/100" not in out, out
+    finally:
+        open(flag, "w").close()
+    assert cells.value("fut.result(30), quiet.result(30)") == "(None, None)"

@@ -24,7 +24,7 @@ import traceback
 
 __all__ = ["RemoteFrames", "annotate", "remote_frames"]
 
-_RTQ_DIR = os.path.normcase(os.path.dirname(os.path.abspath(__file__))) + os.sep
+_PACKAGE_DIR = os.path.normcase(os.path.dirname(os.path.abspath(__file__))) + os.sep
 
 
 class RemoteFrames:
@@ -68,7 +68,7 @@ def annotate(exc: BaseException, what: str = "", *, caller_frames: bool = True) 
     if remote_frames(exc) is not None:
         return
     frames = traceback.extract_tb(exc.__traceback__)
-    while frames and os.path.normcase(os.path.abspath(frames[0].filename)).startswith(_RTQ_DIR):
+    while frames and os.path.normcase(os.path.abspath(frames[0].filename)).startswith(_PACKAGE_DIR):
         frames.pop(0)
     where = f"(raised {f'in {what} ' if what else ''}on worker {socket.gethostname()}, pid {os.getpid()})"
     remote = RemoteFrames(exc, [(f.filename, f.lineno or 0, f.name) for f in frames], where, caller_frames)

@@ -35,7 +35,7 @@ from ..errors import RtqError, SerializationError
 from ..keys import check_name
 from ..serialization import describe_unpicklable
 from ..store import text
-from .cells import CellSpec, ShippedValues, analyze, run_cell
+from .cells import CellSpec, ShippedValues, analyze
 from .tracebacks import short_error
 from .waiting import CellContext, CellExecutor, CellFuture, RemoteModule, deferred_interrupts, wait_cell
 
@@ -47,6 +47,8 @@ __all__ = ["CellFuture", "RemoteModule", "RtqMagics", "load_ipython_extension", 
 
 DEFAULT_QUEUE = "default"
 WORKER_START_TIMEOUT = 60.0
+WAIT_PROGRESS_AFTER = 2.0
+"""Seconds ``%rtq wait`` waits before it shows the cell's bar (as ``%%rtq``'s default)."""
 
 
 class _Session:
@@ -263,7 +265,7 @@ class RtqMagics(Magics):
             raise UsageError(
                 f"%rtq wait: {args.name!r} is not a cell handle; store one with %%rtq --no-wait -o {args.name}"
             )
-        return wait_cell(fut, progress_after=None, stop_on_interrupt=False, label=args.name)
+        return wait_cell(fut, progress_after=WAIT_PROGRESS_AFTER, stop_on_interrupt=False, label=args.name)
 
     # -- %%rtq -----------------------------------------------------------------------------
     @magic_arguments(name="%rtq")
@@ -274,7 +276,7 @@ class RtqMagics(Magics):
     @argument("-o", "--out", metavar="VAR", help="store the cell's handle (a TaskFuture) in VAR, waiting or not")
     @argument("--timeout", type=float, default=None, help="stop the cell after S seconds")
     @argument("--size-warn", default="100MB", help="warn about variables bigger than this (default 100MB)")
-    @argument("--progress-after", type=float, default=2.0, help="show a progress bar after S seconds (default 2)")
+    @argument("--progress-after", type=float, default=2.0, help="show the progress bar after S seconds (default 2)")
     @output_can_be_silenced
     @no_var_expand
     @cell_magic("rtq")  # type: ignore[arg-type]
@@ -292,19 +294,23 @@ class RtqMagics(Magics):
         self._check_served(session, name)
         spec, explicit_pull = self._spec(args, line, cell)
         ex = session.executor(name, args.timeout)
+        label = f"%%rtq cell In[{cell_number(self.ip)}]"
         with deferred_interrupts() as interrupt:
             try:
-                fut = ex.submit(run_cell, spec)
+                fut = ex.submit_cell(spec, label)
             except SerializationError as exc:
                 raise short_error(exc, str(exc)) from None
-            assert isinstance(fut, CellFuture)
             fut._cell = CellContext(self.ip, spec.pull, explicit_pull)
             if args.out:
                 self.ip.user_ns[args.out] = fut
         if args.no_wait and not interrupt.hit:
-            how = f"%rtq wait {args.out} or {args.out}.result()" if args.out else "the handle's .result()"
-            print(f"rtq: cell running on {name!r} as task {fut.task_id}; {how} brings its variables back")
-            return fut
+            if not args.out:
+                return fut  # displayed as the cell's result; its repr says how to wait on it
+            print(
+                f"rtq: cell running on {name!r} as task {fut.task_id}; "
+                f"%rtq wait {args.out} or {args.out}.result() brings its variables back"
+            )
+            return None
         return wait_cell(fut, progress_after=args.progress_after, stop_on_interrupt=True, interrupted=interrupt.hit)
 
     def _check_served(self, session: _Session, name: str) -> None:
