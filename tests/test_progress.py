@@ -255,6 +255,10 @@ def test_a_terminal_screen_rewrites_the_line_on_carriage_return():
     assert screen.feed("a  50%\rb") == [] and screen.line == "b  50%"  # overwritten, not erased
     assert screen.feed("\rdone!!\nnext\r\n") == ["done!!", "next"]
     assert screen.feed("tail") == [] and screen.flush() == ["tail"] and screen.flush() == []
+    # A bar drawn on the line under the cursor (tqdm's position 1) is redrawn there, not repeated.
+    lines = screen.feed("epoch 1\n") + screen.feed("".join(f"\n\rbar {k}%\x1b[A" for k in (0, 50, 99)))
+    assert lines == ["epoch 1", ""] and screen.feed("\rbar 100%\x1b[K") == []
+    assert screen.flush() == ["bar 100%", "bar 99%"]
 
 
 # -- in a real Jupyter kernel -------------------------------------------------------------------
@@ -377,17 +381,23 @@ def test_what_tasks_print_is_ordinary_output_of_the_cell_that_called_progress(ke
 
 
 def test_a_librarys_tqdm_in_a_task_ends_as_one_line(kernel_workers, redis_url):
+    """Its \\r redraws rewrite the line; nested in rtq.tqdm, beside other tasks' bars, it keeps its line."""
     nb, _ = Recording(redis_url).run(
-        "def noisy():\n    from tqdm import tqdm\n    import time\n"
-        "    for _ in tqdm(range(20), desc='library bar', mininterval=0):\n        time.sleep(0.01)\n"
-        "    print('after the bar')\n"
-        "view = rtq.progress(ex.submit(noisy))\nview.wait(30)"
+        "def noisy(i):\n    from tqdm import tqdm\n    import rtq, time\n"
+        "    for epoch in rtq.tqdm(range(2), desc='epochs'):\n"
+        "        for _ in tqdm(range(20), desc=f'library bar {epoch}', mininterval=0):\n"
+        "            time.sleep(0.01)\n"
+        "    print('after the bars')\n"
+        "view = rtq.progress([ex.submit(noisy, i) for i in range(3)])  # at once, in one worker\nview.wait(30)"
     )
     err = _stream(nb.cells[1], "stderr")
-    assert "\r" not in err, repr(err)  # rendered as a terminal would: \r rewrote the line
-    lines = [line for line in err.splitlines() if "library bar" in line]
-    assert len(lines) == 1 and "20/20" in lines[0] and "100%" in lines[0], repr(err)
-    assert _stream(nb.cells[1], "stdout") == "after the bar\n"
+    assert "\r" not in err and "\x1b" not in err, repr(err)  # rendered as a terminal shows it
+    for i in range(3):
+        mine = [line for line in err.splitlines() if line.startswith(f"[noisy({i})]")]
+        assert [line.split(":")[0] for line in mine] == [f"[noisy({i})] library bar {e}" for e in (0, 1)], repr(err)
+        assert all("100%" in line and "20/20" in line for line in mine), repr(err)
+    out = _stream(nb.cells[1], "stdout")
+    assert sorted(out.splitlines()) == [f"[noisy({i})] after the bars" for i in range(3)], out
 
 
 def test_one_label_per_task_for_its_bar_its_output_and_its_failure(kernel_workers, redis_url):

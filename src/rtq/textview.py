@@ -11,6 +11,7 @@ tasks' output in every medium.
 from __future__ import annotations
 
 import os
+import re
 import sys
 import threading
 import time
@@ -24,32 +25,65 @@ __all__ = ["Screen", "TextView", "in_kernel"]
 
 
 class Screen:
-    """What a terminal shows of one stream: ``\\r`` returns to the line's start, and what follows
-    overwrites it; ``\\n`` ends the line."""
+    """What a terminal shows of one stream, given as the lines it can no longer change.
+
+    ``\\r`` returns to the start of the line and what follows overwrites it; ``\\n`` moves to
+    the next line; ``ESC[nA`` (cursor up, as tqdm draws a bar on a line of its own) moves back
+    up and ``ESC[K`` erases to the end of the line. Other escape sequences (colours) are kept as
+    text. A line is given out once the cursor is further below it than the stream ever moved up,
+    so a plain stream gives out each line as it ends, and a bar redrawn in place on the line
+    under the cursor is given out once, when the stream ends (:meth:`flush`).
+
+    Attributes:
+        line: The line the cursor is on (what a live view shows as being written).
+    """
+
+    _TOKENS = re.compile(r"(\r\n|\n|\r|\x1b\[[0-9]*[AK])")
 
     def __init__(self) -> None:
-        self.line = ""
+        self._lines = [""]  # from the first line the cursor can still reach, down
+        self._row = 0
         self._col = 0
+        self._reach = 0  # the furthest the stream moved up
+
+    @property
+    def line(self) -> str:
+        return self._lines[self._row]
 
     def feed(self, chunk: str) -> list[str]:
-        """Write ``chunk``; returns the lines it completed."""
-        ended = []
-        pieces = chunk.replace("\r\n", "\n").split("\n")
-        for k, piece in enumerate(pieces):
-            if k:
-                ended.append(self.line)
-                self.line, self._col = "", 0
-            for j, part in enumerate(piece.split("\r")):
-                if j:
-                    self._col = 0
-                self.line = self.line[: self._col] + part + self.line[self._col + len(part) :]
-                self._col += len(part)
-        return ended
+        """Write ``chunk``; returns the lines it put out of the cursor's reach, in order."""
+        done: list[str] = []
+        for token in self._TOKENS.split(chunk):
+            if not token:
+                continue
+            if token in ("\n", "\r\n"):
+                self._row += 1
+                self._col = 0
+                if self._row == len(self._lines):
+                    self._lines.append("")
+                while self._row > self._reach:
+                    done.append(self._lines.pop(0))
+                    self._row -= 1
+            elif token == "\r":
+                self._col = 0
+            elif token.startswith("\x1b["):
+                if token.endswith("K"):
+                    self._lines[self._row] = self._lines[self._row][: self._col]
+                else:
+                    up = int(token[2:-1] or 1)
+                    self._reach = max(self._reach, up)
+                    self._row = max(0, self._row - up)
+            else:
+                line = self._lines[self._row].ljust(self._col)
+                self._lines[self._row] = line[: self._col] + token + line[self._col + len(token) :]
+                self._col += len(token)
+        return done
 
     def flush(self) -> list[str]:
-        """End the line being written (the task ended): returns it, if there is one."""
-        line, self.line, self._col = self.line, "", 0
-        return [line] if line else []
+        """The stream ended: the lines still in reach, the blank ones the cursor only passed left out."""
+        lines = [line for line in self._lines if line.strip()]
+        self.__init__()  # type: ignore[misc]
+        return lines
 
 
 class TextView:
