@@ -367,22 +367,34 @@ def test_connect_without_url_starts_embedded_server_and_local_worker(tmp_path: A
 
 
 def bar_of(kernel: Kernel, cell: Any) -> dict[str, Any]:
-    """The widget bar a cell shows: its models' states by kind (bars, HTML values), and where it sits."""
-    shown = [i for i, o in enumerate(cell.outputs) if "application/vnd.jupyter.widget-view+json" in o.get("data", {})]
+    """The bar a ``%%rtq`` cell showed: where it sits, its widgets' states, what the notebook keeps.
+
+    Returns {} when the cell showed none. While the cell runs its output is the widget; once it
+    ended, a still picture of it (``text/html`` and ``text/plain``), kept by a saved notebook.
+    """
+    shown = [
+        i
+        for i, o in enumerate(cell.outputs)
+        if "application/vnd.jupyter.widget-view+json" in o.get("data", {})
+        or "rtq-progress" in o.get("data", {}).get("text/html", "")
+    ]
     if not shown:
         return {}
-    root = cell.outputs[shown[0]].data["application/vnd.jupyter.widget-view+json"]["model_id"]
-    states, pending = {}, [root]
-    while pending:  # the view's models: the box, and what its children and layouts name
+    states = {k: dict(v) for k, v in list(kernel.client.widget_state.items())}  # copies: another thread may update
+    label = f">%%rtq cell In[{cell.execution_count}]</span>"
+    labels = [k for k, m in states.items() if label in str(m.get("value", ""))]
+    parents = {str(c)[len("IPY_MODEL_") :]: k for k, m in states.items() for c in m.get("children", [])}
+    root = labels[0]
+    while root in parents:  # up to the view's box, then everything in it
+        root = parents[root]
+    mine, pending = {}, [root]
+    while pending:
         model_id = pending.pop()
-        state = dict(kernel.client.widget_state.get(model_id, {}))  # a copy: another thread may update it
-        states[model_id] = state
-        refs = [v for v in state.values() if isinstance(v, str) and v.startswith("IPY_MODEL_")]
-        refs += [c for v in state.values() if isinstance(v, list) for c in v if str(c).startswith("IPY_MODEL_")]
-        pending += [r[len("IPY_MODEL_") :] for r in refs if r[len("IPY_MODEL_") :] not in states]
-    html_ = " ".join(m.get("value", "") for m in states.values() if m.get("_model_name") == "HTMLModel")
-    bars = [m for m in states.values() if m.get("_model_name") == "FloatProgressModel"]
-    return {"position": shown[0], "bars": bars, "html": html.unescape(html_)}
+        mine[model_id] = states.get(model_id, {})
+        pending += [str(c)[len("IPY_MODEL_") :] for c in mine[model_id].get("children", [])]
+    html_ = " ".join(m.get("value", "") for m in mine.values() if m.get("_model_name") == "HTMLModel")
+    bars = [m for m in mine.values() if m.get("_model_name") == "FloatProgressModel"]
+    return {"position": shown[0], "output": cell.outputs[shown[0]], "bars": bars, "html": html.unescape(html_)}
 
 
 LOOP = (
@@ -399,7 +411,11 @@ def test_progress_bar_appears_after_progress_after(cells: Kernel) -> None:
     (gauge,) = bar["bars"]
     assert gauge["value"] == gauge["max"] == 20 and gauge["bar_style"] == "success", gauge
     assert re.search(r"20/20 \[00:0\d<00:00, +[\d.]+it/s\]", bar["html"]), bar["html"]
-    assert re.search(r"%%rtq cell In\[\d+\]", bar["html"]), bar["html"]
+    # Ended, the widget (the live view) gave way to a still picture, which a saved notebook keeps.
+    kept = bar["output"].data
+    assert "application/vnd.jupyter.widget-view+json" not in kept, kept
+    assert f"%%rtq cell In[{cell.execution_count}]: 100%" in kept["text/plain"] and "20/20 [" in kept["text/plain"]
+    assert "20/20 [" in kept["text/html"] and "#4caf50" in kept["text/html"], kept  # green
     # A cell that ends before --progress-after shows no bar.
     cell = cells.run(f"%%rtq cells --progress-after 30\n{LOOP}")
     assert not errors(cell), traceback_text(cell)

@@ -376,6 +376,9 @@ def test_what_tasks_print_is_ordinary_output_of_the_cell_that_called_progress(ke
     )
     first, _, third = nb.cells[1:]
     assert _stream(first) == "first words\nlast words\n", first.outputs
+    bars = first.outputs[0]  # ended, the widget gave way to a still picture the notebook keeps
+    assert bars.output_type == "display_data" and "application/vnd.jupyter.widget-view+json" not in bars.data
+    assert bars.data["text/plain"].startswith("chat(): ") and "chat()" in bars.data["text/html"], bars.data
     assert _stream(third) == "the next cell\n", third.outputs
     assert not _models(models, "OutputModel")  # the text lives in no widget
 

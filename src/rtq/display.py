@@ -116,6 +116,8 @@ class Row:
         n, total = _num(self.current), (_num(self.total) if self.total else None)
         ended_early = self.state is not None and self.state != "done"  # no time left to estimate
         times = "[{elapsed}, {rate_fmt}]" if ended_early or total is None else "[{elapsed}<{remaining}, {rate_fmt}]"
+        if total is None and not n:  # nothing counted: only how long it has run
+            return tqdm.format_meter(0, None, self.elapsed, bar_format="[{elapsed}]")
         if total is None:
             counts = "{n_fmt}"
         elif self.failed:

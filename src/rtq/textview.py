@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from .display import Board, Row
 
-__all__ = ["Screen", "TextView", "in_kernel"]
+__all__ = ["Screen", "TextView", "in_kernel", "text_line"]
 
 
 class Screen:
@@ -154,9 +154,7 @@ class TextView:
     def _draw(self, board: Board, *, final: bool) -> None:
         tty = self._tty()
         width = _columns()
-        lines = [
-            _text_line(row, width, colour=self.COLOURS.get(row.state or "") if tty else None) for row in board.rows
-        ]
+        lines = [text_line(row, width, colour=self.COLOURS.get(row.state or "") if tty else None) for row in board.rows]
         if final:
             lines += board.failures
         if self.notebook:
@@ -191,7 +189,7 @@ class TextView:
             self._drawn = 0
 
 
-def _text_line(row: Row, width: int, *, colour: str | None = None) -> str:
+def text_line(row: Row, width: int, *, colour: str | None = None) -> str:
     """``label:  40%|████      | 4/10 [00:01<00:01, 4.00it/s] epoch 3`` in ``width`` columns."""
     from tqdm.std import tqdm
 

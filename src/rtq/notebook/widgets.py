@@ -5,11 +5,13 @@ cell (a ``%%rtq`` cell's bar first as an empty placeholder, filled in when the b
 sits above the cell's output); afterwards only their models' traits change (ipywidgets 8 sends
 those updates from any thread).
 
-The widgets are the live view only. What the tasks print is written to the cell's own
-``sys.stdout`` / ``sys.stderr`` (captured when the view started), so it is ordinary text output
-of that cell and stays in the saved notebook, which a widget's content does not unless the
-notebook saves widget state. ``rtq.progress`` writes it from a thread running in the context of
-the cell that called it, which is where ipykernel (7 and later) sends that thread's output.
+The widgets are the live view only: a notebook saved without its widget state (JupyterLab's
+default) shows "Error displaying widget: model not found" in their place. So what the tasks print
+is written to the cell's own ``sys.stdout`` / ``sys.stderr`` (captured when the view started), as
+ordinary text output of that cell; and once the view finished, its display is replaced by a
+still picture of the final bars (HTML, and text for other readers), which the saved notebook
+keeps. ``rtq.progress`` writes from a thread running in the context of the cell that called it,
+which is where ipykernel (7 and later) sends that thread's output and display updates.
 """
 
 from __future__ import annotations
@@ -26,6 +28,14 @@ __all__ = ["WidgetView"]
 
 STYLES = {"done": "success", "failed": "danger", "lost": "danger", "interrupted": "danger"}
 GREY = "#9e9e9e"
+COLOURS = {  # of a still bar, as ipywidgets colours a FloatProgress of that bar_style
+    "running": "var(--jp-brand-color1, #2196f3)",
+    "done": "var(--jp-success-color1, #4caf50)",
+    "failed": "var(--jp-error-color1, #f44336)",
+    "lost": "var(--jp-error-color1, #f44336)",
+    "interrupted": "var(--jp-error-color1, #f44336)",
+}
+TRACK = "var(--jp-layout-color3, #e0e0e0)"
 LABEL_WIDTH = 32
 """Widest label column (characters); longer labels are cut with an ellipsis (whole on hover)."""
 MONO = "font-family: var(--jp-code-font-family, monospace); white-space: pre"
@@ -51,25 +61,21 @@ class WidgetView:
         self._w = ipywidgets
         self.aggregate = aggregate
         self.output_shown = output
-        self.widget: Any = None  # the whole view, once started
+        self.widget: Any = None  # the whole view, once shown
         self._rows: list[dict[str, Any]] = []
         self._failures: Any = None
         self._streams: dict[str, Any] = {}
-        self._handle: Any = None  # the placeholder of bars not shown yet
+        self._handle: Any = None  # the view's display: the bars, or their placeholder until shown
         self._shown = False
 
     # -- View ---------------------------------------------------------------------------------
     def start(self, board: Board) -> None:
         from IPython.display import display
 
-        w = self._w
         self._streams = {"stdout": sys.stdout, "stderr": sys.stderr}
-        label_width = min(LABEL_WIDTH, max(8, *(len(r.label) for r in board.rows)))
-        lines = [self._row(row, label_width) for row in board.rows]
-        self._failures = w.HTML("", layout=w.Layout(display="none")) if board.aggregate else None
-        self.widget = w.VBox(lines + ([self._failures] if self._failures is not None else []))
         if board.visible:
-            display(self.widget)
+            self._build(board)
+            self._handle = display(self.widget, display_id=True)
             self._shown = True
         elif board.bars:
             # Placed now, before the output: the bar appears above it when it is due.
@@ -79,9 +85,11 @@ class WidgetView:
     def update(self, board: Board, indices: Iterable[int]) -> None:
         if not board.visible:
             return
-        if not self._shown:
-            self._shown = True
+        if not self._shown:  # due now: built here (a bar never shown makes no widgets)
+            self._build(board)
             self._handle.update(self.widget)
+            self._shown = True
+            indices = range(len(board.rows))
         for i in indices:
             self._render(board.rows[i], self._rows[i])
         if self._failures is not None and board.failures:
@@ -95,8 +103,17 @@ class WidgetView:
 
     def finish(self, board: Board) -> None:
         self.update(board, range(len(board.rows)))
+        if self._shown:
+            self._handle.update(snapshot(board), raw=True)  # what a saved notebook keeps
 
     # -- building and drawing -----------------------------------------------------------------
+    def _build(self, board: Board) -> None:
+        w = self._w
+        label_width = min(LABEL_WIDTH, max(8, *(len(r.label) for r in board.rows)))
+        lines = [self._row(row, label_width) for row in board.rows]
+        self._failures = w.HTML("", layout=w.Layout(display="none")) if board.aggregate else None
+        self.widget = w.VBox(lines + ([self._failures] if self._failures is not None else []))
+
     def _row(self, row: Row, label_width: int) -> Any:
         w = self._w
         label = w.HTML(_label_html(row.label, label_width))
@@ -161,6 +178,47 @@ class WidgetView:
             bad.layout.display = None if row.failed else "none"
 
 
+def snapshot(board: Board) -> dict[str, str]:
+    """A still picture of the bars: ``text/html`` drawn as the widgets are, and ``text/plain``."""
+    from ..textview import text_line
+
+    label_width = min(LABEL_WIDTH, max(8, *(len(r.label) for r in board.rows)))
+    rows = []
+    for row in board.rows:
+        rows.append(
+            '<div style="display: flex; align-items: center; gap: 8px; margin: 2px 0">'
+            f"{_label_html(row.label, label_width)}"
+            '<div style="flex: 1 1 auto; display: flex; height: 1.4em; overflow: hidden; border-radius: 2px; '
+            f'background: {TRACK}">{_fill_html(row)}</div>'
+            f"{_counts_html(row.counts(), _counts_width(row))}</div>"
+        )
+        detail = _detail_html(row)
+        if detail:
+            rows.append(f'<div style="margin: 0 0 4px calc({label_width}ch + 8px)">{detail}</div>')
+    if board.aggregate and board.failures:
+        rows.append(_failure_list(board.failures))
+    lines = [text_line(row, 100) for row in board.rows] + board.failures
+    return {"text/html": f'<div class="rtq-progress">{"".join(rows)}</div>', "text/plain": "\n".join(lines)}
+
+
+def _fill_html(row: Row) -> str:
+    """The filled part of a still bar (an aggregate's: done, then failed in red)."""
+    if row.state == "cancelled":
+        colour = GREY
+    else:
+        colour = COLOURS.get(row.state or "", COLOURS["running"])
+    if row.failed:
+        done = 100 * row.done / (row.total or 1)
+        failed = 100 * row.failed / (row.total or 1)
+        return (
+            f'<div style="width: {done:.1f}%; background: {COLOURS["done"] if row.state else COLOURS["running"]}">'
+            f'</div><div style="flex: 1 1 auto"></div><div style="width: {failed:.1f}%; background: '
+            f'{COLOURS["failed"]}"></div>'
+        )
+    full = 100 * row.fraction() if row.total else 100.0  # no total: a full bar, as the widget shows
+    return f'<div style="width: {full:.1f}%; background: {colour}"></div>'
+
+
 def _label_html(label: str, width: int) -> str:
     shown = html.escape(label)
     return (
@@ -173,7 +231,7 @@ def _counts_width(row: Row) -> int:
     """Characters the counts take at most, so their column keeps one width as they grow."""
     digits = len(str(int(row.total))) if row.total else 3  # a total known later seldom has more
     extra = len(f": {int(row.total or 0)} done, {int(row.total or 0)} failed") if row.unit == "task" else 0
-    return 2 * digits + len(" [00:00<00:00, 99.99it/s]") + extra
+    return 2 * digits + len(" [00:00<00:00,  999.99it/s]") + extra + 1
 
 
 def _counts_html(counts: str, width: int) -> str:
