@@ -40,34 +40,28 @@ MAX_SOURCES = 256
 _registered: collections.deque[str] = collections.deque()  # the linecache entries added here, oldest first
 
 
+def _reduce_code(code: types.CodeType) -> Any:
+    try:
+        blob = marshal.dumps(code)  # nested code objects (inner functions, comprehensions) included
+    except ValueError:  # a hand-made code object holding unmarshallable constants
+        return cloudpickle.CloudPickler.dispatch_table[types.CodeType](code)
+    lines = {}
+    for filename in _files_of(code):
+        source = _memory_source(filename)
+        if source is not None:
+            # linecache's own list: pickled once however many code objects of that cell go (memo)
+            lines[filename] = source
+    return _load_code, (blob, lines)
+
+
 class Pickler(cloudpickle.CloudPickler):
     """cloudpickle's pickler, whose code objects keep their file name and bring in-memory source.
 
     Takes the arguments of ``pickle.Pickler``; pickles whatever cloudpickle pickles.
     """
 
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self._shipped: set[str] = set()  # files whose lines this pickle already carries
-
-    def reducer_override(self, obj: Any) -> Any:
-        if type(obj) is types.CodeType:
-            return self._reduce_code(obj)
-        return super().reducer_override(obj)
-
-    def _reduce_code(self, code: types.CodeType) -> Any:
-        try:
-            blob = marshal.dumps(code)  # nested code objects (inner functions, comprehensions) included
-        except ValueError:  # a hand-made code object holding unmarshallable constants
-            return cloudpickle.CloudPickler.dispatch_table[types.CodeType](code)
-        lines: dict[str, list[str]] = {}
-        for filename in _files_of(code):
-            if filename not in self._shipped:
-                self._shipped.add(filename)
-                source = _memory_source(filename)
-                if source is not None:
-                    lines[filename] = source
-        return _load_code, (blob, lines)
+    # A dispatch table entry, not a reducer_override: the other objects pay nothing.
+    dispatch_table = collections.ChainMap({types.CodeType: _reduce_code}, cloudpickle.CloudPickler.dispatch_table)
 
 
 def dumps(obj: Any, *, buffer_callback: Callable[[Any], Any] | None = None) -> bytes:
