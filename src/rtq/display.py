@@ -77,7 +77,7 @@ class Row:
         label: The task's label (aggregate: what the tasks are).
         current: Progress so far (aggregate: tasks ended).
         total: What ``current`` counts up to; None when unknown.
-        description: The task's own ``rtq.tqdm`` description, shown next to the label's bar.
+        description: The task's own ``rtq.tqdm`` description, shown with its bar.
         state: How it ended (see :data:`ENDED`); None while it runs.
         error: A one-line summary of how it failed.
         started: When the bar started (Unix seconds).

@@ -6,12 +6,12 @@ was defined). On a worker, an error or a warning raised in that code then reads
 ``File <dynamic-code>:2`` with no source, and the notebook cannot tell which cell it came from.
 
 :class:`Pickler` is cloudpickle's pickler with one change: a code object travels whole
-(:mod:`marshal`, which keeps every field, its file name included), and the first code object of
-each file whose source lives only in memory — a notebook cell, which IPython registers in
-:mod:`linecache` under a name of its own — takes those lines along. Unpickling registers them in
-the receiving process's :mod:`linecache`, so the worker's tracebacks and warnings show the
-cell's lines, and the notebook, which knows that file name as one of its cells, shows
-``Cell In[6], line 2, in helper``.
+(:mod:`marshal`, which keeps every field, its file name included), and a code object whose file
+lives only in memory — a notebook cell, which IPython registers in :mod:`linecache` under a name
+of its own — takes those lines along (once per payload: the pickle memo shares them).
+Unpickling registers them in the receiving process's :mod:`linecache`, so the worker's
+tracebacks and warnings show the cell's lines, and the notebook, which knows that file name as
+one of its cells, shows ``Cell In[6], line 2, in helper``.
 
 Not for: files on disk (their path travels, not their lines; the worker shows the lines if it
 has the same file). Like every payload, it is read back by the same Python version (a
