@@ -2,16 +2,13 @@
 
 from __future__ import annotations
 
-import fcntl
 import html
 import io
 import os
-import pty
 import re
 import struct
 import subprocess
 import sys
-import termios
 import time
 
 import pytest
@@ -183,6 +180,7 @@ def test_many_tasks_show_one_aggregate_bar_and_the_failures(ex, capsys):
 def test_terminal_bars_end_in_order_each_frozen_at_its_own_end(tmp_path, redis_url, r, workers):
     """rtq.progress in a plain Python process on a terminal: what the screen shows once all ended."""
     pyte = pytest.importorskip("pyte")
+    fcntl, pty, termios = (pytest.importorskip(name) for name in ("fcntl", "pty", "termios"))  # POSIX terminals
     workers.start("pq", task_fn=None, args=("--workers", "3"))
     script = tmp_path / "watch.py"
     script.write_text(

@@ -172,9 +172,8 @@ def wait_cell(
     try:
         if interrupted:
             raise KeyboardInterrupt
-        watching = follow_cell(fut, show_after=progress_after)
         try:
-            watching.follow()  # the bar and the output; on an interrupt the bar ends red
+            follow_cell(fut, show_after=progress_after).follow()  # the bar and the output; red if interrupted
         except (RtqError, OSError, ValueError):  # following is a nicety; the outcome is what counts
             pass
         return fut.result()
