@@ -212,7 +212,8 @@ class Progress:
         mode: str,
         title: str | None = None,
         raw_output: bool = False,
-        show_after: float | None = 0.0,
+        bars: bool = True,
+        show_after: float | None = None,
     ) -> None:
         self.follower = follower
         self.view = view
@@ -221,12 +222,14 @@ class Progress:
         self.aggregate = aggregate
         self.show_output = show_output
         self.raw_output = raw_output  # a %%rtq cell's own output: written as it came
-        self.show_after = show_after  # seconds until the bars show, once progress came (None: never)
+        # None: the bars show at once (rtq.progress); else once progress came and the tasks ran
+        # this many seconds (a %%rtq cell's); never without bars at all.
+        self.show_after = show_after
         if aggregate:
             rows = [Row(title or f"{len(labels)} tasks", total=len(labels), unit="task")]
         else:
             rows = [Row(lb) for lb in labels]
-        self.board = Board(rows, aggregate=aggregate, bars=show_after is not None, visible=show_after == 0.0)
+        self.board = Board(rows, aggregate=aggregate, bars=bars, visible=bars and show_after is None)
         self._index = {t.id: i for i, t in enumerate(follower.tasks)}
         self._screens: dict[tuple[int, str], Screen] = {}  # what each task's stdout/stderr shows
         self._reported = False  # progress arrived (a %%rtq cell's bar shows only then)
@@ -332,15 +335,17 @@ class Progress:
 
     def _wait_for(self, remaining: float | None) -> float | None:
         """How long the next poll may block: up to the deadline, or until the bars are due."""
-        if self.board.visible or self.show_after is None or not self._reported:
+        if not self._pending():
             return remaining
-        due = max(0.0, self.show_after - (time.monotonic() - self._started))
+        due = max(0.0, (self.show_after or 0.0) - (time.monotonic() - self._started))
         return due if remaining is None else min(due, remaining)
 
     def _due(self) -> bool:
-        if self.board.visible or self.show_after is None or not self._reported:
-            return False
-        return time.monotonic() - self._started >= self.show_after
+        return self._pending() and time.monotonic() - self._started >= (self.show_after or 0.0)
+
+    def _pending(self) -> bool:
+        """Whether bars wait to show, and progress came (they show only then)."""
+        return self.board.bars and not self.board.visible and self.show_after is not None and self._reported
 
     def _apply(self, events: list[Event]) -> set[int]:
         dirty: set[int] = set()
@@ -498,13 +503,19 @@ def follow_cell(fut: TaskFuture, *, show_after: float | None) -> Progress:
     seconds and reported progress (None: never).
     """
     chosen = _mode(None)
-    if chosen == "off":
-        chosen, show_after = "text", None  # no bar; the cell's output still shows
-    view, chosen = _view(chosen, aggregate=False, output=True)
-    follower = Follower([fut])
+    bars = show_after is not None and chosen != "off"  # off: no bar, and the cell's output still shows
+    view, chosen = _view("text" if chosen == "off" else chosen, aggregate=False, output=True)
     label = getattr(fut, "label", None) or "%%rtq cell"
     bar = Progress(
-        follower, view, [label], aggregate=False, show_output=True, mode=chosen, raw_output=True, show_after=show_after
+        Follower([fut]),
+        view,
+        [label],
+        aggregate=False,
+        show_output=True,
+        mode=chosen,
+        raw_output=True,
+        show_after=show_after or 0.0,
+        bars=bars,
     )
     bar.start()
     return bar
