@@ -21,7 +21,7 @@ import redis
 from jupyter_core.utils import run_sync
 from nbclient import NotebookClient
 
-from conftest import Workers, wait_for
+from conftest import Workers, child_env, wait_for
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -83,7 +83,7 @@ def _client() -> NotebookClient:
 
 
 def _kernel_env(**changes: str | None) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if k not in ("RTQ_REDIS_URL", "RTQ_SECRET")}
+    env = {k: v for k, v in child_env().items() if k not in ("RTQ_REDIS_URL", "RTQ_SECRET")}
     for key, value in changes.items():
         if value is None:
             env.pop(key, None)

@@ -20,7 +20,7 @@ from typing import Any
 import nbformat
 import pytest
 
-from conftest import ROOT, wait_for
+from conftest import ROOT, child_env, wait_for
 from nbrun import execute, processes_with_env
 
 NOTEBOOKS = ROOT / "notebooks"
@@ -37,7 +37,7 @@ def _leftovers(token: str) -> list[int]:
 def _run(name: str) -> Any:
     """Execute notebook ``name`` in a fresh kernel; fail if anything it started outlives the kernel."""
     token = uuid.uuid4().hex
-    env = {k: v for k, v in os.environ.items() if k not in ("RTQ_REDIS_URL", "RTQ_SECRET", "RTQ_PROGRESS")}
+    env = {k: v for k, v in child_env().items() if k not in ("RTQ_REDIS_URL", "RTQ_SECRET", "RTQ_PROGRESS")}
     env["RTQ_NB_TEST"] = token  # inherited by the kernel's children: finds leaks
     try:
         nb = execute(NOTEBOOKS / name, env=env, timeout=CELL_TIMEOUT)

@@ -16,7 +16,7 @@ import tqdm.std
 
 import progressfns
 import rtq
-from conftest import TESTS, wait_for
+from conftest import TESTS, child_env, wait_for
 from rtq import display
 from rtq.task import PROGRESS_INTERVAL, RedisTask
 from rtq.textview import Screen
@@ -316,7 +316,7 @@ class Recording:
         nb.cells = [self.nbformat.v4.new_code_cell(c) for c in (self.setup, *cells)]
         self.client_class(
             nb, timeout=90, kernel_name="python3", store_widget_state=True, resources={"metadata": {"path": str(TESTS)}}
-        ).execute()
+        ).execute(env=child_env())
         for cell in nb.cells:
             assert not [o for o in cell.outputs if o.output_type == "error"], cell.outputs
         widgets = nb.metadata.get("widgets", {}).get("application/vnd.jupyter.widget-state+json", {})
