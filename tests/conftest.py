@@ -27,6 +27,19 @@ TESTS = Path(__file__).parent
 ROOT = TESTS.parent
 
 
+def child_env(env: dict[str, str] | None = None) -> dict[str, str]:
+    """``env`` (default: this process's) with its PYTHONPATH made absolute, for a child process.
+
+    A kernel runs in the notebook's folder, a script in its own: with ``PYTHONPATH=src:tests``
+    relative to the checkout they would import another installed rtq than the one under test
+    (and the workers, started here, this one).
+    """
+    env = dict(os.environ if env is None else env)
+    if env.get("PYTHONPATH"):
+        env["PYTHONPATH"] = os.pathsep.join(os.path.abspath(p) if p else p for p in env["PYTHONPATH"].split(os.pathsep))
+    return env
+
+
 def wait_for(condition: Callable[[], object], timeout: float = 10.0, what: str = "condition") -> object:
     """Poll ``condition`` until it returns something truthy, or fail the test at ``timeout``."""
     deadline = time.monotonic() + timeout

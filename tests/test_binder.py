@@ -21,7 +21,7 @@ import uuid
 import nbformat
 import pytest
 
-from conftest import ROOT, TESTS, wait_for
+from conftest import ROOT, TESTS, child_env, wait_for
 from nbrun import processes_with_env
 
 pytestmark = [
@@ -40,7 +40,7 @@ def test_binder_start_serves_the_quickstart_and_leaves_nothing_running(tmp_path)
     token = uuid.uuid4().hex
     port = _free_port()
     out = tmp_path / "executed.ipynb"
-    env = {k: v for k, v in os.environ.items() if k not in ("RTQ_REDIS_URL", "RTQ_SECRET", "RTQ_PROGRESS")}
+    env = {k: v for k, v in child_env().items() if k not in ("RTQ_REDIS_URL", "RTQ_SECRET", "RTQ_PROGRESS")}
     env.update(
         RTQ_PORT=str(port),
         RTQ_LOG_DIR=str(tmp_path),

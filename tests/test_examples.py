@@ -8,7 +8,6 @@ reason is required. IPython (``%%rtq``) examples are covered by notebooks/02-cel
 
 from __future__ import annotations
 
-import os
 import re
 import subprocess
 import sys
@@ -17,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import ROOT, Workers
+from conftest import ROOT, Workers, child_env
 
 FENCE = re.compile(r"^([ \t]*)```(\w*)[^\n]*\n(.*?)^\1```[ \t]*$", re.M | re.S)
 SKIP = re.compile(r"<!-- not run: (.+?) -->")
@@ -61,7 +60,7 @@ def test_every_example_is_run_or_says_why_not() -> None:
 @pytest.mark.parametrize("page", RUNNABLE, ids=lambda p: p.name)
 def test_python_examples_run(page: Path, workers: Workers, redis_url: str, tmp_path: Path) -> None:
     workers.start("default", "gpu", task_fn=None, prefix="rtq")
-    env = {k: v for k, v in os.environ.items() if k not in ("RTQ_SECRET",)}
+    env = {k: v for k, v in child_env().items() if k not in ("RTQ_SECRET",)}
     env.update(RTQ_REDIS_URL=redis_url, RTQ_PROGRESS="text")
     script = tmp_path / f"{page.stem}_examples.py"
     script.write_text(runnable(page))

@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import ast
 import asyncio
+import html
 import os
 import re
+import textwrap
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -21,7 +23,7 @@ import redis
 from jupyter_core.utils import run_sync
 from nbclient import NotebookClient
 
-from conftest import Workers, wait_for
+from conftest import Workers, child_env, wait_for
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -83,7 +85,7 @@ def _client() -> NotebookClient:
 
 
 def _kernel_env(**changes: str | None) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if k not in ("RTQ_REDIS_URL", "RTQ_SECRET")}
+    env = {k: v for k, v in child_env().items() if k not in ("RTQ_REDIS_URL", "RTQ_SECRET")}
     for key, value in changes.items():
         if value is None:
             env.pop(key, None)
@@ -173,18 +175,92 @@ def test_exception_keeps_its_type_and_shows_the_cells_line(cells: Kernel) -> Non
     tb = traceback_text(cell)
     assert errors(cell)[0].ename == "ZeroDivisionError"
     assert "----> 5 f(0)" in tb and "----> 3     return 1 / n" in tb, tb
-    # A generator expression runs in a frame of its own: that frame points at the line too.
-    cell = cells.run("%%rtq cells\ny = 2\ntotal = sum(1 / (i - i) for i in range(y))")
-    tb = traceback_text(cell)
-    assert tb.count("----> 3 total = sum(1 / (i - i) for i in range(y))") == 2, tb
     assert cells.value("isinstance(sys.last_value, ZeroDivisionError) if (sys := __import__('sys')) else 0") == "True"
+
+
+def test_traceback_names_the_cell_as_ipython_does(cells: Kernel) -> None:
+    """IPython 9 counts a cell before it runs: the magic must not name the next one."""
+    local = cells.run("x = 0\n1 / x")
+    assert f"Cell In[{local.execution_count}], line 2" in traceback_text(local)  # IPython's own naming
+    cell = cells.run("%%rtq cells\nx = 1\ny = x / 0\n")
+    tb = traceback_text(cell)
+    assert f"Cell In[{cell.execution_count}], line 3" in tb, tb
+
+
+@pytest.mark.skipif(
+    not os.environ.get("RTQ_TEST_IPYTHON8"), reason="set RTQ_TEST_IPYTHON8 (see Makefile: test-ipython8)"
+)
+def test_traceback_names_the_cell_on_ipython_8(workers: Workers, redis_url: str) -> None:
+    """The same mechanism on IPython 8, which counts a cell after it ran (``make test-ipython8``)."""
+    workers.start("cells", task_fn=None, prefix="rtq")
+    path = os.pathsep.join([os.environ["RTQ_TEST_IPYTHON8"], os.environ.get("PYTHONPATH", "")])
+    client = _client()
+    with client.setup_kernel(env=_kernel_env(PYTHONPATH=path)):
+        k = Kernel(client)
+        assert k.value("import IPython; IPython.version_info[0]") == "8"
+        k.run("%load_ext rtq")
+        k.connect(redis_url)
+        k.run("def helper(x):\n    return 1 / x")
+        helper = k.nb.cells[-1]
+        cell = k.run("%%rtq cells\nx = 0\ny = helper(x)\n")
+        tb = traceback_text(cell)
+        assert f"Cell In[{cell.execution_count}], line 3" in tb, tb
+        assert f"Cell In[{helper.execution_count}], line 2, in helper" in tb, tb
+
+
+def test_a_helper_from_an_earlier_cell_shows_that_cell(cells: Kernel) -> None:
+    """Code shipped by value keeps its cell's name and lines: traceback and warnings show them."""
+    helper = cells.run("import warnings\ndef helper(x):\n    warnings.warn('careful')\n    return 1 / x")
+    cell = cells.run("%%rtq cells\ny = helper(0)")
+    tb = traceback_text(cell)
+    assert errors(cell)[0].ename == "ZeroDivisionError"
+    assert f"Cell In[{helper.execution_count}], line 4, in helper" in tb, tb
+    assert "----> 4     return 1 / x" in tb and "<dynamic-code>" not in tb, tb
+    # The warning, printed on the worker, names the helper's cell file and shows its line.
+    filename = cells.value("helper.__code__.co_filename").strip("'")
+    warning = streams(cell, "stderr")
+    assert f"{filename}:3: UserWarning: careful" in warning, warning
+    assert "warnings.warn('careful')" in warning and "<dynamic-code>" not in warning, warning
+
+
+def test_a_comprehension_does_not_print_the_cells_frame_twice(cells: Kernel) -> None:
+    cell = cells.run("%%rtq cells\ny = 2\ntotal = [1 / (i - i) for i in range(y)]")
+    tb = traceback_text(cell)
+    assert errors(cell)[0].ename == "ZeroDivisionError"
+    assert tb.count("----> 3 total = [1 / (i - i) for i in range(y)]") == 1, tb
+    cell = cells.run("%%rtq cells\ny = 2\ntotal = sum(1 / (i - i) for i in range(y))")
+    assert traceback_text(cell).count("----> 3 total = sum(") == 1, traceback_text(cell)
+
+
+def test_an_executor_error_shows_the_users_frames_and_the_worker(cells: Kernel, redis_url: str) -> None:
+    """fut.result() in a cell: the cells' frames, then the worker; no rtq or futures internals."""
+    cells.run(f"import rtq\nq = rtq.connect({redis_url!r})\nex = rtq.Executor(q, 'cells')")
+    helper = cells.run("def helper(x):\n    return 1 / x")
+    caller = cells.run("import warnings\ndef bad(n):\n    warnings.warn('watch out')\n    return helper(n)")
+    cell = cells.run("fut = ex.submit(bad, 0)\nfut.result(30)")
+    tb = traceback_text(cell)
+    assert errors(cell)[0].ename == "ZeroDivisionError"
+    assert f"Cell In[{cell.execution_count}], line 2" in tb and "----> 2 fut.result(30)" in tb, tb
+    assert f"Cell In[{caller.execution_count}], line 4, in bad" in tb, tb
+    assert f"Cell In[{helper.execution_count}], line 2, in helper" in tb and "----> 2     return 1 / x" in tb, tb
+    assert re.search(r"ZeroDivisionError: division by zero\n\(raised on worker \S+, pid \d+\)", tb), tb
+    for internal in ("listener.py", "calls.py", "concurrent/futures", "<dynamic-code>", "Remote traceback"):
+        assert internal not in tb, (internal, tb)
+    # What the task printed on the worker (here its warning) names the cell and shows the line.
+    cell = cells.run(
+        "from rtq.watch import watch\nseen = []\nwatch(fut, on_output=lambda s, t: seen.append(t), timeout=30)\n"
+        "print(''.join(seen))"
+    )
+    filename = cells.value("bad.__code__.co_filename").strip("'")
+    out = streams(cell, "stdout")
+    assert f"{filename}:3: UserWarning: watch out" in out and "warnings.warn('watch out')" in out, out
 
 
 def test_no_wait_returns_a_handle_and_variables_arrive_on_wait(cells: Kernel) -> None:
     cell = cells.run("%%rtq cells --no-wait -o job\nz = 7\nz * 6")
     assert not errors(cell), traceback_text(cell)
     assert "%rtq wait job" in streams(cell, "stdout")
-    assert "rtq cell" in result(cell)["text/plain"]
+    assert not result(cell)  # the handle is in `job`, said once: not also shown as Out[n]
     assert cells.value("type(job).__mro__[1].__name__") == "'TaskFuture'"
     assert cells.value("'z' in dir()") == "False"  # nothing arrives behind the user's back
     assert cells.value("%rtq wait job") == "42"
@@ -192,6 +268,9 @@ def test_no_wait_returns_a_handle_and_variables_arrive_on_wait(cells: Kernel) ->
     # The other way to wait: the handle's result().
     cells.run("%%rtq cells --no-wait -o job2\nw = 3")
     assert cells.value("job2.result(30), w") == "(None, 3)"
+    # Without -o the handle is the cell's value (Out[n]), and only that.
+    cell = cells.run("%%rtq cells --no-wait\nv = 5")
+    assert not streams(cell) and "%%rtq cell In[" in result(cell)["text/plain"], cell.outputs
     # A failed --no-wait cell raises its own exception when waited on.
     cells.run("%%rtq cells --no-wait -o job3\n[][1]")
     cell = cells.run("%rtq wait job3")
@@ -268,43 +347,6 @@ def test_status(cells: Kernel) -> None:
     assert "queues=cells" in out and "workers (1)" in out
 
 
-def test_interrupt_stops_the_remote_cell(cells: Kernel, r: redis.Redis) -> None:
-    cell = nbformat.v4.new_code_cell(
-        "%%rtq cells -o slow\nimport time\nfor i in range(3000):\n    time.sleep(0.01)\nended = True"
-    )
-    cells.nb.cells.append(cell)
-
-    def execute() -> None:  # in a thread with its own event loop, closed after (no leaked loop)
-        loop = asyncio.new_event_loop()
-        try:
-            loop.run_until_complete(cells.client.async_execute_cell(cell, len(cells.nb.cells) - 1))
-        finally:
-            loop.close()
-
-    runner = threading.Thread(target=execute)
-    runner.start()
-    try:
-
-        def running() -> list[bytes]:
-            return [k for k in r.scan_iter("rtq|task-queue|task-result:*") if r.hget(k, "state") == b"running"]
-
-        wait_for(running, 30, "the cell to run on the worker")
-        run_sync(cells.client.km.interrupt_kernel)()
-    finally:
-        runner.join(60)
-    assert not runner.is_alive()
-    (err,) = errors(cell)
-    assert err.ename == "KeyboardInterrupt"
-    assert "stopped the remote cell" in traceback_text(cell), traceback_text(cell)
-    # The worker stopped the cell (it would otherwise run for 30 s) and the kernel knows it.
-    worker_ids = [w.decode() for w in r.zrange("rtq|task-queue|workers", 0, -1)]
-    wait_for(lambda: all(r.llen(f"rtq|task-queue|task-running|{w}") == 0 for w in worker_ids), 15, "the stop")
-    assert cells.value("type(slow.exception(10)).__name__") == "'TaskCancelled'"
-    assert cells.value("'ended' in dir()") == "False"
-    # The next cell runs at once.
-    assert cells.value("%%rtq cells\n1 + 1") == "2"
-
-
 def test_connect_without_url_starts_embedded_server_and_local_worker(tmp_path: Any) -> None:
     client = _client()
     with client.setup_kernel(env=_kernel_env()):
@@ -338,16 +380,149 @@ def test_connect_names_a_bad_url_without_its_password(kernel: Kernel) -> None:
     assert "redis://:***@127.0.0.1:1/0" in text and "socket_timeout" in text and "hunter2" not in text, text
 
 
+def bar_of(kernel: Kernel, cell: Any) -> dict[str, Any]:
+    """The bar a ``%%rtq`` cell showed: where it sits, its widgets' states, what the notebook keeps.
+
+    Returns {} when the cell showed none. While the cell runs its output is the widget; once it
+    ended, a still picture of it (``text/html`` and ``text/plain``), kept by a saved notebook.
+    """
+    shown = [
+        i
+        for i, o in enumerate(cell.outputs)
+        if "application/vnd.jupyter.widget-view+json" in o.get("data", {})
+        or "rtq-progress" in o.get("data", {}).get("text/html", "")
+    ]
+    if not shown:
+        return {}
+    states = {k: dict(v) for k, v in list(kernel.client.widget_state.items())}  # copies: another thread may update
+    label = f">%%rtq cell In[{cell.execution_count}]</span>"
+    labels = [k for k, m in states.items() if label in str(m.get("value", ""))]
+    parents = {str(c)[len("IPY_MODEL_") :]: k for k, m in states.items() for c in m.get("children", [])}
+    root = labels[0]
+    while root in parents:  # up to the view's box, then everything in it
+        root = parents[root]
+    mine, pending = {}, [root]
+    while pending:
+        model_id = pending.pop()
+        mine[model_id] = states.get(model_id, {})
+        pending += [str(c)[len("IPY_MODEL_") :] for c in mine[model_id].get("children", [])]
+    html_ = " ".join(m.get("value", "") for m in mine.values() if m.get("_model_name") == "HTMLModel")
+    bars = [m for m in mine.values() if m.get("_model_name") == "FloatProgressModel"]
+    return {"position": shown[0], "output": cell.outputs[shown[0]], "bars": bars, "html": html.unescape(html_)}
+
+
+LOOP = (
+    "import time, rtq\ntask = rtq.current_task()\nfor i in range(1, 21):\n    time.sleep(0.05)\n    task.update(i, 20)"
+)
+
+
 def test_progress_bar_appears_after_progress_after(cells: Kernel) -> None:
-    loop = "import time, rtq\ntask = rtq.current_task()\nfor i in range(1, 21):\n    time.sleep(0.05)\n"
-    loop += "    task.update(i, 20)"
-    cell = cells.run(f"%%rtq cells --progress-after 0.3\n{loop}")
+    cell = cells.run(f"%%rtq cells --progress-after 0.3\nprint('before the bar')\n{LOOP}\nprint('after it')")
     assert not errors(cell), traceback_text(cell)
-    bars = [o for o in cell.outputs if o.output_type == "display_data"]
-    assert len(bars) == 1, cell.outputs  # one bar, updated in place
-    assert not streams(cell), streams(cell)  # `task` (a RedisTask) quietly stays on the worker
-    assert "20/20" in bars[0].data["text/plain"] and "100%" in bars[0].data["text/plain"]
+    bar = bar_of(cells, cell)
+    assert bar and bar["position"] == 0, cell.outputs  # rtq.progress's widget, above the cell's output
+    assert streams(cell) == "before the bar\nafter it\n"  # `task` (a RedisTask) quietly stays on the worker
+    (gauge,) = bar["bars"]
+    assert gauge["value"] == gauge["max"] == 20 and gauge["bar_style"] == "success", gauge
+    assert re.search(r"20/20 \[00:0\d<00:00, +[\d.]+it/s\]", bar["html"]), bar["html"]
+    # Ended, the widget (the live view) gave way to a still picture, which a saved notebook keeps.
+    kept = bar["output"].data
+    assert "application/vnd.jupyter.widget-view+json" not in kept, kept
+    assert f"%%rtq cell In[{cell.execution_count}]: 100%" in kept["text/plain"] and "20/20 [" in kept["text/plain"]
+    assert "20/20 [" in kept["text/html"] and "#4caf50" in kept["text/html"], kept  # green
     # A cell that ends before --progress-after shows no bar.
-    cell = cells.run(f"%%rtq cells --progress-after 30\n{loop}")
+    cell = cells.run(f"%%rtq cells --progress-after 30\n{LOOP}")
     assert not errors(cell), traceback_text(cell)
-    assert not [o for o in cell.outputs if o.output_type == "display_data"]
+    assert not bar_of(cells, cell), cell.outputs
+
+
+def test_the_bar_turns_red_on_an_error_and_says_why(cells: Kernel) -> None:
+    failing = LOOP + "\n    if i == 10:\n        1 / 0"
+    cell = cells.run(f"%%rtq cells --progress-after 0.2\n{failing}")
+    assert errors(cell)[0].ename == "ZeroDivisionError"
+    bar = bar_of(cells, cell)
+    (gauge,) = bar["bars"]
+    assert 5 <= gauge["value"] <= 10 and gauge["bar_style"] == "danger", (
+        gauge
+    )  # where it stopped (reports are 0.1 s apart)
+    assert "failed: ZeroDivisionError: division by zero" in bar["html"], bar["html"]
+
+
+def test_text_bars_where_widgets_are_off(cells: Kernel) -> None:
+    cells.run("import os\nos.environ['RTQ_PROGRESS'] = 'text'")
+    try:
+        cell = cells.run(f"%%rtq cells --progress-after 0.3\nprint('before the bar')\n{LOOP}")
+    finally:
+        cells.run("del os.environ['RTQ_PROGRESS']")
+    assert not errors(cell), traceback_text(cell)
+    assert not bar_of(cells, cell)
+    first = cell.outputs[0]
+    assert first.output_type == "display_data" and "20/20 [" in first.data["text/plain"], cell.outputs
+    assert streams(cell) == "before the bar\n"
+
+
+def test_interrupt_stops_the_remote_cell(cells: Kernel, r: redis.Redis) -> None:
+    cell = nbformat.v4.new_code_cell(
+        "%%rtq cells -o slow --progress-after 0.2\nimport time, rtq\n"
+        "for i in rtq.tqdm(range(3000)):\n    time.sleep(0.01)\nended = True"
+    )
+    cells.nb.cells.append(cell)
+
+    def execute() -> None:  # in a thread with its own event loop, closed after (no leaked loop)
+        loop = asyncio.new_event_loop()
+        try:
+            loop.run_until_complete(cells.client.async_execute_cell(cell, len(cells.nb.cells) - 1))
+        finally:
+            loop.close()
+
+    runner = threading.Thread(target=execute)
+    runner.start()
+    try:
+
+        def running() -> bool:
+            bars = bar_of(cells, cell).get("bars", [])  # the bar is up: the cell runs on the worker
+            return bool(bars) and bars[0].get("value", 0) > 0
+
+        wait_for(running, 30, "the cell's bar to move")
+        run_sync(cells.client.km.interrupt_kernel)()
+    finally:
+        runner.join(60)
+    assert not runner.is_alive()
+    (err,) = errors(cell)
+    assert err.ename == "KeyboardInterrupt"
+    assert "stopped the remote cell" in traceback_text(cell), traceback_text(cell)
+    bar = bar_of(cells, cell)
+    (gauge,) = bar["bars"]
+    assert gauge["bar_style"] == "danger" and 0 < gauge["value"] < 3000 and "interrupted" in bar["html"], bar
+    # The worker stopped the cell (it would otherwise run for 30 s) and the kernel knows it.
+    worker_ids = [w.decode() for w in r.zrange("rtq|task-queue|workers", 0, -1)]
+    wait_for(lambda: all(r.llen(f"rtq|task-queue|task-running|{w}") == 0 for w in worker_ids), 15, "the stop")
+    assert cells.value("type(slow.exception(10)).__name__") == "'TaskCancelled'"
+    assert cells.value("'ended' in dir()") == "False"
+    # The next cell runs at once.
+    assert cells.value("%%rtq cells\n1 + 1") == "2"
+
+
+def test_status_lists_running_tasks_by_what_they_run(cells: Kernel, redis_url: str, tmp_path: Any) -> None:
+    flag = str(tmp_path / "go")
+    wait = f"import os, time\nwhile not os.path.exists({flag!r}):\n    time.sleep(0.05)"
+    cells.run(f"%%rtq cells --no-wait -o quiet\n{wait}")
+    quiet = cells.nb.cells[-1]
+    body = textwrap.indent(f"task = rtq.current_task()\ntask.update(3, epochs)\n{wait}", "    ")
+    cells.run(
+        f"import rtq\nq = rtq.connect({redis_url!r})\nex = rtq.Executor(q, 'cells')\n"
+        f"def train(epochs):\n{body}\nfut = ex.submit(train, 12)"
+    )
+    try:
+
+        def listed() -> str:
+            out = streams(cells.run("%rtq status"))
+            return out if "running tasks (2)" in out and "train(12)  on cells  3/12 (25%)" in out else ""
+
+        out = str(wait_for(listed, 30, "both tasks to run and report"))
+        line = next(ln for ln in out.splitlines() if f"%%rtq cell In[{quiet.execution_count}]" in ln)
+        assert re.search(r"  on cells  no progress reported  running \d+s  worker \S+  task [0-9a-f]{32}$", line), out
+        assert "0/100" not in out, out
+    finally:
+        open(flag, "w").close()
+    assert cells.value("fut.result(30), quiet.result(30)") == "(None, None)"

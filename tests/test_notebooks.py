@@ -10,6 +10,7 @@ kernel started has exited.
 
 from __future__ import annotations
 
+import html
 import importlib.util
 import os
 import re
@@ -19,7 +20,7 @@ from typing import Any
 import nbformat
 import pytest
 
-from conftest import ROOT, wait_for
+from conftest import ROOT, child_env, wait_for
 from nbrun import execute, processes_with_env
 
 NOTEBOOKS = ROOT / "notebooks"
@@ -36,7 +37,7 @@ def _leftovers(token: str) -> list[int]:
 def _run(name: str) -> Any:
     """Execute notebook ``name`` in a fresh kernel; fail if anything it started outlives the kernel."""
     token = uuid.uuid4().hex
-    env = {k: v for k, v in os.environ.items() if k not in ("RTQ_REDIS_URL", "RTQ_SECRET", "RTQ_PROGRESS")}
+    env = {k: v for k, v in child_env().items() if k not in ("RTQ_REDIS_URL", "RTQ_SECRET", "RTQ_PROGRESS")}
     env["RTQ_NB_TEST"] = token  # inherited by the kernel's children: finds leaks
     try:
         nb = execute(NOTEBOOKS / name, env=env, timeout=CELL_TIMEOUT)
@@ -61,6 +62,14 @@ def _text(cell: Any) -> str:
         elif out.output_type == "error":
             parts.append(_ANSI.sub("", "\n".join(out.traceback)))
     return "".join(parts)
+
+
+def _widget_text(nb: Any) -> str:
+    """The text of every HTML widget the notebook's saved widget state holds."""
+    state = nb.metadata.get("widgets", {}).get("application/vnd.jupyter.widget-state+json", {}).get("state", {})
+    return " ".join(
+        html.unescape(m["state"].get("value", "")) for m in state.values() if m["model_name"] == "HTMLModel"
+    )
 
 
 def _cell(nb: Any, starts: str) -> Any:
@@ -122,8 +131,11 @@ def test_cell_magic_notebook_runs_top_to_bottom() -> None:
     assert "mean: 249.75 | scratch came back: False" in _text(_cell(nb, 'print("mean:"'))
     live = _cell(nb, "%%rtq --progress-after")
     assert "step 0" in _text(live) and "step 20" in _text(live)
-    assert any("30/30" in o.data.get("text/plain", "") for o in live.outputs if o.output_type == "display_data")
-    assert "%rtq wait job" in _text(_cell(nb, "%%rtq --no-wait -o job"))
+    assert live.outputs[0].output_type == "display_data", live.outputs  # the bar, above the prints
+    assert "30/30 [" in live.outputs[0].data["text/plain"], live.outputs  # its final picture stays
+    assert "30/30 [" in _widget_text(nb) and "%%rtq cell In[" in _widget_text(nb)  # the live widgets'
+    waited = _cell(nb, "%%rtq --no-wait -o job")
+    assert "%rtq wait job" in _text(waited) and not [o for o in waited.outputs if o.output_type == "execute_result"]
     assert "answer arrived yet: False" in _text(_cell(nb, 'print("meanwhile'))
     assert _text(_cell(nb, "%rtq wait job")) == "42" and _text(_cell(nb, "answer")) == "42"
     assert "stopped: task" in _text(_cell(nb, "import rtq\n\ntry:"))

@@ -155,7 +155,8 @@ def test_rtq_status_shows_workers_whose_records_lack_fields(redis_url, r):
     assert "running=1" in lines["old-version"]
     assert "slots=2" in lines["odd-types"] and "queues=" not in lines["odd-types"]
     assert "not one this rtq can read" in lines["not-json"] and "not one this rtq can read" in lines["a-list"]
-    assert "t1  gpu  0/100 (0%)  on old-version" in done.stdout
+    # The running task with what its garbled record still says: its queue, no progress, its worker.
+    assert "t1  on gpu  no progress reported  running ?  worker old-version" in done.stdout
 
 
 # -- what is this machine ---------------------------------------------------------------------

@@ -1,22 +1,36 @@
-"""Live bars for remote tasks: ``rtq.progress(*futures_or_ids)``.
+"""Live bars for remote tasks: ``rtq.progress(*futures_or_ids)``, and the bar of a ``%%rtq`` cell.
 
-How it looks depends on where it runs (or on ``mode=`` / ``RTQ_PROGRESS=widget|text|off``):
+:class:`Progress` follows the tasks' events streams (:mod:`rtq.watch`: pushed, not polled) and
+keeps what each bar shows — a :class:`Row` per task, or one for all of them in aggregate mode.
+A :class:`View` shows it, one rendering per medium behind one small interface (``start``,
+``update``, ``output``, ``finish``); how it looks depends on where it runs (or on ``mode=`` /
+``RTQ_PROGRESS=widget|text|off``):
 
-* **widget** — in a Jupyter kernel with ipywidgets: one bar per task (description, count,
-  elapsed and remaining time; green when done, red when failed, grey when cancelled) and the
-  tasks' output below, in the cell that called it. It returns at once: a background thread
-  updates the widget models, so the notebook stays usable; ``.wait()`` blocks if wanted.
-* **text** — elsewhere: tqdm bars on stderr that block until every task ended, the tasks' output
-  printed above them. In a kernel without ipywidgets this is the fallback, announced by a
-  one-line install hint; never an exception.
-* **off** — shows nothing and returns at once.
+* **widget** — :class:`rtq.notebook.widgets.WidgetView`, in a Jupyter kernel with ipywidgets:
+  one bar per task (label, count, elapsed and remaining time, rate; blue while it runs, green
+  when done, red when it failed or was interrupted, grey when cancelled). ``rtq.progress``
+  returns at once: a background thread moves the bars, so the notebook stays usable;
+  ``.wait()`` blocks if wanted.
+* **text** — :class:`rtq.textview.TextView`: the same rows as tqdm lines, redrawn in place on a terminal's
+  stderr, or, in a kernel without widgets, one text display updated in place. It blocks until
+  every task ended. In a kernel without ipywidgets this is the fallback, announced by a one-line
+  install hint; never an exception.
+* **off** — :class:`NullView`: shows nothing and returns at once.
 
-More than ``many`` tasks (20) show as one aggregate bar plus the list of failures, not one bar
-each. Everything comes from the tasks' events streams (:mod:`rtq.watch`): pushed, not polled.
+What the tasks print is shown as a terminal shows it: a ``\\r`` rewrites the current line, so a
+library's own tqdm bar inside a task ends up as one line. When several tasks print, each line
+starts with its task's label — one label per task (by default the call, ``train(3)``: see
+:func:`rtq.calls.call_label`), which its bar and the failure list use too. In a notebook that
+text is ordinary output of the cell that called ``rtq.progress``, so it stays in the saved
+notebook; the widget is the live view, and shows under its bar the line a task is still writing.
+
+More than ``many`` tasks (20) show as one aggregate bar — done and failed apart — plus the list
+of failures, not one bar each.
 """
 
 from __future__ import annotations
 
+import contextvars
 import logging
 import os
 import sys
@@ -29,13 +43,14 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
 
 from .backend.store import text
+from .textview import Screen, in_kernel
 from .watch import Event, Follower
 
 if TYPE_CHECKING:
     from .executor import TaskFuture
     from .task_queue import RedisTaskQueue
 
-__all__ = ["MANY", "Progress", "progress"]
+__all__ = ["MANY", "Board", "NullView", "Progress", "Row", "View", "follow_cell", "progress"]
 
 logger = logging.getLogger(__name__)
 
@@ -45,107 +60,135 @@ MODES = ("auto", "widget", "text", "off")
 INSTALL_HINT = (
     "rtq.progress: ipywidgets is not installed, showing text bars; for live widget bars: pip install ipywidgets"
 )
+TICK = 1.0
+"""Seconds between redraws of running bars when nothing happens (their elapsed time moves)."""
+ENDED = ("done", "failed", "cancelled", "lost", "interrupted")
+"""How a row ends: the states of :data:`rtq.watch.FINAL_STATES`, and ``interrupted`` (the kernel's
+interrupt stopped the watching, and with a ``%%rtq`` cell the cell)."""
 _hinted = False
 
 
 @dataclass
 class Row:
-    """What one bar shows: a task, or all of them in aggregate mode."""
+    """What one bar shows: a task, or all of them in aggregate mode.
+
+    Attributes:
+        label: The task's label (aggregate: what the tasks are).
+        current: Progress so far (aggregate: tasks ended).
+        total: What ``current`` counts up to; None when unknown.
+        description: The task's own ``rtq.tqdm`` description, shown with its bar.
+        state: How it ended (see :data:`ENDED`); None while it runs.
+        error: A one-line summary of how it failed.
+        started: When the bar started (Unix seconds).
+        ended: When it ended; its times are frozen there.
+        done: Aggregate: tasks done.
+        failed: Aggregate: tasks that failed, were cancelled or were lost.
+        line: The line the task is writing now (a library's tqdm redrawing it), for live views.
+        unit: What ``current`` counts (``it``; aggregate: ``task``), for the rate.
+    """
 
     label: str
     current: float = 0.0
     total: float | None = None
     description: str | None = None
-    state: str | None = None  # the final state, once ended
+    state: str | None = None
+    error: str = ""
     started: float = field(default_factory=time.time)
     ended: float | None = None
+    done: int = 0
+    failed: int = 0
+    line: str = ""
+    unit: str = "it"
 
     @property
-    def title(self) -> str:
-        return self.description or self.label
+    def elapsed(self) -> float:
+        return max(0.0, (self.ended or time.time()) - self.started)
+
+    def fraction(self) -> float:
+        """How full the bar is, 0 to 1 (0 when the total is unknown)."""
+        return min(1.0, self.current / self.total) if self.total else 0.0
 
     def counts(self) -> str:
-        """``"3/10 [00:12<00:28]"``, or ``"3 [00:12]"`` without a total, plus the final state."""
+        """``"3/10 [00:01<00:02, 2.50it/s]"`` as tqdm writes it; aggregate: done and failed apart."""
         from tqdm.std import tqdm
 
-        elapsed = max(0.0, (self.ended or time.time()) - self.started)
-        n = _num(self.current)
-        if self.total:
-            rate = self.current / elapsed if elapsed and self.current else 0.0
-            left = (self.total - self.current) / rate if rate else None
-            remaining = "?" if left is None or self.state else tqdm.format_interval(max(0.0, left))
-            out = f"{n}/{_num(self.total)} [{tqdm.format_interval(elapsed)}<{remaining}]"
+        n, total = _num(self.current), (_num(self.total) if self.total else None)
+        ended_early = self.state is not None and self.state != "done"  # no time left to estimate
+        times = "[{elapsed}, {rate_fmt}]" if ended_early or total is None else "[{elapsed}<{remaining}, {rate_fmt}]"
+        if total is None and not n:  # nothing counted: only how long it has run
+            return tqdm.format_meter(0, None, self.elapsed, bar_format="[{elapsed}]")
+        if total is None:
+            counts = "{n_fmt}"
+        elif self.failed:
+            counts = "{n_fmt}/{total_fmt}: " + f"{self.done} done, {self.failed} failed"
         else:
-            out = f"{n} [{tqdm.format_interval(elapsed)}]"
-        return out if self.state in (None, "done") else f"{out} {self.state}"
+            counts = "{n_fmt}/{total_fmt}"
+        return tqdm.format_meter(n, total, self.elapsed, unit=self.unit, bar_format=f"{counts} {times}")
+
+    def detail(self) -> str:
+        """What else there is to say: how it ended when not done, else the task's description."""
+        if self.done or self.failed:  # aggregate: its counts say how the tasks ended
+            return ""
+        if self.state is not None and self.state != "done":
+            return f"{self.state}: {self.error}" if self.error else self.state
+        return self.description or ""
+
+
+@dataclass
+class Board:
+    """Everything a :class:`View` draws.
+
+    Attributes:
+        rows: The bars.
+        aggregate: One bar for many tasks (then the failures are listed).
+        failures: ``"<label>: <error>"`` for each task that did not end done.
+        bars: Whether there are bars at all (a ``%%rtq`` cell with progress off shows only its
+            output).
+        visible: Whether the bars show yet (a ``%%rtq`` cell's appear once it ran a while).
+    """
+
+    rows: list[Row]
+    aggregate: bool = False
+    failures: list[str] = field(default_factory=list)
+    bars: bool = True
+    visible: bool = True
 
 
 class View(Protocol):
-    """A way to show rows: text bars, widgets, or nothing."""
+    """One medium's rendering of a :class:`Progress`.
 
-    raw_output: bool  # True: show output chunks as written; False: whole lines only
+    ``start`` is called once, in the thread that made the view (a notebook places the bars in
+    the cell running then); then ``update`` and ``output`` as things happen, from the thread
+    that follows the tasks (maybe another); ``finish`` once, at the end.
+    """
 
-    def render(self, rows: list[Row], indices: Iterable[int]) -> None: ...
-    def write(self, kind: str, text: str) -> None: ...
-    def failures(self, lines: list[str]) -> None: ...
-    def close(self) -> None: ...
+    def start(self, board: Board) -> None:
+        """Take the bars' place: where the output of the calling code goes now (hidden while not ``board.visible``)."""
+
+    def update(self, board: Board, indices: Iterable[int]) -> None:
+        """Redraw these rows (and the failure list); show the bars once ``board.visible``."""
+
+    def output(self, kind: str, text: str) -> None:
+        """Show what the tasks wrote (``kind``: ``"stdout"`` or ``"stderr"``), as it is given."""
+
+    def finish(self, board: Board) -> None:
+        """Draw the final state; the bars stay, showing how the tasks ended."""
 
 
 class NullView:
-    raw_output = True
+    """Shows nothing (``mode="off"``)."""
 
-    def render(self, rows: list[Row], indices: Iterable[int]) -> None:
+    def start(self, board: Board) -> None:
         pass
 
-    def write(self, kind: str, text: str) -> None:
+    def update(self, board: Board, indices: Iterable[int]) -> None:
         pass
 
-    def failures(self, lines: list[str]) -> None:
+    def output(self, kind: str, text: str) -> None:
         pass
 
-    def close(self) -> None:
+    def finish(self, board: Board) -> None:
         pass
-
-
-class TextView:
-    """tqdm bars on stderr; task output printed above them, line by line."""
-
-    raw_output = False
-    COLOURS = {"done": "green", "failed": "red", "lost": "red", "cancelled": "#808080"}
-
-    def __init__(self, rows: list[Row]) -> None:
-        from tqdm.std import tqdm
-
-        self._tqdm = tqdm
-        self._failures: list[str] = []
-        self.bars = [
-            tqdm(total=row.total, desc=row.title, position=i, leave=True, file=sys.stderr, mininterval=0)
-            for i, row in enumerate(rows)
-        ]
-
-    def render(self, rows: list[Row], indices: Iterable[int]) -> None:
-        for i in indices:
-            row, bar = rows[i], self.bars[i]
-            bar.total = _num(row.total) if row.total else None
-            bar.n = _num(row.current)
-            bar.set_description_str(row.title, refresh=False)
-            if row.state is not None:
-                bar.colour = self.COLOURS.get(row.state)
-                if row.state != "done":
-                    bar.set_postfix_str(row.state, refresh=False)
-            bar.refresh()
-
-    def write(self, kind: str, text: str) -> None:
-        self._tqdm.write(text, file=sys.stdout if kind == "stdout" else sys.stderr, end="")
-
-    def failures(self, lines: list[str]) -> None:
-        self._failures = lines
-
-    def close(self) -> None:
-        for bar in reversed(self.bars):
-            bar.close()
-        for line in self._failures:
-            print(line, file=sys.stderr)
 
 
 class Progress:
@@ -154,10 +197,22 @@ class Progress:
     Attributes:
         rows: What each bar shows (one per task, or one for all in aggregate mode).
         failures: ``"<label>: <error>"`` for each task that failed, was cancelled or was lost.
+        labels: Each task's label, in the order given.
     """
 
     def __init__(
-        self, follower: Follower, view: View, labels: list[str], *, aggregate: bool, show_output: bool, mode: str
+        self,
+        follower: Follower,
+        view: View,
+        labels: list[str],
+        *,
+        aggregate: bool,
+        show_output: bool,
+        mode: str,
+        title: str | None = None,
+        raw_output: bool = False,
+        bars: bool = True,
+        show_after: float | None = None,
     ) -> None:
         self.follower = follower
         self.view = view
@@ -165,14 +220,31 @@ class Progress:
         self.labels = labels
         self.aggregate = aggregate
         self.show_output = show_output
-        self.rows = [Row(f"{len(labels)} tasks", total=len(labels))] if aggregate else [Row(lb) for lb in labels]
-        self.failures: list[str] = []
+        self.raw_output = raw_output  # a %%rtq cell's own output: written as it came
+        # None: the bars show at once (rtq.progress); else once progress came and the tasks ran
+        # this many seconds (a %%rtq cell's); never without bars at all.
+        self.show_after = show_after
+        if aggregate:
+            rows = [Row(title or f"{len(labels)} tasks", total=len(labels), unit="task")]
+        else:
+            rows = [Row(lb) for lb in labels]
+        self.board = Board(rows, aggregate=aggregate, bars=bars, visible=bars and show_after is None)
         self._index = {t.id: i for i, t in enumerate(follower.tasks)}
-        self._partial: dict[tuple[int, str], str] = {}
+        self._screens: dict[tuple[int, str], Screen] = {}  # what each task's stdout/stderr shows
+        self._reported = False  # progress arrived (a %%rtq cell's bar shows only then)
         self._stop = threading.Event()
         self._finished = threading.Event()
         self._thread: threading.Thread | None = None
         self._created_in: int | None = None  # the IPython execution that displayed it
+        self._started = time.monotonic()
+
+    @property
+    def rows(self) -> list[Row]:
+        return self.board.rows
+
+    @property
+    def failures(self) -> list[str]:
+        return self.board.failures
 
     def __repr__(self) -> str:
         states = [s for s in self.follower.states().values() if s]
@@ -198,19 +270,27 @@ class Progress:
     def _ipython_display_(self) -> None:
         # The bars were displayed when created; show them again only when asked in a later cell.
         ip = _ipython()
-        if ip is not None and self._created_in != ip.execution_count and hasattr(self.view, "box"):
+        widget = getattr(self.view, "widget", None)
+        if ip is not None and self._created_in != ip.execution_count and widget is not None:
             from IPython.display import display
 
-            display(self.view.box)  # type: ignore[attr-defined]
+            display(widget)
         elif self.mode != "widget":
             print(repr(self))
 
     # -- following ----------------------------------------------------------------------------
-    def _start(self, timeout: float | None) -> None:
-        self._thread = threading.Thread(target=self._run, args=(timeout,), name="rtq-progress", daemon=True)
-        self._thread.start()
+    def start(self) -> None:
+        """Show the bars where output goes now (call it in the thread whose output that is)."""
+        ip = _ipython()
+        self._created_in = ip.execution_count if ip is not None else None
+        self.view.start(self.board)
 
-    def _run(self, timeout: float | None) -> None:
+    def follow(self, timeout: float | None = None) -> None:
+        """Follow in this thread until every task ended (or ``timeout``, or :meth:`stop`).
+
+        Raises:
+            KeyboardInterrupt: interrupted; the rows still running end as ``interrupted``.
+        """
         deadline = None if timeout is None else time.monotonic() + timeout
         try:
             ticked = time.monotonic()
@@ -218,29 +298,60 @@ class Progress:
                 remaining = None if deadline is None else deadline - time.monotonic()
                 if remaining is not None and remaining <= 0:
                     break
-                dirty = self._apply(self.follower.poll(remaining))
-                if time.monotonic() - ticked >= 1.0:  # keep elapsed/remaining times moving
+                dirty = self._apply(self.follower.poll(self._wait_for(remaining)))
+                if time.monotonic() - ticked >= TICK:  # keep elapsed/remaining times moving
                     ticked = time.monotonic()
                     dirty |= {i for i, row in enumerate(self.rows) if row.state is None}
+                if self._due():
+                    self.board.visible = True
+                    dirty |= set(range(len(self.rows)))
                 if dirty:
-                    self.view.render(self.rows, sorted(dirty))
+                    self.view.update(self.board, sorted(dirty))
+        except KeyboardInterrupt:
+            self._end_running("interrupted")
+            raise
         except Exception:
-            if self._thread is None:
+            if threading.current_thread() is not self._thread:
                 raise
             logger.exception("rtq.progress stopped following")  # a background view must not kill the kernel
         finally:
             try:
-                for key in list(self._partial):
-                    self._flush_partial(*key)
-                self.view.close()
+                for i, kind in list(self._screens):
+                    self._flush(i, kind)
+                self.view.finish(self.board)
             finally:
                 self._finished.set()
+
+    def _start_thread(self, timeout: float | None) -> None:
+        # The thread runs in a copy of this context: what it prints (the tasks' output) goes to
+        # the cell that called rtq.progress, even once another cell runs (ipykernel >= 7 keeps
+        # each context's parent message).
+        context = contextvars.copy_context()
+        self._thread = threading.Thread(
+            target=context.run, args=(self.follow, timeout), name="rtq-progress", daemon=True
+        )
+        self._thread.start()
+
+    def _wait_for(self, remaining: float | None) -> float | None:
+        """How long the next poll may block: up to the deadline, or until the bars are due."""
+        if not self._pending():
+            return remaining
+        due = max(0.0, (self.show_after or 0.0) - (time.monotonic() - self._started))
+        return due if remaining is None else min(due, remaining)
+
+    def _due(self) -> bool:
+        return self._pending() and time.monotonic() - self._started >= (self.show_after or 0.0)
+
+    def _pending(self) -> bool:
+        """Whether bars wait to show, and progress came (they show only then)."""
+        return self.board.bars and not self.board.visible and self.show_after is not None and self._reported
 
     def _apply(self, events: list[Event]) -> set[int]:
         dirty: set[int] = set()
         for event in events:
             i = self._index[event.task_id]
             if event.kind == "progress":
+                self._reported = True
                 if not self.aggregate:
                     row = self.rows[i]
                     row.current, row.total, row.description = event.current, event.total, event.description
@@ -251,62 +362,79 @@ class Progress:
                 self._ended(i, event.text)
                 dirty.add(0 if self.aggregate else i)
             elif self.show_output:
-                self._output(i, event.kind, event.text)
+                if self._output(i, event.kind, event.text) and not self.aggregate:
+                    dirty.add(i)
         return dirty
 
     def _ended(self, i: int, state: str) -> None:
         for kind in ("stdout", "stderr"):
-            self._flush_partial(i, kind)
-        row = self.rows[0] if self.aggregate else self.rows[i]
+            self._flush(i, kind)
         now = time.time()
+        error = self._error(i, state) if state != "done" else ""
         if state != "done":
-            self.failures.append(f"{self.labels[i]}: {self._error(i, state)}")
-            self.view.failures(self.failures)
+            self.board.failures.append(f"{self.labels[i]}: {error or state}")
         if not self.aggregate:
-            row.state, row.ended = state, now
+            row = self.rows[i]
+            row.state, row.error, row.ended, row.line = state, error, now, ""
             return
+        row = self.rows[0]
         row.current += 1
+        if state == "done":
+            row.done += 1
+        else:
+            row.failed += 1
         if row.current >= len(self.labels):
-            row.state, row.ended = ("done" if not self.failures else "failed"), now
+            row.state, row.ended = ("done" if not row.failed else "failed"), now
+
+    def _end_running(self, state: str) -> None:
+        now = time.time()
+        for row in self.rows:
+            if row.state is None:
+                row.state, row.ended = state, now
 
     def _error(self, i: int, state: str) -> str:
+        """The one-line summary of how task ``i`` failed ('' when there is nothing to add)."""
         if state != "failed":
-            return state
+            return ""
         task = self.follower.tasks[i]
         if task.future is not None:
             try:
                 exc = task.future.exception(timeout=5)  # resolved right after the state event
             except (FutureTimeout, Exception):
-                return state
-            return _clip(f"{type(exc).__name__}: {exc}") if exc is not None else state
+                return ""
+            return _clip(f"{type(exc).__name__}: {exc}") if exc is not None else ""
         info = self.follower.events.error_summary(task.id)
         if "type" not in info:
-            return state
+            return ""
         return _clip(f"{info['type'].rsplit('.', 1)[-1]}: {info.get('message', '')}")
 
-    def _output(self, i: int, kind: str, chunk: str) -> None:
-        if self.view.raw_output and len(self.labels) == 1:
-            self.view.write(kind, chunk)
-            return
-        buffered = self._partial.pop((i, kind), "") + chunk
-        head, newline, tail = buffered.rpartition("\n")
-        if tail:
-            self._partial[(i, kind)] = tail
-        if newline:
-            self.view.write(kind, self._lines(i, head + "\n"))
+    def _output(self, i: int, kind: str, chunk: str) -> bool:
+        """Show what task ``i`` wrote; True when the line it is writing changed."""
+        if self.raw_output:  # a %%rtq cell's own output: the notebook renders it as it renders a cell's
+            self.view.output(kind, chunk)
+            return False
+        screen = self._screens.setdefault((i, kind), Screen())
+        ended = screen.feed(chunk)
+        if ended:
+            self.view.output(kind, self._lines(i, ended))
+        if self.aggregate:
+            return False
+        row = self.rows[i]
+        line, row.line = row.line, screen.line
+        return line != row.line
 
-    def _flush_partial(self, i: int, kind: str) -> None:
-        rest = self._partial.pop((i, kind), "")
+    def _flush(self, i: int, kind: str) -> None:
+        screen = self._screens.pop((i, kind), None)
+        rest = screen.flush() if screen is not None else []
         if rest:
-            self.view.write(kind, self._lines(i, rest + "\n"))
+            self.view.output(kind, self._lines(i, rest))
+        if not self.aggregate:
+            self.rows[i].line = ""
 
-    def _lines(self, i: int, lines: str) -> str:
-        # A task's own bar redraws a line with \r: show what a terminal would end up showing.
-        out = []
-        for line in lines.replace("\r\n", "\n").split("\n")[:-1]:
-            shown = next((seg for seg in reversed(line.split("\r")) if seg), "")
-            out.append(f"[{self.labels[i]}] {shown}" if len(self.labels) > 1 else shown)
-        return "\n".join(out) + "\n"
+    def _lines(self, i: int, lines: list[str]) -> str:
+        if len(self.labels) > 1:
+            return "".join(f"[{self.labels[i]}] {line}\n" for line in lines)
+        return "".join(line + "\n" for line in lines)
 
 
 def progress(
@@ -327,7 +455,9 @@ def progress(
             auto: widgets in a Jupyter kernel, text elsewhere).
         output: Also show what the tasks print (default: yes, unless in aggregate mode).
         many: Above this many tasks, show one aggregate bar and the list of failures.
-        desc: Label of the bars (default: the submitted function's name, else the task id).
+        desc: Label of the bars (default: each task's own, the call it runs, ``train(3)``, as its
+            future or its record names it; else the start of its id). In aggregate mode it
+            titles the one bar, and the failures keep the tasks' own labels.
         timeout: Stop following after this many seconds (the tasks go on).
 
     Returns:
@@ -340,27 +470,68 @@ def progress(
     items = _flatten(tasks)
     chosen = _mode(mode)
     follower = Follower(items, queue=queue)
-    labels = _unique([desc or _label(item) for item in items])
     aggregate = len(items) > many
+    own = _labels(items, follower)
+    labels = _unique(own if aggregate or desc is None else [desc] * len(items))
     show_output = (not aggregate) if output is None else output
-    bar = Progress(follower, NullView(), labels, aggregate=aggregate, show_output=show_output, mode=chosen)
-    if chosen == "widget":
+    view, chosen = _view(chosen, aggregate=aggregate, output=show_output)
+    bar = Progress(
+        follower,
+        view,
+        labels,
+        aggregate=aggregate,
+        show_output=show_output,
+        mode=chosen,
+        title=desc if aggregate else None,
+    )
+    bar.start()
+    if chosen == "text":
+        bar.follow(timeout)
+    else:
+        bar._start_thread(timeout)
+    return bar
+
+
+def follow_cell(fut: TaskFuture, *, show_after: float | None) -> Progress:
+    """The bar and output of a ``%%rtq`` cell: started here, followed by :meth:`Progress.follow`.
+
+    What the cell prints is written as it came, into the running cell (the notebook renders it
+    as a cell's own output); the bar appears above it once the cell has run ``show_after``
+    seconds and reported progress (None: never).
+    """
+    chosen = _mode(None)
+    bars = show_after is not None and chosen != "off"  # off: no bar, and the cell's output still shows
+    view, chosen = _view("text" if chosen == "off" else chosen, aggregate=False, output=True)
+    label = getattr(fut, "label", None) or "%%rtq cell"
+    bar = Progress(
+        Follower([fut]),
+        view,
+        [label],
+        aggregate=False,
+        show_output=True,
+        mode=chosen,
+        raw_output=True,
+        show_after=show_after or 0.0,
+        bars=bars,
+    )
+    bar.start()
+    return bar
+
+
+def _view(mode: str, *, aggregate: bool, output: bool) -> tuple[View, str]:
+    """The view for ``mode``, and the mode it ends up as (text, when widgets are missing)."""
+    if mode == "off":
+        return NullView(), mode
+    if mode == "widget":
         try:
             from .notebook.widgets import WidgetView
 
-            bar.view = WidgetView(bar.rows, aggregate=aggregate, output=show_output)  # displays it here
+            return WidgetView(aggregate=aggregate, output=output), mode
         except ImportError:
             _hint()
-            chosen = bar.mode = "text"
-        else:
-            ip = _ipython()
-            bar._created_in = ip.execution_count if ip is not None else None
-    if chosen == "text":
-        bar.view = TextView(bar.rows)
-        bar._run(timeout)
-        return bar
-    bar._start(timeout)
-    return bar
+    from .textview import TextView
+
+    return TextView(), "text"
 
 
 def _flatten(tasks: tuple[Any, ...]) -> list[Any]:
@@ -381,8 +552,7 @@ def _mode(mode: str | None) -> str:
         source = "mode" if mode else "RTQ_PROGRESS"
         raise ValueError(f"{source} must be one of {', '.join(MODES)}, not {chosen!r}")
     if chosen == "auto":
-        ip = _ipython()
-        chosen = "widget" if ip is not None and getattr(ip, "kernel", None) is not None else "text"
+        chosen = "widget" if in_kernel() else "text"
     return chosen
 
 
@@ -399,11 +569,17 @@ def _hint() -> None:
         print(INSTALL_HINT, file=sys.stderr)
 
 
-def _label(item: Any) -> str:
-    if isinstance(item, Future):
-        name = getattr(item, "label", None)
-        return name or str(getattr(item, "task_id", "task"))[:8]
-    return text(item)[:8]
+def _labels(items: list[Any], follower: Follower) -> list[str]:
+    """Each task's own label: its future's, else the one its record holds, else its id's start."""
+    labels: list[str | None] = [getattr(item, "label", None) if isinstance(item, Future) else None for item in items]
+    bare = [i for i, lb in enumerate(labels) if lb is None and not isinstance(items[i], Future)]
+    if bare:
+        pipe = follower.store.redis.pipeline(transaction=False)
+        for i in bare:
+            pipe.hget(follower.keys.task(follower.tasks[i].id), "label")
+        for i, stored in zip(bare, pipe.execute(), strict=True):
+            labels[i] = text(stored) if stored else None
+    return [lb or follower.tasks[i].id[:8] for i, lb in enumerate(labels)]
 
 
 def _unique(labels: list[str]) -> list[str]:

@@ -49,7 +49,8 @@ class TaskFuture(concurrent.futures.Future):  # type: ignore[type-arg]
 
     Attributes:
         task_id: The id of the task in Redis.
-        label: The submitted function's name (what ``rtq.progress`` shows), or None.
+        label: The submitted call's label, e.g. ``train(3)`` (what ``rtq.progress`` and
+            ``rtq status`` show), or None.
     """
 
     def __init__(self, executor: Executor, task: RedisTask) -> None:
@@ -58,8 +59,7 @@ class TaskFuture(concurrent.futures.Future):  # type: ignore[type-arg]
         self.name = task.name
         self.expiry = task.expiry
         self._executor = executor
-        fn = getattr(task.params, "fn", None)
-        self.label: str | None = getattr(fn, "__name__", None)  # what rtq.progress calls it
+        self.label: str | None = getattr(task.params, "label", None) or None  # what rtq.progress calls it
         self._last_progress: tuple[float, float] = (0.0, 100.0)
 
     def __repr__(self) -> str:

@@ -71,10 +71,16 @@ class tqdm(_tqdm):  # type: ignore[type-arg]  # lowercase: the name users know
         try:
             super().__init__(*args, **kwargs)
         except BaseException:
-            bars.remove(self)
+            _forget(bars, self)
             raise
         if self.disable:
-            bars.remove(self)
+            _forget(bars, self)
+        elif not self._rtq_draw:
+            # It draws nothing here, so it must not take a line: a library's own bar inside this
+            # loop then draws on the task's current line (position 0), not on the one under it
+            # with cursor moves, which its watchers would see as a new line at every redraw.
+            with self._lock:
+                self._instances.discard(self)
 
     def display(self, msg: str | None = None, pos: int | None = None) -> bool | None:
         task = self._rtq_task
@@ -95,8 +101,7 @@ class tqdm(_tqdm):  # type: ignore[type-arg]  # lowercase: the name users know
         mine = current_task() is task  # not from a garbage collection after the task ended
         if outermost and mine:
             _report(task, force=True)  # the final state, even of a loop left early
-        if self in bars:
-            bars.remove(self)
+        _forget(bars, self)
         if not outermost and bars and mine:
             _report(task)
 
@@ -106,6 +111,11 @@ def _bars(task: RedisTask) -> list[tqdm]:
     if bars is None:
         bars = task._rtq_bars = []  # type: ignore[attr-defined]
     return bars
+
+
+def _forget(bars: list[tqdm], bar: tqdm) -> None:
+    """Take ``bar`` off ``bars`` by identity: tqdm bars compare equal by position, not by who they are."""
+    bars[:] = [b for b in bars if b is not bar]
 
 
 def _report(task: RedisTask, *, force: bool = False) -> None:

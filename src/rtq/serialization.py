@@ -1,10 +1,11 @@
 """The envelope every payload rtq stores in Redis travels in.
 
 A payload is a Python object pickled with cloudpickle (protocol 5), so closures and classes
-defined in a notebook ship by value. Large buffers (anything that supports pickle protocol 5
-out-of-band data: numpy arrays, ``pickle.PickleBuffer``) go *out of band*: they are stored as raw
-frames next to the pickle stream instead of being copied into it, and frames over ``CHUNK`` bytes
-are split so no single Redis value comes near its 512 MB limit. The pickle stream itself is one
+defined in a notebook ship by value (keeping their file names, with a notebook cell's lines:
+see :mod:`rtq.sources`). Large buffers (anything that supports pickle protocol 5 out-of-band
+data: numpy arrays, ``pickle.PickleBuffer``) go *out of band*: they are stored as raw frames
+next to the pickle stream instead of being copied into it, and frames over ``CHUNK`` bytes are
+split so no single Redis value comes near its 512 MB limit. The pickle stream itself is one
 value, so it may not exceed ``MAX_VALUE``.
 
 Layout of the first frame (all integers big-endian)::
@@ -38,6 +39,7 @@ from typing import Any, cast
 
 import cloudpickle
 
+from . import sources
 from .errors import ConfigurationError, SerializationError, SignatureError
 
 MAGIC = b"RTQ"
@@ -148,7 +150,8 @@ class Serializer:
         """
         buffers: list[pickle.PickleBuffer] = []
         try:
-            body = cloudpickle.dumps(obj, protocol=5, buffer_callback=buffers.append)
+            # Code shipped by value keeps its file name, and a notebook cell's lines go with it.
+            body = sources.dumps(obj, buffer_callback=buffers.append)
         except Exception as exc:
             raise SerializationError(describe_unpicklable(obj, what, exc)) from exc
         raws = [b.raw() for b in buffers]

@@ -200,6 +200,9 @@ class TaskStore:
                 "progress": f"{task.current_progress!r} {task.total_progress!r} {task.update_progress_time!r}",
             }
         )
+        label = getattr(task.params, "label", None)  # a shipped call's: what `rtq status` lists it as
+        if isinstance(label, str) and label:
+            out.fields["label"] = label
         out.add(self.encode(key, "params", task.params, token, "params"))
         if task.error is not None:
             out.add(self.encode_error(key, task.error, token))

@@ -23,7 +23,7 @@ from . import scripts
 from .keys import Keys
 from .store import KEEP_S, TaskStore, text
 
-__all__ = ["DEAD_LETTERS_KEPT", "Claim", "LeaseKeeper", "WorkerRegistry"]
+__all__ = ["DEAD_LETTERS_KEPT", "Claim", "LeaseKeeper", "Snapshot", "WorkerRegistry"]
 
 DEAD_LETTERS_KEPT = 10_000
 """Newest dead-letter entries kept; older ones are trimmed."""
@@ -37,6 +37,25 @@ class Claim:
     owner: str
     attempt: str
     token: str | None
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    """What ``rtq status`` shows, as read from Redis (raw: the caller parses what it trusts).
+
+    Attributes:
+        records: Each registered worker's heartbeat record (raw JSON), None when it lapsed.
+        claimed: Each worker's in-progress ids.
+        fields: For each claimed id, the record fields asked for (raw, None where absent).
+        queues: Each queue's length.
+        dead: How many dead letters are kept.
+    """
+
+    records: dict[str, Any]
+    claimed: dict[str, list[str]]
+    fields: dict[str, list[Any]]
+    queues: dict[str, int]
+    dead: int
 
 
 class WorkerRegistry:
@@ -104,6 +123,26 @@ class WorkerRegistry:
             if isinstance(record, dict):
                 out.append(record)
         return out
+
+    def snapshot(self, task_fields: Sequence[str]) -> Snapshot:
+        """Workers, their claims (with ``task_fields`` of each claimed task), queues, dead letters."""
+        keys, redis = self.keys, self.redis
+        ids = [text(w) for w in redis.zrange(keys.workers(), 0, -1)]
+        records = dict(zip(ids, redis.mget([keys.worker(w) for w in ids]) if ids else [], strict=True))
+        queues = {}
+        for key in redis.scan_iter(match=keys.queue_pattern(), count=1000):
+            queues[keys.queue_name(text(key))] = int(redis.llen(key))
+        live = [w for w, raw in records.items() if raw]
+        pipe = redis.pipeline(transaction=False)
+        for worker in live:
+            pipe.lrange(keys.running(worker), 0, -1)
+        claimed = {w: [text(i) for i in ids_] for w, ids_ in zip(live, pipe.execute() if live else [], strict=True)}
+        tasks = [t for ids_ in claimed.values() for t in ids_]
+        pipe = redis.pipeline(transaction=False)
+        for task_id in tasks:
+            pipe.hmget(keys.task(task_id), list(task_fields))
+        fields = dict(zip(tasks, pipe.execute() if tasks else [], strict=True))
+        return Snapshot(records, claimed, fields, queues, int(redis.llen(keys.dead())))
 
     def is_alive(self, worker_id: str) -> bool:
         """Whether ``worker_id``'s lease holds."""

@@ -23,21 +23,17 @@ from __future__ import annotations
 
 import ast
 import builtins
-import collections
 import importlib
 import io
-import linecache
-import os
 import pickle
 import socket
 import symtable
-import traceback
 import types
 from dataclasses import dataclass, field
 from typing import Any
 
-import cloudpickle
-
+from ..frames import annotate
+from ..sources import Pickler, register_source
 from ..task import RedisTask
 
 __all__ = ["CellAnalysis", "CellResult", "CellSpec", "RemoteDisplay", "ShippedValues", "analyze", "run_cell"]
@@ -244,7 +240,8 @@ class ShippedValues(dict):  # type: ignore[type-arg]
         super().__init__()
         self._file = io.BytesIO()
         self._buffers: list[pickle.PickleBuffer] = []
-        self._pickler = cloudpickle.CloudPickler(self._file, protocol=5, buffer_callback=self._buffers.append)
+        # rtq's pickler: a helper function from another cell keeps its cell's file name and lines.
+        self._pickler = Pickler(self._file, protocol=5, buffer_callback=self._buffers.append)
 
     def add(self, name: str, value: Any) -> int:
         """Pickle ``value`` as ``name``; returns the bytes it takes (its out-of-band buffers included).
@@ -378,21 +375,6 @@ def _display_of(value: Any) -> RemoteDisplay:
     return RemoteDisplay(data, type(value).__qualname__)
 
 
-_cached_files: collections.deque[str] = collections.deque()
-MAX_CACHED_CELLS = 256
-"""Cell sources a worker keeps in ``linecache`` for tracebacks; older ones are dropped."""
-
-
-def register_source(filename: str, text: str) -> None:
-    """Put ``text`` into ``linecache`` under ``filename`` (never checked against the disk)."""
-    linecache.cache[filename] = (len(text), None, [line + "\n" for line in text.splitlines()], filename)
-    if filename in _cached_files:
-        return
-    _cached_files.append(filename)
-    while len(_cached_files) > MAX_CACHED_CELLS:
-        linecache.cache.pop(_cached_files.popleft(), None)
-
-
 def compile_cell(spec: CellSpec) -> tuple[types.CodeType, types.CodeType | None]:
     """The cell's statements, and its last bare expression apart (when ``spec.display``)."""
     tree = parse(spec.source, spec.filename, spec.first_line)
@@ -408,8 +390,8 @@ def run_cell(spec: CellSpec) -> CellResult:
     """Run a ``%%rtq`` cell here (on a worker) and return what the notebook gets back.
 
     Raises:
-        Exception: whatever the cell raised, with ``_rtq_cell_frames`` (the traceback frames
-            from the cell on) and a note naming this host, so the notebook can show the
+        Exception: whatever the cell raised, carrying its frames from the cell on and a note
+            naming this worker (:func:`rtq.frames.annotate`), so the notebook shows the
             traceback against the cell's own lines.
     """
     host = socket.gethostname()
@@ -423,7 +405,7 @@ def run_cell(spec: CellSpec) -> CellResult:
         exec(body, namespace)
         value = eval(last, namespace) if last is not None else None
     except BaseException as exc:
-        _annotate(exc, host)
+        annotate(exc, "the %%rtq cell", caller_frames=False)  # the caller's frames are the magic's
         raise
     result = CellResult(host=host, has_value=last is not None and value is not None)
     pulled: list[tuple[str, Any]] = [(VALUE_KEY, value)] if result.has_value else []
@@ -471,18 +453,3 @@ def _import(module: str, var: str, host: str) -> types.ModuleType:
         raise ModuleNotFoundError(
             f"the cell uses module {shown}, which cannot be imported on worker {host}: {exc}", name=module
         ) from None
-
-
-def _annotate(exc: BaseException, host: str) -> None:
-    """Record where the cell failed, in attributes that travel with the pickled exception."""
-    here = os.path.normcase(__file__)
-    frames = traceback.extract_tb(exc.__traceback__)
-    while frames and os.path.normcase(frames[0].filename) == here:
-        frames.pop(0)
-    try:
-        exc._rtq_cell_frames = [(f.filename, f.lineno or 0, f.name) for f in frames]  # type: ignore[attr-defined]
-        exc._rtq_host = host  # type: ignore[attr-defined]
-        if hasattr(exc, "add_note"):
-            exc.add_note(f"(raised in the %%rtq cell on worker {host}, pid {os.getpid()})")
-    except (AttributeError, TypeError):  # an exception type without a __dict__: it travels bare
-        pass

@@ -33,7 +33,7 @@ from ..closures import ship_local_modules
 from ..connection import connect, redact_url
 from ..errors import RtqError, SerializationError
 from ..serialization import describe_unpicklable
-from .cells import CellSpec, ShippedValues, analyze, run_cell
+from .cells import CellSpec, ShippedValues, analyze
 from .tracebacks import short_error
 from .waiting import CellContext, CellExecutor, CellFuture, RemoteModule, deferred_interrupts, wait_cell
 
@@ -45,6 +45,8 @@ __all__ = ["CellFuture", "RemoteModule", "RtqMagics", "load_ipython_extension", 
 
 DEFAULT_QUEUE = "default"
 WORKER_START_TIMEOUT = 60.0
+WAIT_PROGRESS_AFTER = 2.0
+"""Seconds ``%rtq wait`` waits before it shows the cell's bar (as ``%%rtq``'s default)."""
 
 
 class _Session:
@@ -258,7 +260,7 @@ class RtqMagics(Magics):
             raise UsageError(
                 f"%rtq wait: {args.name!r} is not a cell handle; store one with %%rtq --no-wait -o {args.name}"
             )
-        return wait_cell(fut, progress_after=None, stop_on_interrupt=False, label=args.name)
+        return wait_cell(fut, progress_after=WAIT_PROGRESS_AFTER, stop_on_interrupt=False, label=args.name)
 
     # -- %%rtq -----------------------------------------------------------------------------
     @magic_arguments(name="%rtq")
@@ -269,7 +271,7 @@ class RtqMagics(Magics):
     @argument("-o", "--out", metavar="VAR", help="store the cell's handle (a TaskFuture) in VAR, waiting or not")
     @argument("--timeout", type=float, default=None, help="stop the cell after S seconds")
     @argument("--size-warn", default="100MB", help="warn about variables bigger than this (default 100MB)")
-    @argument("--progress-after", type=float, default=2.0, help="show a progress bar after S seconds (default 2)")
+    @argument("--progress-after", type=float, default=2.0, help="show the progress bar after S seconds (default 2)")
     @output_can_be_silenced
     @no_var_expand
     @cell_magic("rtq")  # type: ignore[arg-type]
@@ -287,19 +289,23 @@ class RtqMagics(Magics):
         self._check_served(session, name)
         spec, explicit_pull = self._spec(args, line, cell)
         ex = session.executor(name, args.timeout)
+        label = f"%%rtq cell In[{cell_number(self.ip)}]"
         with deferred_interrupts() as interrupt:
             try:
-                fut = ex.submit(run_cell, spec)
+                fut = ex.submit_cell(spec, label)
             except SerializationError as exc:
                 raise short_error(exc, str(exc)) from None
-            assert isinstance(fut, CellFuture)
             fut._cell = CellContext(self.ip, spec.pull, explicit_pull)
             if args.out:
                 self.ip.user_ns[args.out] = fut
         if args.no_wait and not interrupt.hit:
-            how = f"%rtq wait {args.out} or {args.out}.result()" if args.out else "the handle's .result()"
-            print(f"rtq: cell running on {name!r} as task {fut.task_id}; {how} brings its variables back")
-            return fut
+            if not args.out:
+                return fut  # displayed as the cell's result; its repr says how to wait on it
+            print(
+                f"rtq: cell running on {name!r} as task {fut.task_id}; "
+                f"%rtq wait {args.out} or {args.out}.result() brings its variables back"
+            )
+            return None
         return wait_cell(fut, progress_after=args.progress_after, stop_on_interrupt=True, interrupted=interrupt.hit)
 
     def _check_served(self, session: _Session, name: str) -> None:
@@ -317,11 +323,13 @@ class RtqMagics(Magics):
     def _spec(self, args: Any, line: str, cell: str) -> tuple[CellSpec, bool]:
         shell = self.ip
         text_ = f"%%rtq {line}".rstrip() + "\n" + cell
+        number = cell_number(shell)
         compiler = getattr(shell, "compile", None)
         if compiler is not None and hasattr(compiler, "cache"):
-            filename = compiler.cache(text_, shell.execution_count, raw_code=text_)
+            # Registered as a cell of that number: tracebacks read "Cell In[n]", as IPython's own.
+            filename = compiler.cache(text_, number, raw_code=text_)
         else:
-            filename = f"<rtq-cell-{shell.execution_count}>"
+            filename = f"<rtq-cell-{number}>"
         # A SyntaxError propagates as is: IPython shows it with the cell's line and a caret.
         analysis = analyze(cell, filename, first_line=2)
         ns = shell.user_ns
@@ -367,6 +375,18 @@ class RtqMagics(Magics):
             display=display,
         )
         return spec, explicit_pull
+
+
+def cell_number(shell: Any) -> int:
+    """The number IPython shows for the cell running now (``In[n]``), as its own tracebacks do.
+
+    IPython 9 counts a cell before running it (its ``execution_count`` is already the next
+    cell's while one runs), IPython 8 after it ran; on both, the execution result IPython hands
+    its display hook while a cell runs holds that cell's number.
+    """
+    running = getattr(getattr(shell, "displayhook", None), "exec_result", None)
+    number = getattr(running, "execution_count", None)
+    return number if isinstance(number, int) else int(shell.execution_count)
 
 
 def _by_value(module: Any) -> bool:

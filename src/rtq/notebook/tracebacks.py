@@ -1,26 +1,50 @@
-"""Showing a remote cell's exception as if the cell had failed here.
+"""Showing a task's exception in IPython as if its code had failed here.
 
-A pickled exception loses its traceback. The worker records the frames (file, line, function)
-from the cell on (see :func:`rtq.notebook.cells.run_cell`); here they are turned back into a real
-traceback object — each frame made by running a one-line ``raise`` compiled under the original
-file name at the original line, the technique template engines use to point tracebacks at
-template lines. The cell's source sits in ``linecache`` under the same file name, so IPython's
-traceback printer shows the cell's own lines, with "Cell In[n]" as for any cell.
+A task's exception arrives with its worker-side frames (:mod:`rtq.frames`, which IPython calls
+through the exception's ``_render_traceback_``). Here they are turned back into a real traceback
+object — each frame made by running a one-line ``raise`` compiled under the original file name
+at the original line, the technique template engines use to point tracebacks at template lines —
+and IPython's own printer formats it. A frame of a notebook cell (a ``%%rtq`` cell, or a helper
+defined in an earlier cell: shipped code keeps its file name, see :mod:`rtq.sources`) then reads
+``Cell In[n], line k`` with the cell's lines, exactly as a local error would; a file reads as
+its path.
 
-The exception gets a ``_render_traceback_`` method (IPython's hook for exceptions that bring
-their own traceback, as ipyparallel's remote errors do), so the notebook shows those frames and
-not the magic's internals, while the exception keeps its own type.
+Above the task's frames come the caller's own (the cell that called ``fut.result()``), without
+the machinery in between (``concurrent.futures``, asyncio, rtq); a ``%%rtq`` cell shows none,
+its caller being the magic. The worker's traceback text, which the exception also carries as
+its cause, is left out: it repeats the frames shown.
 """
 
 from __future__ import annotations
 
+import asyncio
+import concurrent.futures
+import os
 import sys
+import threading
+import traceback
 import types
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ..errors import RemoteTaskError
 
-__all__ = ["prepare", "remote_traceback"]
+if TYPE_CHECKING:
+    from ..frames import RemoteFrames
+
+__all__ = ["prepare", "remote_traceback", "render_remote", "short_error"]
+
+COMPREHENSIONS = ("<listcomp>", "<dictcomp>", "<setcomp>", "<genexpr>")
+
+
+def _machinery() -> tuple[str, ...]:
+    """Where the frames between a cell and a task's exception live: IPython's, futures', rtq's."""
+    packages = [concurrent.futures, asyncio, sys.modules["rtq"], sys.modules.get("IPython")]
+    dirs = tuple(
+        os.path.normcase(os.path.dirname(os.path.abspath(m.__file__))) + os.sep
+        for m in packages
+        if m is not None and m.__file__
+    )
+    return (*dirs, os.path.normcase(os.path.abspath(threading.__file__)))
 
 
 class _Marker(Exception):
@@ -36,6 +60,8 @@ def _frame(filename: str, lineno: int, name: str, tb_next: types.TracebackType |
     try:
         code = compile("\n" * max(lineno - 1, 0) + "raise __rtq_marker__", filename, "exec", dont_inherit=True)
         code = code.replace(co_name=name)
+        if hasattr(code, "co_qualname"):  # Python 3.11+: what IPython prints as "in NAME"
+            code = code.replace(co_qualname=name)  # type: ignore[call-arg]  # mypy targets 3.10
     except (SyntaxError, ValueError):
         return tb_next
     try:
@@ -51,39 +77,63 @@ def _frame(filename: str, lineno: int, name: str, tb_next: types.TracebackType |
 
 
 def remote_traceback(frames: list[tuple[str, int, str]]) -> types.TracebackType | None:
-    """A traceback whose frames sit at ``frames`` ((filename, line, function), outermost first)."""
+    """A traceback whose frames sit at ``frames`` ((filename, line, function), outermost first).
+
+    A comprehension's own frame (Python < 3.12 gives it one) on the very line of the frame that
+    ran it is left out: it would print that frame a second time.
+    """
+    kept: list[tuple[str, int, str]] = []
+    for filename, lineno, name in frames:
+        if name in COMPREHENSIONS and kept and kept[-1][:2] == (filename, lineno):
+            continue
+        kept.append((filename, lineno, name))
     tb = None
-    for filename, lineno, name in reversed(frames):
+    for filename, lineno, name in reversed(kept):
         tb = _frame(filename, lineno, name, tb)
     return tb
 
 
+def _callers(tb: types.TracebackType | None, tail: types.TracebackType | None) -> types.TracebackType | None:
+    """The frames of ``tb`` the user wrote (not rtq's, not concurrent.futures'), then ``tail``."""
+    hidden = _machinery()
+    mine = []
+    while tb is not None:
+        filename = os.path.normcase(os.path.abspath(tb.tb_frame.f_code.co_filename))
+        if not filename.startswith(hidden):
+            mine.append(tb)
+        tb = tb.tb_next
+    for entry in reversed(mine):
+        tail = types.TracebackType(tail, entry.tb_frame, entry.tb_lasti, entry.tb_lineno)
+    return tail
+
+
+def render_remote(exc: BaseException, remote: RemoteFrames) -> list[str]:
+    """The lines IPython shows for ``exc``, a task's exception carrying its worker-side frames."""
+    if type(exc.__cause__).__name__ == "_RemoteTraceback":
+        exc.__cause__ = None  # the worker's traceback text: it repeats the frames shown
+        exc.__suppress_context__ = True
+    tb = remote_traceback(remote.frames)
+    if remote.caller_frames:
+        tb = _callers(exc.__traceback__, tb)
+    from IPython import get_ipython
+
+    shell = get_ipython()
+    if shell is None:  # called outside IPython: plain Python's format of the same frames
+        lines = traceback.format_exception(type(exc), exc, tb)
+    else:
+        lines = list(shell.InteractiveTB.structured_traceback(type(exc), exc, tb, tb_offset=0))
+    if not hasattr(exc, "add_note"):  # Python 3.10: no notes; say where it ran here
+        lines.append(remote.where)
+    return lines
+
+
 def prepare(exc: BaseException, shell: Any) -> BaseException:
-    """Make ``exc`` (from a remote cell) render against the cell's lines in ``shell``; returns it."""
-    frames = getattr(exc, "_rtq_cell_frames", None)
+    """Make a ``%%rtq`` cell's ``exc`` that could not travel as itself show the worker's traceback."""
     if isinstance(exc, RemoteTaskError):
         # The exception could not travel as itself; its traceback text was made on the worker,
         # where the cell's source was in linecache too.
         text = exc.remote_traceback.rstrip() or f"{exc.type_name}: {exc.message}"
         _set_renderer(exc, lambda: [*text.splitlines(), "", f"(arrived as {type(exc).__module__}.RemoteTaskError)"])
-        return exc
-    if frames is None:
-        return exc
-    if type(exc.__cause__).__name__ == "_RemoteTraceback":
-        exc.__cause__ = None  # its text repeats the frames shown below
-        exc.__suppress_context__ = True
-    tb = remote_traceback(list(frames))
-    exc.__traceback__ = tb
-
-    host = getattr(exc, "_rtq_host", "")
-
-    def render() -> list[str]:
-        lines = list(shell.InteractiveTB.structured_traceback(type(exc), exc, tb, tb_offset=0))
-        if host and not hasattr(exc, "add_note"):  # Python 3.10: no notes; say where it ran here
-            lines.append(f"(raised in the %%rtq cell on worker {host})")
-        return lines
-
-    _set_renderer(exc, render)
     return exc
 
 

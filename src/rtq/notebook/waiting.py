@@ -4,10 +4,12 @@ A cell's :class:`CellFuture` resolves to a :class:`~rtq.notebook.cells.CellResul
 (``result()``, which ``%%rtq`` and ``%rtq wait`` do) is what assigns the cell's variables into
 the notebook, so a ``--no-wait`` cell never changes the namespace while other cells run.
 
-While the kernel waits, :func:`wait_cell` follows the task's events (:func:`rtq.watch.watch`)
-in the kernel's main thread, so what the cell prints lands in the cell that is running, and a
-progress bar appears once the cell has run for ``progress_after`` seconds and reported
-progress. A ``KeyboardInterrupt`` (the kernel's interrupt button) stops the remote cell.
+While the kernel waits, :func:`wait_cell` follows the task's events in the kernel's main thread
+(:func:`rtq.display.follow_cell`), so what the cell prints lands in the cell that is running,
+and the bar ``rtq.progress`` shows (a widget; text where widgets are off) appears above that
+output once the cell has run for ``progress_after`` seconds and reported progress, turning
+green when it ends, red when it fails or is interrupted. A ``KeyboardInterrupt`` (the kernel's
+interrupt button) stops the remote cell.
 """
 
 from __future__ import annotations
@@ -16,12 +18,14 @@ import importlib
 import signal
 import sys
 import threading
-import time
 from typing import Any
 
+from ..calls import Call
+from ..display import follow_cell
 from ..errors import RtqError, TaskTimeout
 from ..executor import Executor, TaskFuture
-from .cells import CellResult
+from ..frames import remote_frames
+from .cells import CellResult, CellSpec, run_cell
 from .tracebacks import prepare, short_error
 
 __all__ = ["CellExecutor", "CellFuture", "RemoteModule", "deferred_interrupts", "wait_cell"]
@@ -66,18 +70,25 @@ class CellFuture(TaskFuture):
 
     def __repr__(self) -> str:
         if not self.done():
-            state = "running"
+            state = "running; .result() (or %rtq wait NAME) brings its variables back"
         elif self.cancelled():
             state = "cancelled"
         else:
             state = "failed" if self.exception() else "done"
-        return f"<rtq cell {self.task_id} on {self.name!r}: {state}>"
+        what = self.label or "rtq cell"
+        return f"<{what} on {self.name!r} (task {self.task_id}): {state}>"
 
 
 class CellExecutor(Executor):
     """An executor whose futures are :class:`CellFuture` objects."""
 
     future_class = CellFuture
+
+    def submit_cell(self, spec: CellSpec, label: str) -> CellFuture:
+        """Ship a cell; ``label`` names it in its bar and in ``rtq status`` (``%%rtq cell In[12]``)."""
+        fut = self._submit_calls([Call(run_cell, (spec,), label=label)])[0]
+        assert isinstance(fut, CellFuture)
+        return fut
 
 
 class CellContext:
@@ -114,54 +125,6 @@ class CellContext:
                 print(f"rtq: --pull {', '.join(missing)}: not defined when the cell ended", file=sys.stderr)
 
 
-class ProgressDisplay:
-    """A text progress bar in the cell's output, shown once the cell has run ``after`` seconds."""
-
-    MIN_GAP = 0.1
-
-    def __init__(self, after: float) -> None:
-        self.after = after
-        self.started = time.monotonic()
-        self.handle: Any = None
-        self.last: tuple[float, float | None, str | None] | None = None
-        self.drawn_at = 0.0
-
-    def update(self, current: float, total: float | None, desc: str | None) -> None:
-        self.last = (current, total, desc)
-        now = time.monotonic()
-        if now - self.started < self.after:
-            return
-        final = total is not None and current >= total
-        if self.handle is not None and not final and now - self.drawn_at < self.MIN_GAP:
-            return
-        self.draw()
-
-    def draw(self) -> None:
-        if self.last is None:
-            return
-        from IPython.display import display
-        from tqdm.std import tqdm
-
-        current, total = (_whole(v) for v in self.last[:2])
-        desc = self.last[2]
-        line = tqdm.format_meter(current, total, time.monotonic() - self.started, prefix=desc or "")
-        bundle = {"text/plain": line}
-        if self.handle is None:
-            self.handle = display(bundle, raw=True, display_id=True)
-        else:
-            self.handle.update(bundle, raw=True)
-        self.drawn_at = time.monotonic()
-
-    def close(self) -> None:
-        if self.handle is not None:
-            self.draw()  # the last state, even if it came within MIN_GAP of the previous one
-
-
-def _whole(value: float | None) -> Any:
-    """3.0 -> 3, so a bar reads 3/10 and not 3.0/10.0."""
-    return int(value) if isinstance(value, float) and value.is_integer() else value
-
-
 class deferred_interrupts:
     """Hold a ``KeyboardInterrupt`` back while the block runs (main thread only); ``hit`` tells.
 
@@ -187,21 +150,6 @@ class deferred_interrupts:
             signal.signal(signal.SIGINT, self._old)
 
 
-def _follow(fut: CellFuture, bar: ProgressDisplay | None) -> None:
-    """Stream the cell's output (and progress) here until it ends; a no-op without rtq.watch."""
-    try:
-        from ..watch import watch
-    except ImportError:  # streaming not available: the outcome still arrives through the future
-        return
-
-    def on_output(stream: str, text: str) -> None:
-        out = sys.stderr if stream == "stderr" else sys.stdout
-        out.write(text)
-        out.flush()
-
-    watch(fut, on_output=on_output, on_progress=bar.update if bar is not None else None)
-
-
 def wait_cell(
     fut: CellFuture,
     *,
@@ -214,23 +162,20 @@ def wait_cell(
 
     Args:
         fut: The cell's future.
-        progress_after: Show a progress bar after this many seconds (None: never).
+        progress_after: Show a progress bar above the output once the cell has run this many
+            seconds and reported progress (None: never).
         stop_on_interrupt: On ``KeyboardInterrupt`` stop the remote cell (a ``%%rtq`` cell);
             else only stop waiting (``%rtq wait`` on a ``--no-wait`` cell).
         label: How the user refers to the handle, for messages.
         interrupted: An interrupt already came (while submitting): handle it at once.
     """
-    bar = ProgressDisplay(progress_after) if progress_after is not None else None
     try:
         if interrupted:
             raise KeyboardInterrupt
         try:
-            _follow(fut, bar)
+            follow_cell(fut, show_after=progress_after).follow()  # the bar and the output; red if interrupted
         except (RtqError, OSError, ValueError):  # following is a nicety; the outcome is what counts
             pass
-        finally:
-            if bar is not None:
-                bar.close()
         return fut.result()
     except KeyboardInterrupt:
         if not stop_on_interrupt:
@@ -243,7 +188,7 @@ def wait_cell(
             KeyboardInterrupt(), f"stopped the remote cell (task {fut.task_id} on {fut.name!r})"
         ) from None
     except TaskTimeout as exc:
-        if getattr(exc, "_rtq_cell_frames", None) is not None:  # raised by the cell's own code
+        if remote_frames(exc) is not None:  # raised by the cell's own code
             raise
         limit = getattr(fut._executor, "timeout", None)
         raise short_error(

@@ -15,6 +15,11 @@ progress report, and, when the task ends, by the task's own thread *before its o
 stored*: a caller has everything the task wrote, even just before a failure, when it learns
 the task ended.
 
+tqdm bars a task draws (a library's own) are placed among that task's bars only, as if the task
+had the terminal alone: tqdm numbers the bars of a whole process, so a task's only bar would
+otherwise draw on a lower line, with cursor moves, whenever another task of the worker has a bar
+open.
+
 Not captured: bytes written to ``sys.stdout.buffer``, writes to the file descriptors themselves
 (C extensions, ``os.write(1, ...)``, subprocesses) and writes from threads the task starts;
 those reach the worker's own output.
@@ -95,6 +100,7 @@ class Router:
 def install() -> None:
     """Put routers in place of ``sys.stdout``/``sys.stderr`` (again, if someone replaced them)."""
     with _install_lock:
+        _place_bars_per_task()
         for kind in ("stdout", "stderr"):
             current = getattr(sys, kind)
             if current is None or isinstance(current, Router):
@@ -102,6 +108,31 @@ def install() -> None:
             router = Router(kind, current)
             setattr(sys, kind, router)
             _repoint_handlers(current, router)
+
+
+def _place_bars_per_task() -> None:
+    """Make tqdm number a task's bars among that task's own (see the module docstring); once."""
+    from tqdm.std import tqdm
+
+    if getattr(tqdm, "_rtq_per_task", False):
+        return
+    whole_process = tqdm._get_free_pos
+
+    def free_position(cls: Any, instance: Any = None) -> int:
+        me = get_ident()
+        if me not in _sinks:  # not a task's thread: tqdm's own numbering
+            return whole_process(instance)  # type: ignore[no-any-return]
+        if instance is not None:
+            instance._rtq_thread = me
+        taken = {
+            abs(bar.pos)
+            for bar in cls._instances
+            if bar is not instance and hasattr(bar, "pos") and getattr(bar, "_rtq_thread", None) == me
+        }
+        return min(set(range(len(taken) + 1)) - taken)
+
+    tqdm._get_free_pos = classmethod(free_position)  # type: ignore[assignment,method-assign]
+    tqdm._rtq_per_task = True  # type: ignore[attr-defined]
 
 
 def _repoint_handlers(old: Any, new: Router) -> None:
