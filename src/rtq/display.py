@@ -42,7 +42,6 @@ from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
 
-from .backend.store import text
 from .textview import Screen, in_kernel
 from .watch import Event, Follower
 
@@ -574,11 +573,8 @@ def _labels(items: list[Any], follower: Follower) -> list[str]:
     labels: list[str | None] = [getattr(item, "label", None) if isinstance(item, Future) else None for item in items]
     bare = [i for i, lb in enumerate(labels) if lb is None and not isinstance(items[i], Future)]
     if bare:
-        pipe = follower.store.redis.pipeline(transaction=False)
-        for i in bare:
-            pipe.hget(follower.keys.task(follower.tasks[i].id), "label")
-        for i, stored in zip(bare, pipe.execute(), strict=True):
-            labels[i] = text(stored) if stored else None
+        for i, stored in zip(bare, follower.events.labels([follower.tasks[i].id for i in bare]), strict=True):
+            labels[i] = stored
     return [lb or follower.tasks[i].id[:8] for i, lb in enumerate(labels)]
 
 

@@ -49,6 +49,13 @@ class Events:
             pipe.hget(self.keys.task(task_id), "state")
         return [None if s is None else text(s) for s in pipe.execute()]
 
+    def labels(self, task_ids: Sequence[str]) -> list[str | None]:
+        """Each task's label (what it runs, written at submit), None when it has none; one round trip."""
+        pipe = self.redis.pipeline(transaction=False)
+        for task_id in task_ids:
+            pipe.hget(self.keys.task(task_id), "label")
+        return [text(s) or None for s in pipe.execute()]
+
     def progress(self, task_id: str) -> str | None:
         """A task's last ``"current total time"`` progress, or None."""
         raw = self.redis.hget(self.keys.task(task_id), "progress")

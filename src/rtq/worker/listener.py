@@ -24,7 +24,6 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any
 
-from ..backend.claims import Held
 from ..backend.connections import TRANSIENT, RedisError
 from ..backend.eviction import eviction_warning
 from ..backend.keys import check_name
@@ -34,7 +33,7 @@ from ..errors import RtqError, SerializationError, SignatureError, TaskCancelled
 from ..task import RedisTask, TaskState, outcome_stored_by_runner, running
 from .capture import capturing
 from .heartbeat import HelperSettings
-from .outcome import OutcomeWriter
+from .outcome import OutcomeWriter, claim_of
 from .recovery import Reaper
 from .slots import Slots
 from .state import WorkerState
@@ -353,14 +352,7 @@ class Listener:
 
     # -- running ---------------------------------------------------------------------------
     def _execute(self, task: RedisTask) -> None:
-        held = Held(
-            task.id,
-            task.name,
-            task._attempt,  # type: ignore[attr-defined]
-            getattr(task, "_token", ""),
-            task._notify,  # type: ignore[attr-defined]
-            task.expiry,
-        )
+        held = claim_of(task)
         stopper = stopper_of(task)
 
         def report(t: RedisTask) -> str | None:

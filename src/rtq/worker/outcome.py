@@ -27,7 +27,7 @@ from ..errors import RedisFull, SerializationError
 from ..task import RedisTask, TaskState
 from .recovery import dead_letter_entry
 
-__all__ = ["OutcomeWriter"]
+__all__ = ["OutcomeWriter", "claim_of"]
 
 logger = logging.getLogger("rtq.worker")
 
@@ -83,14 +83,7 @@ class OutcomeWriter:
 
     def _keep_trying(self, task: RedisTask, state: str, enc: Encoded, dead: BaseException | None) -> bool:
         """Store the outcome, retried with backoff while Redis is away (restarting)."""
-        held = Held(
-            task.id,
-            task.name,
-            task._attempt,  # type: ignore[attr-defined]
-            getattr(task, "_token", ""),
-            task._notify,  # type: ignore[attr-defined]
-            task.expiry,
-        )
+        held = claim_of(task)
         entry = dead_letter_entry(task.id, task.name, dead, self.claims.worker_id) if dead is not None else ""
         what = f"the {'result' if state == TaskState.DONE else 'exception'} of task {task.id} in {task.name}"
         give_up = max(task.expiry, time.time() + 60)
@@ -104,6 +97,18 @@ class OutcomeWriter:
                     raise
                 logger.warning("cannot store the outcome of task %s (%s); retrying in %.1fs", task.id, exc, delay)
                 time.sleep(delay)  # Redis is away: nothing to block on but the clock
+
+
+def claim_of(task: RedisTask) -> Held:
+    """The claim this worker holds on ``task`` (set on it when it was claimed): what fences its writes."""
+    return Held(
+        task.id,
+        task.name,
+        task._attempt,  # type: ignore[attr-defined]
+        getattr(task, "_token", ""),
+        task._notify,  # type: ignore[attr-defined]
+        task.expiry,
+    )
 
 
 def _short(exc: BaseException) -> str:
