@@ -32,9 +32,9 @@ class Backoff:
         """Whether the last attempt failed."""
         return self.delay != self.rest
 
-    def failed(self) -> float:
-        """One more failure: returns the delay to wait before the next try."""
-        self.delay = min(max(self.delay * 2, self.first), self.cap)
+    def failed(self, at_least: float | None = None) -> float:
+        """One more failure: returns the delay to wait before the next try (``at_least`` this long)."""
+        self.delay = min(max(self.delay * 2, self.first if at_least is None else at_least), self.cap)
         return self.delay
 
     def succeeded(self) -> None:

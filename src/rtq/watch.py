@@ -191,18 +191,18 @@ class Follower:
             return
         for t, state in zip(bare, self.events.states([t.id for t in bare]), strict=True):
             if state is None:
-                t.ending = "lost"
+                t.ending = TaskState.LOST
             elif state in FINAL_STATES:
                 t.ending = state
 
 
 def _future_state(future: concurrent.futures.Future[Any]) -> str:
     if future.cancelled():
-        return "cancelled"
+        return TaskState.CANCELLED
     exc = future.exception()
     if exc is None:
-        return "done"
-    return "cancelled" if isinstance(exc, TaskCancelled) else "failed"
+        return TaskState.DONE
+    return TaskState.CANCELLED if isinstance(exc, TaskCancelled) else TaskState.FAILED
 
 
 def watch(

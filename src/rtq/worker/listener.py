@@ -29,6 +29,7 @@ from ..backend.eviction import eviction_warning
 from ..backend.keys import check_name
 from ..backend.store import text
 from ..backend.wire import Channel
+from ..backoff import Backoff
 from ..errors import RtqError, SerializationError, SignatureError, TaskCancelled
 from ..task import RedisTask, TaskState, outcome_stored_by_runner, running
 from .capture import capturing
@@ -237,12 +238,12 @@ class Listener:
             try:
                 if self.event.is_set():  # stopped while waiting for a slot
                     break
-                if claiming.backoff:
-                    self.event.wait(claiming.backoff)
+                if claiming.backoff.failing:
+                    self.event.wait(claiming.backoff.delay)
                     if self.event.is_set():
                         break
                 moved = self.claims.move(channel, claiming.name, claiming.wait_cap)
-                claiming.backoff = 0.0
+                claiming.backoff.succeeded()
                 if moved is None:
                     continue
                 # More free slots: take more queued ids now, in the first claim's round trip.
@@ -256,11 +257,11 @@ class Listener:
                     slots -= 1
                     return tasks[0]
             except RedisError as exc:
-                claiming.backoff = min(max(claiming.backoff * 2, 0.1), 5.0)
-                logger.warning("cannot claim from %s (%s); retrying in %.1fs", name, exc, claiming.backoff)
+                delay = claiming.backoff.failed(at_least=0.1)
+                logger.warning("cannot claim from %s (%s); retrying in %.1fs", name, exc, delay)
             except Exception:  # hostile data must never end the claiming: log, skip, go on
                 logger.exception("skipped a task in %s that could not be claimed", name)
-                claiming.backoff = min(max(claiming.backoff * 2, 0.01), 5.0)  # never a hot loop
+                claiming.backoff.failed()  # never a hot loop
             finally:
                 for _ in range(slots):
                     self.free.release()
@@ -406,7 +407,7 @@ class _Claiming:
         self.key = key
         self.wait_cap = wait_cap  # longest BLMOVE
         self.channel = channel  # its own connection: BLMOVE and the claims
-        self.backoff = 0.0  # after a failure, seconds to wait before the next BLMOVE
+        self.backoff = Backoff(0.01, 5.0)  # after a failure, how long to wait before the next BLMOVE
         self.ended = threading.Event()  # set when it stopped (the worker shuts down)
 
     def close(self) -> None:
