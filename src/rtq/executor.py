@@ -39,6 +39,8 @@ logger = logging.getLogger(__name__)
 
 SUBMIT_BATCH = 500
 """Tasks stored per round trip by ``map``."""
+SENT_WAIT_S = 30.0
+"""Longest a future's ``cancel()``/``stop()`` waits for Redis's answer to its submission."""
 
 
 class TaskFuture(concurrent.futures.Future):  # type: ignore[type-arg]
@@ -61,6 +63,7 @@ class TaskFuture(concurrent.futures.Future):  # type: ignore[type-arg]
         self._executor = executor
         self.label: str | None = getattr(task.params, "label", None) or None  # what rtq.progress calls it
         self._last_progress: tuple[float, float] = (0.0, 100.0)
+        self._sent = threading.Event()  # Redis answered its submission (stored it, or refused)
 
     def __repr__(self) -> str:
         return f"<TaskFuture {self.task_id} on {self.name!r} {self._state.lower()}>"
@@ -82,9 +85,16 @@ class TaskFuture(concurrent.futures.Future):  # type: ignore[type-arg]
     @property
     def progress(self) -> tuple[float, float]:
         """``(current, total)`` as last reported by the task."""
-        if not self.done():
+        if not self.done() and self._stored():
             self._keep_progress(self._executor.events.progress(self.task_id))
         return self._last_progress
+
+    def _stored(self) -> bool:
+        """Wait for Redis's answer to the submission (a call sent ahead); False if none came.
+
+        What reads or changes the task in Redis waits for it, or could run before the task is there.
+        """
+        return self._sent.wait(SENT_WAIT_S)
 
     def _keep_progress(self, raw: Any) -> None:
         if raw:
@@ -93,7 +103,7 @@ class TaskFuture(concurrent.futures.Future):  # type: ignore[type-arg]
 
     def cancel(self) -> bool:
         """Cancel the call if it has not started; True only if it will not run."""
-        if self.done():
+        if not self._stored() or self.done():
             return self.cancelled()
         state = self._executor.queue.cancel(self.task_id, running=False)
         if state in (TaskState.QUEUED, TaskState.CANCELLED):
@@ -102,7 +112,7 @@ class TaskFuture(concurrent.futures.Future):  # type: ignore[type-arg]
 
     def stop(self) -> bool:
         """Stop the call even if it is running (the task gets ``TaskCancelled``); True if it was live."""
-        if self.done():
+        if not self._stored() or self.done():
             return False
         state = self._executor.queue.cancel(self.task_id, running=True)
         if state == TaskState.QUEUED:
@@ -169,9 +179,15 @@ class Executor(concurrent.futures.Executor):
             rtq.errors.VersionMismatch: the queue's workers run another Python/cloudpickle.
         """
         check_callable("submit()'s fn", fn)
-        return self._submit_calls([Call(fn, args, kwargs)])[0]
+        return self._submit_calls([Call(fn, args, kwargs)], soon=True)[0]
 
-    def _submit_calls(self, calls: list[Call]) -> list[TaskFuture]:
+    def _submit_calls(self, calls: list[Call], *, soon: bool = False) -> list[TaskFuture]:
+        """Store the calls and return their futures; ``soon``: one call, sent ahead (see below).
+
+        A call sent ahead (``submit``) does not wait for Redis's answer, so a loop of submits
+        leaves in pipelined batches of its own making; a refusal Redis sends back afterwards
+        (``RedisFull``, a lost connection) fails its future instead of raising here.
+        """
         with self._lock:
             if self._shutdown:
                 raise RuntimeError("cannot submit after shutdown")
@@ -190,18 +206,40 @@ class Executor(concurrent.futures.Executor):
         ]
         inbox = collector.add(waits)
         try:
-            self.queue.store.submit([(t, uuid.uuid4().hex, inbox) for t in tasks])
-            for wait in waits:
-                wait.submitted = True
+            if soon:
+                (task,), (fut,), (wait,) = tasks, futures, waits
+                self.queue.store.submit_soon(task, uuid.uuid4().hex, inbox, partial(self._stored, fut, wait))
+            else:
+                self.queue.store.submit([(t, uuid.uuid4().hex, inbox) for t in tasks])
+                for wait, fut in zip(waits, futures, strict=True):
+                    wait.submitted = True
+                    fut._sent.set()
         except BaseException as exc:
-            collector.remove([f.task_id for f in futures])
-            with self._lock:
-                for fut in futures:
-                    self._pending.pop(fut.task_id, None)
+            self._unsubmitted(futures)
             if isinstance(exc, TRANSIENT):
                 raise connection_error(exc, self.queue.store.redis) from exc
             raise
         return futures
+
+    def _stored(self, fut: TaskFuture, wait: Wait, error: BaseException | None) -> None:
+        """Redis's answer to a call sent ahead: the collector may now look for its record, or it failed."""
+        if error is None:
+            wait.submitted = True
+            fut._sent.set()
+            return
+        self._unsubmitted([fut])
+        if isinstance(error, TRANSIENT):
+            error = connection_error(error, self.queue.store.redis)
+        _settle(fut, fut.set_exception, error)
+        fut._sent.set()
+
+    def _unsubmitted(self, futures: list[TaskFuture]) -> None:
+        """Stop waiting for calls that were not stored."""
+        self.queue.collector.remove([f.task_id for f in futures])
+        with self._lock:
+            for fut in futures:
+                self._pending.pop(fut.task_id, None)
+            self._lock.notify_all()
 
     def map(
         self, fn: Callable[..., Any], *iterables: Iterable[Any], timeout: float | None = None, chunksize: int = 1
