@@ -14,7 +14,6 @@ import itertools
 import logging
 import threading
 import time
-import uuid
 from collections.abc import Callable, Generator, Iterable, Iterator
 from functools import partial
 from typing import TYPE_CHECKING, Any
@@ -27,7 +26,7 @@ from .calls import Call
 from .closures import check_worker_versions, ship_local_modules
 from .collector import ERROR, Ended, Wait
 from .errors import TaskCancelled
-from .task import RedisTask, TaskState
+from .task import RedisTask, TaskState, new_id
 from .validate import check_callable, check_count, check_seconds, check_wait
 
 if TYPE_CHECKING:
@@ -63,7 +62,9 @@ class TaskFuture(concurrent.futures.Future):  # type: ignore[type-arg]
         self._executor = executor
         self.label: str | None = getattr(task.params, "label", None) or None  # what rtq.progress calls it
         self._last_progress: tuple[float, float] = (0.0, 100.0)
-        self._sent = threading.Event()  # Redis answered its submission (stored it, or refused)
+        # Redis answered its submission (stored it, or refused). Its own Event: notifying the
+        # future's condition would end a result() wait early, which takes any wake-up for the end.
+        self._sent = threading.Event()
 
     def __repr__(self) -> str:
         return f"<TaskFuture {self.task_id} on {self.name!r} {self._state.lower()}>"
@@ -95,6 +96,9 @@ class TaskFuture(concurrent.futures.Future):  # type: ignore[type-arg]
         What reads or changes the task in Redis waits for it, or could run before the task is there.
         """
         return self._sent.wait(SENT_WAIT_S)
+
+    def _mark_sent(self) -> None:
+        self._sent.set()
 
     def _keep_progress(self, raw: Any) -> None:
         if raw:
@@ -195,7 +199,7 @@ class Executor(concurrent.futures.Executor):
             check_worker_versions(self.queue, self.name)
         ship_local_modules()
         expiry = time.time() + self.timeout
-        tasks = [RedisTask(id=uuid.uuid4().hex, name=self.name, params=call, expiry=expiry) for call in calls]
+        tasks = [RedisTask(id=new_id(), name=self.name, params=call, expiry=expiry) for call in calls]
         futures = [self.future_class(self, t) for t in tasks]
         with self._lock:
             for fut in futures:
@@ -208,12 +212,12 @@ class Executor(concurrent.futures.Executor):
         try:
             if soon:
                 (task,), (fut,), (wait,) = tasks, futures, waits
-                self.queue.store.submit_soon(task, uuid.uuid4().hex, inbox, partial(self._stored, fut, wait))
+                self.queue.store.submit_soon(task, new_id(), inbox, partial(self._stored, fut, wait))
             else:
-                self.queue.store.submit([(t, uuid.uuid4().hex, inbox) for t in tasks])
+                self.queue.store.submit([(t, new_id(), inbox) for t in tasks])
                 for wait, fut in zip(waits, futures, strict=True):
                     wait.submitted = True
-                    fut._sent.set()
+                    fut._mark_sent()
         except BaseException as exc:
             self._unsubmitted(futures)
             if isinstance(exc, TRANSIENT):
@@ -225,13 +229,13 @@ class Executor(concurrent.futures.Executor):
         """Redis's answer to a call sent ahead: the collector may now look for its record, or it failed."""
         if error is None:
             wait.submitted = True
-            fut._sent.set()
+            fut._mark_sent()
             return
         self._unsubmitted([fut])
         if isinstance(error, TRANSIENT):
             error = connection_error(error, self.queue.store.redis)
         _settle(fut, fut.set_exception, error)
-        fut._sent.set()
+        fut._mark_sent()
 
     def _unsubmitted(self, futures: list[TaskFuture]) -> None:
         """Stop waiting for calls that were not stored."""
