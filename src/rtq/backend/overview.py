@@ -19,8 +19,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from .failures import error_info
 from .keys import Keys
-from .store import TaskStore, _error_info, text
+from .store import TaskStore, text
 
 __all__ = ["Layout", "Overview"]
 
@@ -127,7 +128,7 @@ class Overview:
     def error(self, task_id: str) -> dict[str, str]:
         """A failed task's error as text (``type``, ``message``, ``traceback``), never unpickled; {} when gone."""
         raw = self.redis.hget(self.keys.task(task_id), "error_text")
-        return _error_info(raw) if raw else {}
+        return error_info(raw) if raw else {}
 
 
 def _entries(raw: Sequence[Any]) -> list[dict[str, Any]]:
