@@ -50,6 +50,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
 import bench_tasks  # noqa: E402
+import dashboard_load  # noqa: E402
 import user_paths  # noqa: E402
 
 MiB = 1 << 20
@@ -324,6 +325,7 @@ def bench_rtq(url: str, procs: Processes, logs: Path, args: argparse.Namespace) 
             size = 32 * MiB if 32 * MiB in args.sizes else args.sizes[0]
             out["user_echo"] = {"size": size, **user_paths.echoes(ex, floor, size, reps(size, args))}
             out["progress"] = progress_overhead(ex, args.updates)
+            out["dashboard"] = dashboard_load.measure(url, seconds=10)  # 20 workers, 200 running tasks
         floor.close()
         client.close()
     finally:
