@@ -25,12 +25,13 @@ from .backend.keys import check_name
 from .backend.store import text
 from .calls import Call
 from .closures import check_worker_versions, ship_local_modules
-from .collector import ERROR, Ended, Wait
+from .collector import ERROR, Ended, Pin, Wait
 from .errors import TaskCancelled
 from .task import RedisTask, TaskState
-from .validate import check_callable, check_count, check_seconds, check_wait
+from .validate import check_callable, check_count, check_seconds, check_wait, describe
 
 if TYPE_CHECKING:
+    from .sessions import Actor
     from .task_queue import RedisTaskQueue
 
 __all__ = ["Executor", "TaskFuture"]
@@ -171,7 +172,34 @@ class Executor(concurrent.futures.Executor):
         check_callable("submit()'s fn", fn)
         return self._submit_calls([Call(fn, args, kwargs)])[0]
 
-    def _submit_calls(self, calls: list[Call]) -> list[TaskFuture]:
+    def actor(self, cls: type, /, *args: Any, **kwargs: Any) -> Actor:
+        """Build ``cls(*args, **kwargs)`` in one worker process serving this queue; returns its :class:`Actor`.
+
+        The instance stays there: ``actor.method(...)`` runs the method on it and returns a
+        :class:`TaskFuture`; calls run one at a time, in the order they were made. ``cls`` may be
+        defined in a notebook (it is shipped by value). Waits until the instance is built.
+
+        Raises:
+            TypeError: ``cls`` is not a class.
+            rtq.errors.SessionRefused: The worker holds its ``--sessions`` limit of sessions.
+            Exception: Whatever ``cls(*args, **kwargs)`` raised, as its own type.
+        """
+        from .sessions import Actor, SessionHandle
+
+        if not isinstance(cls, type):
+            raise TypeError(f"actor() needs a class, not {describe(cls)}")
+        return Actor(SessionHandle.open(self, "actor", cls.__qualname__, cls, args, kwargs), cls)
+
+    def _submit_calls(
+        self, calls: list[Call], *, pin: Pin | None = None, extra: dict[str, str] | None = None
+    ) -> list[TaskFuture]:
+        """Store calls and register their futures.
+
+        Args:
+            calls: What to run.
+            pin: Queue them to that one worker process (a session's calls, or its opening).
+            extra: More fields for their records (``session``).
+        """
         with self._lock:
             if self._shutdown:
                 raise RuntimeError("cannot submit after shutdown")
@@ -186,11 +214,13 @@ class Executor(concurrent.futures.Executor):
                 self._pending[fut.task_id] = fut
         collector = self.queue.collector
         waits = [
-            Wait(f.task_id, self.name, expiry, self.timeout, partial(self._ended, f), consume=True) for f in futures
+            Wait(f.task_id, self.name, expiry, self.timeout, partial(self._ended, f), consume=True, pin=pin)
+            for f in futures
         ]
         inbox = collector.add(waits)
         try:
-            self.queue.store.submit([(t, uuid.uuid4().hex, inbox) for t in tasks])
+            into = pin.listed_in if pin is not None else None
+            self.queue.store.submit([(t, uuid.uuid4().hex, inbox) for t in tasks], into=into, extra=extra)
             for wait in waits:
                 wait.submitted = True
         except BaseException as exc:

@@ -10,6 +10,7 @@ expiry        absolute deadline (Unix seconds)
 token         random id of this submission; a reused task id gets a new one
 state         queued | running | done | failed | cancelled
 notify        list to push the id to when the task ends (done list or a client inbox)
+session       the session (or actor) a call is aimed at: it runs there or nowhere, at most once
 attempt       how many times a worker claimed it; owner / claimed: the current claim
 max_attempts  claims it may use before it fails with ``WorkerLost``: the submitter's limit,
               which every reaper applies (to a record an older rtq wrote without it, its own)
@@ -187,10 +188,13 @@ class TaskStore:
         return self.serializer.loads([first, *buffers], key=key, field=name, joined=True)
 
     # -- caller side -----------------------------------------------------------------------
-    def record(self, task: RedisTask, *, token: str, state: str, notify: str | None) -> Encoded:
+    def record(
+        self, task: RedisTask, *, token: str, state: str, notify: str | None, extra: dict[str, str] | None = None
+    ) -> Encoded:
         key = self.keys.task(task.id)
         out = Encoded(
             {
+                **(extra or {}),
                 "name": task.name,
                 "expiry": repr(task.expiry),
                 "token": token,
@@ -210,7 +214,14 @@ class TaskStore:
             out.add(self.encode(key, "result", task.result, token, "result"))
         return out
 
-    def submit(self, tasks: Sequence[tuple[RedisTask, str, str | None]], *, listened: str | None = None) -> bool:
+    def submit(
+        self,
+        tasks: Sequence[tuple[RedisTask, str, str | None]],
+        *,
+        listened: str | None = None,
+        into: str | None = None,
+        extra: dict[str, str] | None = None,
+    ) -> bool:
         """Store and enqueue tasks in one round trip: ``(task, token, notify)`` each.
 
         A reused id starts clean: its old record, done list and events are replaced in the same
@@ -223,8 +234,10 @@ class TaskStore:
             tasks: What to store.
             listened: A queue name: store only if a listener marks that queue (the check and
                 the enqueue are one atomic step); returns False, storing nothing, if none does.
+            into: The list to queue the ids on instead of their queue's (a session's call list).
+            extra: More fields for every record (``session``: the session a call is aimed at).
         """
-        records = [(t, self.record(t, token=tok, state=TaskState.QUEUED, notify=n)) for t, tok, n in tasks]
+        records = [(t, self.record(t, token=tok, state=TaskState.QUEUED, notify=n, extra=extra)) for t, tok, n in tasks]
         if any(enc.frames or _payload_size(enc.fields) > SCRIPT_ARGS_MAX for _, enc in records):
             # One round trip first: the listener check, and the frame lists of records replaced.
             with self.channels.channel() as channel:
@@ -243,7 +256,7 @@ class TaskStore:
                     ("HSET", key, *flatten(enc.fields)),
                     ("PEXPIREAT", key, int(task.expiry * 1000) + 1),
                     *enc.frame_commands(task.expiry),
-                    ("RPUSH", self.keys.queue(task.name), task.id),
+                    ("RPUSH", into or self.keys.queue(task.name), task.id),
                 ]
             commands.append(("EXEC",))
             with self.channels.channel() as channel:  # sends the frames as they are, uncopied
@@ -258,7 +271,7 @@ class TaskStore:
                 self.keys.task(task.id),
                 self.keys.done(task.id),
                 self.keys.events(task.id),
-                self.keys.queue(task.name),
+                into or self.keys.queue(task.name),
             ]
             if listened is not None:
                 keys.append(self.keys.listen(listened))
