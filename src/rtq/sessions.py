@@ -55,6 +55,7 @@ class SessionHandle:
         self.opened = 0.0
         self.records = SessionRecords(executor.queue.store)
         self.lost: SessionLost | None = None
+        self.held: list[list[Any]] = []  # [name, type, bytes] of what it holds, as its last call said
 
     @classmethod
     def open(
@@ -177,14 +178,20 @@ class SessionHandle:
         return SessionLost(str(self.lost))
 
     # -- calls -----------------------------------------------------------------------------
-    def submit(self, call: Call) -> TaskFuture:
+    def submit(self, call: Call, *, executor: Executor | None = None) -> TaskFuture:
         """Queue ``call`` to this session's worker process alone; its future at once.
+
+        Args:
+            call: What to run there.
+            executor: Submit through this one (its timeout, its kind of future); default: the
+                executor the session was opened from.
 
         Raises:
             rtq.errors.SessionLost: The session is closed, expired, or its worker is gone.
         """
         self.check()
-        return self.executor._submit_calls([call], pin=self.pin(), extra={"session": self.id})[0]
+        ex = executor or self.executor
+        return ex._submit_calls([call], pin=self.pin(), extra={"session": self.id})[0]
 
     def close(self, *, wait: bool = True, reason: str = "closed: by its owner") -> None:
         """Close it after the calls queued before (``wait``: until it is closed). Closing a lost one does nothing."""

@@ -393,11 +393,17 @@ class Listener:
         return task
 
     # -- running ---------------------------------------------------------------------------
-    def execute(self, task: RedisTask, *, slot: bool = True) -> None:
-        """Run a claimed task and store its outcome; ``slot``: give back the task slot it held."""
-        self._execute(task, slot=slot)
+    def execute(self, task: RedisTask, *, slot: bool = True, ran: Callable[[], object] | None = None) -> None:
+        """Run a claimed task and store its outcome.
 
-    def _execute(self, task: RedisTask, *, slot: bool = True) -> None:
+        Args:
+            task: The task, claimed.
+            slot: Give back the task slot it held.
+            ran: Called once it ran, before its outcome is stored (its caller wakes then).
+        """
+        self._execute(task, slot=slot, ran=ran)
+
+    def _execute(self, task: RedisTask, *, slot: bool = True, ran: Callable[[], object] | None = None) -> None:
         held = claim_of(task)
         stopper = stopper_of(task)
 
@@ -432,8 +438,10 @@ class Listener:
             except BaseException as exc:  # a task must never take its worker down
                 if stopper.exc_type is not None and isinstance(exc, stopper.exc_type) and not str(exc):
                     exc = stopper.exc_type(f"Task {task.id} in {task.name} {stopper.reason}")  # raised bare
+                _call(ran)
                 self.outcomes.finish(task, TaskState.FAILED, exc)
             else:
+                _call(ran)
                 self.outcomes.finish(task, TaskState.DONE, result)
         except Exception:
             logger.exception("could not store the outcome of task %s", task.id)
@@ -444,6 +452,15 @@ class Listener:
                 self.idle.notify_all()
             if slot:
                 self.free.release()
+
+
+def _call(hook: Callable[[], object] | None) -> None:
+    if hook is None:
+        return
+    try:
+        hook()
+    except Exception:  # a bookkeeping hook must never cost a task its outcome
+        logger.exception("a hook after running a task failed")
 
 
 class _Claiming:

@@ -81,7 +81,7 @@ class _Runs(Protocol):
         self, channel: Channel, key: str, queue: str, wait: float, *, stopping: bool = False
     ) -> RedisTask | None: ...
 
-    def execute(self, task: RedisTask, *, slot: bool = True) -> None: ...
+    def execute(self, task: RedisTask, *, slot: bool = True, ran: Callable[[], object] | None = None) -> None: ...
 
     def refuse(self, task: RedisTask, exc: BaseException) -> None: ...
 
@@ -295,12 +295,10 @@ class SessionHost:
                     continue
                 token = _current_session.set(session)
                 try:
-                    listener.execute(task, slot=False)
+                    # Its record says what it holds before the caller wakes (%rtq session, next).
+                    listener.execute(task, slot=False, ran=lambda: self._ran(session))
                 finally:
                     _current_session.reset(token)
-                session.used = time.monotonic()
-                session.calls += 1
-                self._touch(session)
         except BaseException:  # never silently: its callers would wait for their deadlines
             logger.exception("session %s stopped serving", session.id)
             failed = f"worker error: the session's thread in {self.worker_id} on {self.host} failed"
@@ -316,6 +314,11 @@ class SessionHost:
             self.listener.announce()
         except RedisError as exc:
             logger.debug("could not announce the sessions held (%s)", exc)
+
+    def _ran(self, session: Session) -> None:
+        session.used = time.monotonic()
+        session.calls += 1
+        self._touch(session)
 
     def _touch(self, session: Session) -> None:
         try:
