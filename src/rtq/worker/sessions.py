@@ -40,10 +40,11 @@ from ..backend.connections import RedisError
 from ..backend.sessions import SessionRecords
 from ..backend.wire import Channel
 from ..errors import RtqError, SessionLost, SessionRefused
-from ..task import RedisTask, current_task
+from ..task import current_task
 
 if TYPE_CHECKING:
     from ..backend.store import TaskStore
+    from .run import Run
     from .state import WorkerState
 
 __all__ = [
@@ -79,11 +80,11 @@ class _Runs(Protocol):
 
     def claim_from(
         self, channel: Channel, key: str, queue: str, wait: float, *, stopping: bool = False
-    ) -> RedisTask | None: ...
+    ) -> Run | None: ...
 
-    def execute(self, task: RedisTask, *, slot: bool = True, ran: Callable[[], object] | None = None) -> None: ...
+    def execute(self, run: Run) -> None: ...
 
-    def refuse(self, task: RedisTask, exc: BaseException) -> None: ...
+    def refuse(self, run: Run, exc: BaseException) -> None: ...
 
     def announce(self) -> None: ...
 
@@ -175,12 +176,14 @@ class SessionHost:
             return len(self._sessions)
 
     @contextmanager
-    def hosting(self) -> Iterator[None]:
-        """Let :func:`open_session` find this host while the block runs (around each task)."""
+    def hosting(self, session: Session | None) -> Iterator[None]:
+        """While a task runs: :func:`open_session` finds this host, :func:`current_session` its session."""
         token = _current_host.set(self)
+        aimed = _current_session.set(session)
         try:
             yield
         finally:
+            _current_session.reset(aimed)
             _current_host.reset(token)
 
     # -- opening ---------------------------------------------------------------------------
@@ -258,13 +261,13 @@ class SessionHost:
         try:
             while not listener.event.is_set():
                 try:
-                    task = listener.claim_from(channel, key, "", wait)
+                    run = listener.claim_from(channel, key, "", wait)
                 except RedisError as exc:
                     logger.warning("cannot take sessions to open (%s); retrying", exc)
                     listener.event.wait(min(1.0, wait))
                     continue
-                if task is not None:
-                    listener.execute(task, slot=False)
+                if run is not None:
+                    listener.execute(run)
         except BaseException:  # never silently: its callers would wait for their deadlines
             logger.exception("the opening of sessions stopped")
         finally:
@@ -286,19 +289,17 @@ class SessionHost:
                     )
                     break
                 try:
-                    task = listener.claim_from(channel, key, session.queue, wait)
+                    run = listener.claim_from(channel, key, session.queue, wait)
                 except RedisError as exc:
                     logger.warning("cannot take calls of session %s (%s); retrying", session.id, exc)
                     listener.event.wait(min(1.0, wait))
                     continue
-                if task is None:
+                if run is None:
                     continue
-                token = _current_session.set(session)
-                try:
-                    # Its record says what it holds before the caller wakes (%rtq session, next).
-                    listener.execute(task, slot=False, ran=lambda: self._ran(session))
-                finally:
-                    _current_session.reset(token)
+                run.session = session
+                # Its record says what it holds before the caller wakes (%rtq session, the next cell).
+                run.ran = lambda: self._ran(session)
+                listener.execute(run)
         except BaseException:  # never silently: its callers would wait for their deadlines
             logger.exception("session %s stopped serving", session.id)
             failed = f"worker error: the session's thread in {self.worker_id} on {self.host} failed"
@@ -374,8 +375,8 @@ class SessionHost:
         """Fail every call queued on ``key`` with ``error``, then drop the list."""
         channel = Channel(self.store.redis)
         try:
-            while (task := self.listener.claim_from(channel, key, "", 0.0, stopping=True)) is not None:
-                self.listener.refuse(task, type(error)(str(error)))
+            while (run := self.listener.claim_from(channel, key, "", 0.0, stopping=True)) is not None:
+                self.listener.refuse(run, type(error)(str(error)))
         finally:
             channel.close()
         self.records.drop_list(key)
