@@ -48,6 +48,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
 import bench_tasks  # noqa: E402
+import sessions_bench  # noqa: E402
 
 MiB = 1 << 20
 MB = 1_000_000
@@ -318,6 +319,7 @@ def bench_rtq(url: str, procs: Processes, logs: Path, args: argparse.Namespace) 
                 del data
 
             out["progress"] = progress_overhead(ex, args.updates)
+            out["sessions"] = sessions_bench.measure(url, PREFIX, QUEUE, ex, quick=args.quick)
         floor.close()
         client.close()
     finally:
@@ -746,6 +748,7 @@ def render_server(res: dict[str, Any]) -> list[str]:
             f"Progress: {p['updates']:,} `task.update(i, n)` calls inside a task took {p['update_s']:.3f} s against "
             f"{p['bare_s']:.3f} s for the bare loop: {p['ns_per_update']:.0f} ns per call.",
         ]
+    lines += sessions_bench.render(rtq.get("sessions"))
     if res.get("targets"):
         lines += ["", "| target | measured | holds |", "|---|---|---|"]
         t = res["targets"]
