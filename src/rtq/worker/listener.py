@@ -128,6 +128,7 @@ class Listener:
             "queues": names,
             "workers": workers,
             "session_limit": sessions,
+            "sessions": [],
             "started": time.time(),
             **(info or {}),
         }
@@ -165,10 +166,12 @@ class Listener:
         warning = eviction_warning(self.redis)
         if warning:
             logger.warning("%s", warning)
-        for name in self.names:
-            self.store.mark_listened(name, self.marker_ttl)
+        # The record first (the first beat writes it with the markers): a caller that sees a queue
+        # marked finds the worker that marks it, with room for sessions, among the live ones.
         self.watchdog.start()
         self.sessions.start()
+        for name in self.names:
+            self.store.mark_listened(name, self.marker_ttl)
         # A thread per slot, and one per queue for the claiming that goes on meanwhile.
         pool = ThreadPoolExecutor(self.workers + len(self.names), thread_name_prefix="rtq-task")
         contended = self.workers < len(self.names)

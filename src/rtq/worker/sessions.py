@@ -67,6 +67,9 @@ DEFAULT_LIMIT = 4
 DEFAULT_IDLE = 7200.0
 """Seconds a session may go unused before it is closed (``--session-idle``): a laptop that
 sleeps over lunch keeps its model."""
+WAIT_S = 1.0
+"""Longest one blocking wait of a session's thread (and of the opener) before it checks for a stop:
+a stopping worker must not wait out the queue's ``interval`` once per session."""
 NAMES_SHOWN = 200
 """Most held names a session's record lists (with their types and sizes)."""
 
@@ -247,7 +250,6 @@ class SessionHost:
 
     def start(self) -> None:
         """Serve this process's own queue of sessions to open (callers choose the worker)."""
-        self.listener.state.info.setdefault("sessions", [])
         if self.limit:
             self._opener = threading.Thread(target=self._serve_opens, name="rtq-session-opens", daemon=True)
             self._opener.start()
@@ -257,7 +259,7 @@ class SessionHost:
         listener = self.listener
         key = self.store.keys.session_opens(self.worker_id)
         channel = Channel(self.store.redis)
-        wait = max(0.05, min(listener.interval, self.store.cap))
+        wait = max(0.05, min(listener.interval, self.store.cap, WAIT_S))
         try:
             while not listener.event.is_set():
                 try:
@@ -279,7 +281,7 @@ class SessionHost:
         listener = self.listener
         key = self.store.keys.session_queue(self.worker_id, session.id)
         channel = Channel(self.store.redis)
-        wait = max(0.05, min(listener.interval, self.store.cap, self.idle / 4))
+        wait = max(0.05, min(listener.interval, self.store.cap, WAIT_S, self.idle / 4))
         try:
             while not listener.event.is_set() and not session.closing:
                 if time.monotonic() - session.used > self.idle:
@@ -334,7 +336,7 @@ class SessionHost:
         """End every session (the worker stops): once their threads left, fail what is queued to them."""
         opener = getattr(self, "_opener", None)
         if opener is not None:
-            opener.join(max(5.0, 2 * self.listener.interval))
+            opener.join(5 * WAIT_S)
         self._refuse_all(
             self.store.keys.session_opens(self.worker_id),
             SessionRefused(f"worker stopped: its worker {self.worker_id} on {self.host} shut down before opening it"),
@@ -344,7 +346,7 @@ class SessionHost:
         for session in sessions:
             session.closing = session.closing or reason
             if session.thread is not None and session.thread is not threading.current_thread():
-                session.thread.join(max(5.0, 2 * self.listener.interval))
+                session.thread.join(5 * WAIT_S)
             self._end(session, session.closing)
 
     def _end(self, session: Session, reason: str) -> None:
