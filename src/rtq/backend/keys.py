@@ -17,6 +17,7 @@ key                                            type      holds
 ``<p>|<s>|worker:<worker>``                    string    worker heartbeat + info (JSON), expires
 ``<p>|<s>|workers``                            zset      worker ids scored by when their lease ends
 ``<p>|<s>|task-dead``                          list      JSON entries of tasks that failed for good
+``<p>|<s>|task-failed``                        list      JSON entries of the newest failed tasks
 ``<p>|<s>|inbox:<client>``                     list      ids of a client's finished tasks
 ``<p>|<s>|session:<sid>``                      hash      a session or actor: where it lives, its state
 ``<p>|<s>|session-queue|<worker>``             list      ids of sessions to open in one worker process
@@ -107,6 +108,10 @@ class Keys:
 
     def dead(self) -> str:
         return f"{self.head}task-dead"
+
+    def failures(self) -> str:
+        """The newest failures (what ``rtq dashboard`` lists), newest first."""
+        return f"{self.head}task-failed"
 
     def inbox(self, client_id: str) -> str:
         return f"{self.head}inbox:{client_id}"
