@@ -51,6 +51,7 @@ sys.path.insert(0, str(HERE))
 
 import bench_tasks  # noqa: E402
 import dashboard_load  # noqa: E402
+import sessions_bench  # noqa: E402
 import user_paths  # noqa: E402
 
 MiB = 1 << 20
@@ -325,6 +326,7 @@ def bench_rtq(url: str, procs: Processes, logs: Path, args: argparse.Namespace) 
             size = 32 * MiB if 32 * MiB in args.sizes else args.sizes[0]
             out["user_echo"] = {"size": size, **user_paths.echoes(ex, floor, size, reps(size, args))}
             out["progress"] = progress_overhead(ex, args.updates)
+            out["sessions"] = sessions_bench.measure(url, PREFIX, QUEUE, ex, quick=args.quick)
             out["dashboard"] = dashboard_load.measure(url, seconds=10)  # 20 workers, 200 running tasks
         floor.close()
         client.close()
@@ -755,6 +757,7 @@ def render_server(res: dict[str, Any]) -> list[str]:
             f"Progress: {p['updates']:,} `task.update(i, n)` calls inside a task took {p['update_s']:.3f} s against "
             f"{p['bare_s']:.3f} s for the bare loop: {p['ns_per_update']:.0f} ns per call.",
         ]
+    lines += sessions_bench.render(rtq.get("sessions"))
     if res.get("targets"):
         lines += ["", "| target | measured | holds |", "|---|---|---|"]
         t = res["targets"]

@@ -139,6 +139,20 @@ def _parser() -> argparse.ArgumentParser:
     worker.add_argument(
         "--gpus", help="one worker process per GPU: 'all' or indices like 0,1 (sets CUDA_VISIBLE_DEVICES)"
     )
+    worker.add_argument(
+        "--sessions",
+        type=_whole(0),
+        default=4,
+        metavar="N",
+        help="sessions and actors this worker holds at once (default 4; 0: none)",
+    )
+    worker.add_argument(
+        "--session-idle",
+        type=_seconds(),
+        default=7200.0,
+        metavar="SECONDS",
+        help="close a session unused this long (default 7200: two hours)",
+    )
     worker.add_argument("-v", "--verbose", action="store_true", help="log every task")
 
     server = sub.add_parser("server", help="run the embedded server in the foreground (for a machine without Redis)")
@@ -265,7 +279,15 @@ def worker_main(args: argparse.Namespace) -> int:
     from .worker.gpus import visible_gpus
 
     info = {**runtime_versions(), "gpus": visible_gpus()}
-    listener = queue.listener(list(args.names), workers=args.workers, lease=args.lease, grace=args.grace, info=info)
+    listener = queue.listener(
+        list(args.names),
+        workers=args.workers,
+        lease=args.lease,
+        grace=args.grace,
+        info=info,
+        sessions=args.sessions,
+        session_idle=args.session_idle,
+    )
 
     def stop(signum: int, frame: Any) -> None:
         name = signal.Signals(signum).name

@@ -74,7 +74,11 @@ class Claims:
     # -- claiming --------------------------------------------------------------------------
     def move(self, channel: Channel, queue: str, wait: float) -> str | None:
         """Move the next id of queue ``queue`` into this worker's list, waiting up to ``wait`` s."""
-        moved = channel.execute("BLMOVE", self.keys.queue(queue), self.running_key, "LEFT", "RIGHT", max(0.01, wait))
+        return self.move_from(channel, self.keys.queue(queue), wait)
+
+    def move_from(self, channel: Channel, key: str, wait: float) -> str | None:
+        """Move the next id of the list ``key`` (a queue, a session's calls) into this worker's list."""
+        moved = channel.execute("BLMOVE", key, self.running_key, "LEFT", "RIGHT", max(0.01, wait))
         return None if moved is None else text(moved)
 
     def claim(

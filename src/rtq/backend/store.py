@@ -10,6 +10,7 @@ expiry        absolute deadline (Unix seconds)
 token         random id of this submission; a reused task id gets a new one
 state         queued | running | done | failed | cancelled
 notify        list to push the id to when the task ends (done list or a client inbox)
+session       the session (or actor) a call is aimed at: it runs there or nowhere, at most once
 attempt       how many times a worker claimed it; owner / claimed: the current claim
 max_attempts  claims it may use before it fails with ``WorkerLost``: the submitter's limit,
               which every reaper applies (to a record an older rtq wrote without it, its own)
@@ -191,10 +192,13 @@ class TaskStore:
         return self.serializer.loads([first, *buffers], key=key, field=name, joined=True)
 
     # -- caller side -----------------------------------------------------------------------
-    def record(self, task: RedisTask, *, token: str, state: str, notify: str | None) -> Encoded:
+    def record(
+        self, task: RedisTask, *, token: str, state: str, notify: str | None, extra: dict[str, str] | None = None
+    ) -> Encoded:
         key = self.keys.task(task.id)
         out = Encoded(
             {
+                **(extra or {}),
                 "name": task.name,
                 "expiry": repr(task.expiry),
                 "token": token,
@@ -215,7 +219,14 @@ class TaskStore:
             out.add(self.encode(key, "result", task.result, token, "result"))
         return out
 
-    def submit(self, tasks: Sequence[tuple[RedisTask, str, str | None]], *, listened: str | None = None) -> bool:
+    def submit(
+        self,
+        tasks: Sequence[tuple[RedisTask, str, str | None]],
+        *,
+        listened: str | None = None,
+        into: str | None = None,
+        extra: dict[str, str] | None = None,
+    ) -> bool:
         """Store and enqueue tasks in one round trip: ``(task, token, notify)`` each.
 
         A reused id starts clean: its old record, done list and events are replaced in the same
@@ -228,11 +239,15 @@ class TaskStore:
             tasks: What to store.
             listened: A queue name: store only if a listener marks that queue (the check and
                 the enqueue are one atomic step); returns False, storing nothing, if none does.
+            into: The list to queue the ids on instead of their queue's (a session's call list).
+            extra: More fields for every record (``session``: the session a call is aimed at).
         """
-        records = [(t, self.record(t, token=tok, state=TaskState.QUEUED, notify=n)) for t, tok, n in tasks]
-        return self._submit_records(records, listened)
+        records = [(t, self.record(t, token=tok, state=TaskState.QUEUED, notify=n, extra=extra)) for t, tok, n in tasks]
+        return self._submit_records(records, listened, into)
 
-    def _submit_records(self, records: list[tuple[RedisTask, Encoded]], listened: str | None) -> bool:
+    def _submit_records(
+        self, records: list[tuple[RedisTask, Encoded]], listened: str | None, into: str | None = None
+    ) -> bool:
         if any(enc.frames or _payload_size(enc.fields) > SCRIPT_ARGS_MAX for _, enc in records):
             # One round trip first: the listener check, and the frame lists of records replaced.
             with self.channels.channel() as channel:
@@ -251,7 +266,7 @@ class TaskStore:
                     ("HSET", key, *flatten(enc.fields)),
                     ("PEXPIREAT", key, int(task.expiry * 1000) + 1),
                     *enc.frame_commands(task.expiry),
-                    ("RPUSH", self.keys.queue(task.name), task.id),
+                    ("RPUSH", into or self.keys.queue(task.name), task.id),
                 ]
             commands.append(("EXEC",))
             with self.channels.channel() as channel:  # sends the frames as they are, uncopied
@@ -259,7 +274,7 @@ class TaskStore:
             raise_errors(replies, _what_submit(records))
             return True
         script = self.scripts["submit"]
-        calls = [self._submit_call(task, enc, listened) for task, enc in records]
+        calls = [self._submit_call(task, enc, listened, into) for task, enc in records]
         if len(calls) == 1:
             # Concurrent submits (a thousand threads in query()) share one connection and leave
             # together in one write, instead of taking a connection each.
@@ -309,9 +324,16 @@ class TaskStore:
 
         self.ahead.call(self.scripts["submit"], *self._submit_call(task, records[0][1], None), replied)
 
-    def _submit_call(self, task: RedisTask, enc: Encoded, listened: str | None) -> tuple[list[str], list[Any]]:
-        """The keys and arguments of ``submit.lua`` for one task."""
-        keys = [self.keys.task(task.id), self.keys.done(task.id), self.keys.events(task.id), self.keys.queue(task.name)]
+    def _submit_call(
+        self, task: RedisTask, enc: Encoded, listened: str | None, into: str | None = None
+    ) -> tuple[list[str], list[Any]]:
+        """The keys and arguments of ``submit.lua`` for one task (queued on ``into`` when given)."""
+        keys = [
+            self.keys.task(task.id),
+            self.keys.done(task.id),
+            self.keys.events(task.id),
+            into or self.keys.queue(task.name),
+        ]
         if listened is not None:
             keys.append(self.keys.listen(listened))
         return keys, [task.id, int(task.expiry * 1000) + 1, *flatten(enc.fields)]
