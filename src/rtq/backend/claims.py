@@ -163,7 +163,7 @@ class Claims:
             dead_entry,
             *flatten(first),
         ]
-        if not rest and not enc.frames:
+        if not rest and not enc.frames and not enc.blobs:
             # Tasks ending together share one round trip (a lone one is sent at once).
             try:
                 return bool(self.finisher.call(finish, keys=keys, args=args))
@@ -178,6 +178,9 @@ class Claims:
         if rest:
             commands.append(("HSET", key, *flatten(rest)))
         commands += enc.frame_commands(held.expiry)
+        named = enc.named
+        if named:  # were they all still there when the outcome went in? (see below)
+            commands.append(("EVAL", self.store.scripts["touch"].script, len(named), *named, 1))
         commands += [("EVAL", finish.script, len(keys), *keys, *args), ("EXEC",)]
         payload = [*enc.fields.values(), *enc.frames.values()]
         size = sum(memoryview(v).nbytes for v in payload if isinstance(v, (bytes, bytearray, memoryview)))
@@ -187,6 +190,14 @@ class Claims:
             else:
                 replies = channel.pipeline(commands)
         raise_errors(replies, f"{what} ({size_text(size)})")
+        if named and not all(replies[-1][-2]):
+            # A buffer Redis held when asked vanished before the transaction (evicted, deleted):
+            # send it now, so the caller finds it. (Expiry cannot do this: asking kept it.)
+            flags = iter(replies[-1][-2])
+            gone = [blob for blob in enc.blobs if not all([next(flags) for _ in blob[2]])]
+            resend = Encoded({}, blobs=gone, send={ref.name for ref, _, _ in gone})
+            with self.store.channels.channel() as channel:
+                raise_errors(channel.pipeline(resend.frame_commands(held.expiry)), what)
         return bool(replies[-1][-1])
 
     def _pause_for_tests(self, channel: Channel, commands: list[tuple[Any, ...]], task_id: str) -> list[Any]:

@@ -18,6 +18,8 @@ key                                            type      holds
 ``<p>|<s>|workers``                            zset      worker ids scored by when their lease ends
 ``<p>|<s>|task-dead``                          list      JSON entries of tasks that failed for good
 ``<p>|<s>|inbox:<client>``                     list      ids of a client's finished tasks
+``<p>|<s>|blob:<digest>:<i>``                  string    part ``i`` of a buffer stored once by its
+                                                         digest (``x3-…``/``b3-…``); expires
 =============================================  ========  ==========================================
 """
 
@@ -106,3 +108,10 @@ class Keys:
 
     def inbox(self, client_id: str) -> str:
         return f"{self.head}inbox:{client_id}"
+
+    def blob(self, name: str, part: int) -> str:
+        """Part ``part`` of the buffer whose digest is named ``name`` (see :mod:`rtq.backend.blobs`)."""
+        return f"{self.head}blob:{name}:{part}"
+
+    def blob_pattern(self) -> str:
+        return f"{self.head}blob:*"

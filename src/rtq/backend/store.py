@@ -27,6 +27,11 @@ attempt's result. With 1 MiB of buffers or more the frames go under keys of thei
 value it stores in a hash (Redis 7.0 and Valkey 8.1 both take twice as long to HSET 64 MiB as to
 SET it), and keeps a plain string as it came. They expire a while after the record can, and are
 deleted with it where rtq deletes a record (a consumed outcome, ``once``, a reused id).
+
+Out-of-band buffers of 1 MiB or more are not frames at all: the envelope names them by digest,
+and :mod:`rtq.backend.blobs` stores each once per namespace, sending only those Redis does not
+hold yet (an :class:`Encoded` lists them; its records are queued by ``enqueue.lua`` only once all
+of them are there).
 """
 
 from __future__ import annotations
@@ -41,11 +46,13 @@ from typing import Any, cast
 
 import redis as redis_py
 
+from ..digests import Ref
 from ..errors import RemoteTaskError, SerializationError, TaskLost
 from ..serialization import CHUNK, Serializer, UnreadablePayload
 from ..task import FINAL_STATES, RedisTask, TaskState, current_task
 from . import scripts
 from .batching import GroupCommit
+from .blobs import Blobs, keep_ms
 from .connections import block_cap, raw_client
 from .keys import Keys
 from .wire import ChannelPool, raise_errors
@@ -84,12 +91,28 @@ class TaskStore:
         self.cap = block_cap(self.redis)
         self.channels = ChannelPool(self.redis)  # held connections for the hot paths
         self.submitter = GroupCommit(self.redis)  # submit.lua calls of concurrent submitters
+        self.blobs = Blobs(self.redis, keys, self.channels, self.scripts, signed=serializer.signed)
 
     # -- payload fields --------------------------------------------------------------------
-    def encode(self, key: str, name: str, value: Any, tag: str, what: str) -> Encoded:
-        """``value`` as the fields of the task's hash at ``key`` (and big frames' own keys)."""
-        frames = self.serializer.dumps(value, key=key, field=name, what=what)
+    def encode(self, key: str, name: str, value: Any, tag: str, what: str, *, expiry: float = 0.0) -> Encoded:
+        """``value`` as the fields of the task's hash at ``key`` (and big frames' own keys).
+
+        Its big buffers go by digest: one round trip asks which Redis holds (keeping them as
+        long as a record due at ``expiry`` can be read), and only the others are to be sent.
+
+        Raises:
+            SerializationError: ``value`` cannot be pickled, or what it sends is over ``max_payload``.
+        """
+        packed = self.serializer.pack(value, key=key, field=name, what=what)
+        frames = packed.frames
         out = Encoded({name: frames[0]})
+        if packed.blobs:
+            refs = [ref for ref, _ in packed.blobs]
+            held = self.blobs.held(refs, keep_ms(_frames_until(expiry)))
+            out.blobs = [(ref, buffer, self.blobs.part_keys(ref)) for ref, buffer in packed.blobs]
+            out.send = {ref.name for ref in refs if ref.name not in held}
+            sent = sum(ref.size for ref in refs if ref.name in out.send)
+            self.serializer.check_size(packed.inline_size + sent, what)
         extra = frames[1:]
         if extra:
             apart = sum(memoryview(f).nbytes for f in extra) >= FRAME_KEYS_MIN
@@ -140,11 +163,11 @@ class TaskStore:
                 raise SerializationError(f"payload at {key} [{name}] lists {count} frames; its envelope says otherwise")
             names = [f"{name}.{tag}.{i}" for i in range(count)]
             if not names:
-                return self.serializer.loads(frames, key=key, field=name)
+                return self.serializer.loads(frames, key=key, field=name, blobs=self.blobs)
             if apart or sum(lengths) >= DIRECT_READ_MIN:
                 return self._decode_direct(key, name, first, names, apart, lengths)
             frames += self.redis.hmget(key, names)
-        return self.serializer.loads(frames, key=key, field=name)
+        return self.serializer.loads(frames, key=key, field=name, blobs=self.blobs)
 
     def _decode_direct(
         self, key: str, name: str, first: bytes, names: list[str], apart: bool, lengths: list[int]
@@ -184,7 +207,7 @@ class TaskStore:
             complete = channel.read_into(command, targets, measure=measure)
         if not complete:  # changed between its length and its read
             raise SerializationError(f"{where} is missing a frame, or one has the wrong size")
-        return self.serializer.loads([first, *buffers], key=key, field=name, joined=True)
+        return self.serializer.loads([first, *buffers], key=key, field=name, joined=True, blobs=self.blobs)
 
     # -- caller side -----------------------------------------------------------------------
     def record(self, task: RedisTask, *, token: str, state: str, notify: str | None) -> Encoded:
@@ -203,11 +226,11 @@ class TaskStore:
         label = getattr(task.params, "label", None)  # a shipped call's: what `rtq status` lists it as
         if isinstance(label, str) and label:
             out.fields["label"] = label
-        out.add(self.encode(key, "params", task.params, token, "params"))
+        out.add(self.encode(key, "params", task.params, token, "params", expiry=task.expiry))
         if task.error is not None:
             out.add(self.encode_error(key, task.error, token))
         elif task.result is not None or state == TaskState.DONE:
-            out.add(self.encode(key, "result", task.result, token, "result"))
+            out.add(self.encode(key, "result", task.result, token, "result", expiry=task.expiry))
         return out
 
     def submit(self, tasks: Sequence[tuple[RedisTask, str, str | None]], *, listened: str | None = None) -> bool:
@@ -225,7 +248,7 @@ class TaskStore:
                 the enqueue are one atomic step); returns False, storing nothing, if none does.
         """
         records = [(t, self.record(t, token=tok, state=TaskState.QUEUED, notify=n)) for t, tok, n in tasks]
-        if any(enc.frames or _payload_size(enc.fields) > SCRIPT_ARGS_MAX for _, enc in records):
+        if any(enc.frames or enc.named or _payload_size(enc.fields) > SCRIPT_ARGS_MAX for _, enc in records):
             # One round trip first: the listener check, and the frame lists of records replaced.
             with self.channels.channel() as channel:
                 looked = channel.pipeline(
@@ -235,6 +258,7 @@ class TaskStore:
             if listened is not None and not looked[0]:
                 return False
             commands: list[tuple[Any, ...]] = [("MULTI",)]
+            queueing = []  # where each record's enqueue command sits among EXEC's replies
             for (task, enc), old in zip(records, looked[1:], strict=True):
                 key = self.keys.task(task.id)
                 stale = self.frame_keys(key, old) if isinstance(old, list) else []
@@ -243,12 +267,14 @@ class TaskStore:
                     ("HSET", key, *flatten(enc.fields)),
                     ("PEXPIREAT", key, int(task.expiry * 1000) + 1),
                     *enc.frame_commands(task.expiry),
-                    ("RPUSH", self.keys.queue(task.name), task.id),
+                    self._enqueue(task, enc),
                 ]
+                queueing.append(len(commands) - 2)
             commands.append(("EXEC",))
             with self.channels.channel() as channel:  # sends the frames as they are, uncopied
                 replies = channel.pipeline(commands)
             raise_errors(replies, _what_submit(records))
+            self._enqueue_the_rest(records, [replies[-1][i] for i in queueing])
             return True
         script = self.scripts["submit"]
         calls = []
@@ -291,6 +317,43 @@ class TaskStore:
         if stale:
             self.redis.unlink(*stale)
         return all(replies)
+
+    def _enqueue(self, task: RedisTask, enc: Encoded) -> tuple[Any, ...]:
+        """The command that queues ``task``: an RPUSH, or ``enqueue.lua`` once its buffers are all there."""
+        if not enc.named:
+            return ("RPUSH", self.keys.queue(task.name), task.id)
+        keys = [self.keys.queue(task.name), *enc.named]
+        # EVAL, not EVALSHA: in a transaction, a NOSCRIPT would only show once all was sent.
+        script = self.scripts["enqueue"].script
+        return ("EVAL", script, len(keys), *keys, task.id, keep_ms(_frames_until(task.expiry)))
+
+    def _enqueue_the_rest(self, records: Sequence[tuple[RedisTask, Encoded]], queued: Sequence[Any]) -> None:
+        """Send the buffers that vanished between the question and the store, then queue their tasks.
+
+        ``queued`` holds each record's reply to :meth:`_enqueue`: 1, or the keys it found missing.
+        """
+        for _ in range(3):
+            pairs = zip(records, queued, strict=True)
+            waiting = [(t, enc, reply) for (t, enc), reply in pairs if isinstance(reply, list)]
+            if not waiting:
+                return
+            commands: list[tuple[Any, ...]] = [("MULTI",)]
+            queueing = []
+            for task, enc, missing in waiting:
+                gone = {text(k) for k in missing}
+                enc.send |= {ref.name for ref, _, keys in enc.blobs if gone.intersection(keys)}
+                commands += [*enc.frame_commands(task.expiry), self._enqueue(task, enc)]
+                queueing.append(len(commands) - 2)
+            commands.append(("EXEC",))
+            with self.channels.channel() as channel:
+                replies = channel.pipeline(commands)
+            records = [(t, e) for t, e, _ in waiting]
+            raise_errors(replies, _what_submit(records))
+            queued = [replies[-1][i] for i in queueing]
+        raise SerializationError(
+            f"the buffers of {_what_submit(records)} vanish from Redis as soon as they are stored: is it evicting keys "
+            "(maxmemory-policy) or out of memory?"
+        )
 
     @staticmethod
     def _send_batch(channel: Any, script: Any, calls: list[tuple[list[str], list[Any]]]) -> list[Any]:
@@ -464,23 +527,48 @@ LIST_FIELDS = [f"{name}#" for name in LIST_NAMES]
 
 @dataclass
 class Encoded:
-    """Payloads as stored: fields of the task's hash, and big frames under keys of their own."""
+    """Payloads as stored: fields of the task's hash, big frames under keys of their own, and buffers by digest.
+
+    ``blobs`` are ``(ref, buffer, part keys)`` of the buffers the payloads name by digest,
+    ``send`` the names of those Redis did not hold when asked (their bytes go with the record).
+    """
 
     fields: dict[str, Any]
     frames: dict[str, Any] = field(default_factory=dict)
+    blobs: list[tuple[Ref, memoryview, list[str]]] = field(default_factory=list)
+    send: set[str] = field(default_factory=set)
+
+    @property
+    def named(self) -> list[str]:
+        """The keys of every buffer the payloads name by digest."""
+        return [key for _, _, keys in self.blobs for key in keys]
 
     def add(self, other: Encoded) -> None:
         self.fields.update(other.fields)
         self.frames.update(other.frames)
+        self.blobs += other.blobs
+        self.send |= other.send
 
     def frame_commands(self, expiry: float) -> list[tuple[Any, ...]]:
-        """The ``SET`` commands of the big frames (sent as they are, uncopied).
+        """The ``SET`` commands of the big frames and of the buffers to send (sent as they are, uncopied).
 
         They expire after the record can: a record lives until its deadline, or ``KEEP_S``
-        past the moment it ends when that is later.
+        past the moment it ends when that is later. A buffer is set only if not there (``NX``):
+        another writer may have stored it meanwhile, for a payload that needs it longer.
         """
-        at_ms = int((max(expiry, time.time()) + KEEP_S + FRAME_SLACK_S) * 1000)
-        return [("SET", key, frame, "PXAT", at_ms) for key, frame in self.frames.items()]
+        at_ms = int(_frames_until(expiry) * 1000)
+        commands: list[tuple[Any, ...]] = [("SET", key, frame, "PXAT", at_ms) for key, frame in self.frames.items()]
+        for ref, buffer, keys in self.blobs:
+            if ref.name in self.send:
+                view = memoryview(buffer)
+                for i, key in enumerate(keys):
+                    commands.append(("SET", key, view[i * CHUNK : (i + 1) * CHUNK], "NX", "PXAT", at_ms))
+        return commands
+
+
+def _frames_until(expiry: float) -> float:
+    """When the frames of a record due at ``expiry`` may go (Unix seconds): after the record can."""
+    return max(expiry, time.time()) + KEEP_S + FRAME_SLACK_S
 
 
 SCRIPT_ARGS_MAX = 256 * 1024

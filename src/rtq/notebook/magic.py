@@ -31,8 +31,8 @@ from IPython.core.magic_arguments import argument, magic_arguments, parse_argstr
 from ..backend.keys import check_name
 from ..closures import ship_local_modules
 from ..connection import connect, redact_url
+from ..culprits import describe_unpicklable
 from ..errors import RtqError, SerializationError
-from ..serialization import describe_unpicklable
 from .cells import CellSpec, ShippedValues, analyze
 from .tracebacks import short_error
 from .waiting import CellContext, CellExecutor, CellFuture, RemoteModule, deferred_interrupts, wait_cell

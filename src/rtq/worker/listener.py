@@ -30,6 +30,7 @@ from ..backend.keys import check_name
 from ..backend.store import text
 from ..backend.wire import Channel
 from ..backoff import Backoff
+from ..buffercache import BufferCache, default_cache_bytes
 from ..errors import RtqError, SerializationError, SignatureError, TaskCancelled
 from ..task import RedisTask, TaskState, outcome_stored_by_runner, running
 from .capture import capturing
@@ -77,6 +78,9 @@ class Listener:
         info: Extra fields announced in this worker's heartbeat record.
         heartbeat_process: Also keep the lease alive from a helper process, which a task holding
             the GIL cannot starve (see :mod:`rtq.worker.heartbeat`).
+        cache_bytes: Keep buffers read by digest in memory, up to this many bytes (see
+            :mod:`rtq.buffercache`), so a task given the same array again skips reading it from
+            Redis; 0 keeps none; None: a quarter of the machine's memory, at most 4 GiB.
     """
 
     def __init__(
@@ -95,6 +99,7 @@ class Listener:
         info: dict[str, Any] | None = None,
         worker_id: str | None = None,
         heartbeat_process: bool = True,
+        cache_bytes: int | None = None,
     ) -> None:
         if not names:
             raise ValueError("listen() needs at least one queue name")
@@ -113,6 +118,8 @@ class Listener:
         self.id = worker_id or new_worker_id()
         self.keys = store.keys
         self.store = store
+        cache_bytes = default_cache_bytes() if cache_bytes is None else cache_bytes
+        store.blobs.cache = BufferCache(cache_bytes) if cache_bytes else None
         self.redis = store.redis
         self.info = {
             "id": self.id,
