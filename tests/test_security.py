@@ -199,6 +199,31 @@ def test_client_never_unpickles_a_forged_outcome(tmp_path, r):
     assert marker.exists()
 
 
+def echo(value: Any) -> Any:
+    return value
+
+
+@pytest.mark.timeout(90)
+def test_big_bytes_travel_signed_by_digest_and_a_tampered_one_is_refused(r, workers):
+    q = client(r)
+    # Submitted before any worker serves the queue, so the forger's edit comes first.
+    data = bytes(range(256)) * (8 * 1024)  # 2 MiB
+    task = q.build_task("tampered", "sec", Call(len, (data,)))
+    q.submit(task)
+    # The bytes are a buffer stored by its digest (tests/test_digests.py), not in the pickle.
+    (stored,) = r.scan_iter(match=KEYS.blob_pattern())
+    assert r.strlen(stored) == len(data) and len(r.hget(KEYS.task("tampered"), "params")) < 4096
+    r.setrange(stored, 1000, b"\xff")  # one byte of the argument, as someone with write access could
+    workers.start("sec", task_fn=None, env={"RTQ_SECRET": SECRET})
+    with pytest.raises(SignatureError, match="tampered \\[params\\].*does not match the digest its signed payload"):
+        q.wait(task)
+    # Untouched, each bytes-like type makes the trip there and back as itself.
+    with rtq.Executor(q, "sec") as ex:
+        back = ex.submit(echo, [data, bytearray(data), memoryview(bytearray(data)).cast("I")]).result(60)
+    assert [type(v) for v in back] == [bytes, bytearray, memoryview]
+    assert back[0] == data and back[1] == data and back[2].format == "I" and back[2].tobytes() == data
+
+
 MiB, TiB = 2**20, 2**40
 
 
