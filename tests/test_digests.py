@@ -12,11 +12,14 @@ import os
 import re
 import subprocess
 import sys
+import threading
 from typing import Any
 
 import numpy
 import pytest
 import redis
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 import rtq
 from conftest import ROOT, TESTS, wait_for
@@ -303,3 +306,54 @@ def test_buffers_over_a_frame_are_stored_in_parts(r, workers, monkeypatch):
     queue.set_task(task)
     assert sorted(blob_keys(r).values()) == [MiB // 2, MiB, MiB, MiB, MiB]
     assert (queue.get_task("parts").result == task.result).all()
+
+
+# -- fuzz: whatever is planted, a signed reader never unpickles it ----------------------------
+_recording = threading.local()
+_found: list[tuple[str, str]] = []
+
+
+def _audit(event: str, args: tuple[Any, ...]) -> None:
+    if event == "pickle.find_class" and getattr(_recording, "on", False):
+        _found.append((str(args[0]), str(args[1])))
+
+
+sys.addaudithook(_audit)  # hooks cannot be removed; this one only records inside the reads below
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    where=st.sampled_from(["buffer", "envelope", "truncate", "swap"]),
+    at=st.integers(0, 2 * MiB - 1),
+    byte=st.integers(1, 255),
+)
+def test_fuzz_a_planted_buffer_or_digest_is_never_unpickled_under_a_secret(redis_url, where, at, byte):
+    r = redis.Redis.from_url(redis_url)
+    r.flushdb()
+    queue = RedisTaskQueue(r, "test", timeout=60, interval=0.5, secret=SECRET)
+    task = queue.build_task("fuzz", "nobody", None)
+    task.result = {"a": numpy.zeros(MiB, numpy.uint8), "b": numpy.ones(MiB + 7, numpy.uint8)}
+    queue.set_task(task)
+    blobs = sorted(blob_keys(r))
+    if where == "buffer":  # one byte of one buffer changed
+        key = blobs[at % 2]
+        r.setrange(key, at % r.strlen(key), bytes([r.getrange(key, 0, -1)[at % r.strlen(key)] ^ byte]))
+    elif where == "envelope":  # one byte of the signed envelope (its digest list among them)
+        first = bytearray(r.hget(KEYS.task("fuzz"), "result"))
+        first[at % len(first)] ^= byte
+        r.hset(KEYS.task("fuzz"), "result", bytes(first))
+    elif where == "truncate":
+        r.set(blobs[at % 2], r.getrange(blobs[at % 2], 0, at % MiB))
+    else:  # each buffer's bytes planted under the other's digest
+        a, b = (r.get(k) for k in blobs)
+        r.set(blobs[0], b)
+        r.set(blobs[1], a)
+    _found.clear()
+    _recording.on = True
+    try:
+        with pytest.raises((SignatureError, SerializationError)):
+            queue.get_task("fuzz")
+    finally:
+        _recording.on = False
+    assert _found == [], "unpickling began on a planted payload"
+    r.close()

@@ -215,7 +215,7 @@ def test_big_bytes_travel_signed_by_digest_and_a_tampered_one_is_refused(r, work
     assert r.strlen(stored) == len(data) and len(r.hget(KEYS.task("tampered"), "params")) < 4096
     r.setrange(stored, 1000, b"\xff")  # one byte of the argument, as someone with write access could
     workers.start("sec", task_fn=None, env={"RTQ_SECRET": SECRET})
-    with pytest.raises(SignatureError, match="tampered \\[params\\].*does not match the digest its signed payload"):
+    with pytest.raises(SignatureError, match=r"tampered \[params\].*does not match the digest its signed payload"):
         q.wait(task)
     # Untouched, each bytes-like type makes the trip there and back as itself.
     with rtq.Executor(q, "sec") as ex:

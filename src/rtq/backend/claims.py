@@ -182,9 +182,12 @@ class Claims:
         if named:  # were they all still there when the outcome went in? (see below)
             commands.append(("EVAL", self.store.scripts["touch"].script, len(named), *named, 1))
         commands += [("EVAL", finish.script, len(keys), *keys, *args), ("EXEC",)]
-        payload = [*enc.fields.values(), *enc.frames.values()]
+        payload = [*enc.fields.values(), *enc.frames.values(), *(b for ref, b, _ in enc.blobs if ref.name in enc.send)]
         size = sum(memoryview(v).nbytes for v in payload if isinstance(v, (bytes, bytearray, memoryview)))
         with self.store.channels.channel() as channel:
+            blobs = enc.blob_commands(held.expiry)
+            if blobs:  # first, alone: a buffer Redis refuses must stop the outcome naming it
+                raise_errors(channel.pipeline(blobs), f"{what} ({size_text(size)})")
             if self.pause_in_outcome and enc.frames:
                 replies = self._pause_for_tests(channel, commands, task_id)
             else:
@@ -197,7 +200,7 @@ class Claims:
             gone = [blob for blob in enc.blobs if not all([next(flags) for _ in blob[2]])]
             resend = Encoded({}, blobs=gone, send={ref.name for ref, _, _ in gone})
             with self.store.channels.channel() as channel:
-                raise_errors(channel.pipeline(resend.frame_commands(held.expiry)), what)
+                raise_errors(channel.pipeline(resend.blob_commands(held.expiry)), what)
         return bool(replies[-1][-1])
 
     def _pause_for_tests(self, channel: Channel, commands: list[tuple[Any, ...]], task_id: str) -> list[Any]:

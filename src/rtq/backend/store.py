@@ -257,6 +257,7 @@ class TaskStore:
                 )
             if listened is not None and not looked[0]:
                 return False
+            blobs = [c for t, enc in records for c in enc.blob_commands(t.expiry)]
             commands: list[tuple[Any, ...]] = [("MULTI",)]
             queueing = []  # where each record's enqueue command sits among EXEC's replies
             for (task, enc), old in zip(records, looked[1:], strict=True):
@@ -272,6 +273,8 @@ class TaskStore:
                 queueing.append(len(commands) - 2)
             commands.append(("EXEC",))
             with self.channels.channel() as channel:  # sends the frames as they are, uncopied
+                if blobs:  # first, alone: a buffer Redis refuses must stop the records naming it
+                    raise_errors(channel.pipeline(blobs), _what_submit(records))
                 replies = channel.pipeline(commands)
             raise_errors(replies, _what_submit(records))
             self._enqueue_the_rest(records, [replies[-1][i] for i in queueing])
@@ -337,15 +340,18 @@ class TaskStore:
             waiting = [(t, enc, reply) for (t, enc), reply in pairs if isinstance(reply, list)]
             if not waiting:
                 return
+            blobs: list[tuple[Any, ...]] = []
             commands: list[tuple[Any, ...]] = [("MULTI",)]
             queueing = []
             for task, enc, missing in waiting:
                 gone = {text(k) for k in missing}
-                enc.send |= {ref.name for ref, _, keys in enc.blobs if gone.intersection(keys)}
-                commands += [*enc.frame_commands(task.expiry), self._enqueue(task, enc)]
+                enc.send = {ref.name for ref, _, keys in enc.blobs if gone.intersection(keys)}
+                blobs += enc.blob_commands(task.expiry)
+                commands.append(self._enqueue(task, enc))
                 queueing.append(len(commands) - 2)
             commands.append(("EXEC",))
             with self.channels.channel() as channel:
+                raise_errors(channel.pipeline(blobs), _what_submit([(t, e) for t, e, _ in waiting]))
                 replies = channel.pipeline(commands)
             records = [(t, e) for t, e, _ in waiting]
             raise_errors(replies, _what_submit(records))
@@ -389,6 +395,10 @@ class TaskStore:
             )
         enc = self.record(task, token=token, state=state, notify=None)
         ttl_ms = max(int((task.expiry - time.time()) * 1000), int(KEEP_S * 1000) if state in FINAL_STATES else 1)
+        blobs = enc.blob_commands(task.expiry)
+        if blobs:
+            with self.channels.channel() as channel:
+                raise_errors(channel.pipeline(blobs), f"the buffers of task {task.id}")
         pipe = self.redis.pipeline(transaction=True)
         pipe.hdel(key, *_OUTCOME_FIELDS[1:])
         pipe.hset(key, mapping=cast("dict[Any, Any]", enc.fields))
@@ -550,14 +560,25 @@ class Encoded:
         self.send |= other.send
 
     def frame_commands(self, expiry: float) -> list[tuple[Any, ...]]:
-        """The ``SET`` commands of the big frames and of the buffers to send (sent as they are, uncopied).
+        """The ``SET`` commands of the big frames (sent as they are, uncopied).
 
         They expire after the record can: a record lives until its deadline, or ``KEEP_S``
-        past the moment it ends when that is later. A buffer is set only if not there (``NX``):
-        another writer may have stored it meanwhile, for a payload that needs it longer.
+        past the moment it ends when that is later.
         """
         at_ms = int(_frames_until(expiry) * 1000)
-        commands: list[tuple[Any, ...]] = [("SET", key, frame, "PXAT", at_ms) for key, frame in self.frames.items()]
+        return [("SET", key, frame, "PXAT", at_ms) for key, frame in self.frames.items()]
+
+    def blob_commands(self, expiry: float) -> list[tuple[Any, ...]]:
+        """The ``SET`` commands of the buffers to send by digest (sent as they are, uncopied).
+
+        Sent ahead of the record's transaction, not in it: a server refuses a transaction
+        carrying a gigabyte, and a buffer is useful alone (a writer that dies after sending it
+        leaves a key that expires). Each expires as a big frame does, and is set only if not
+        there (``NX``): another writer may have stored it meanwhile, for a payload that needs it
+        longer.
+        """
+        at_ms = int(_frames_until(expiry) * 1000)
+        commands: list[tuple[Any, ...]] = []
         for ref, buffer, keys in self.blobs:
             if ref.name in self.send:
                 view = memoryview(buffer)
