@@ -295,11 +295,11 @@ def test_small_buffers_still_travel_with_their_payload(r, workers):
 
 def test_buffers_over_a_frame_are_stored_in_parts(r, workers, monkeypatch):
     import rtq.backend.blobs as blobs_module
-    import rtq.backend.store as store_module
+    import rtq.backend.encoded as encoded_module
 
     # Parts of 1 MiB, as a buffer over 64 MiB has: five keys for a 4.5 MiB array.
     monkeypatch.setattr(blobs_module, "CHUNK", MiB)
-    monkeypatch.setattr(store_module, "CHUNK", MiB)
+    monkeypatch.setattr(encoded_module, "CHUNK", MiB)
     queue = RedisTaskQueue(r, "test", timeout=60, interval=0.5)
     task = queue.build_task("parts", "nobody", None)
     task.result = numpy.concatenate([array(4), array(1)[: MiB // 2]])

@@ -41,12 +41,10 @@ import time
 import traceback
 import uuid
 from collections.abc import Sequence
-from dataclasses import dataclass, field
 from typing import Any, cast
 
 import redis as redis_py
 
-from ..digests import Ref
 from ..errors import RemoteTaskError, SerializationError, TaskLost
 from ..serialization import CHUNK, Serializer, UnreadablePayload
 from ..task import FINAL_STATES, RedisTask, TaskState, current_task
@@ -54,11 +52,10 @@ from . import scripts
 from .batching import GroupCommit
 from .blobs import Blobs, keep_ms
 from .connections import block_cap, raw_client
+from .encoded import KEEP_S, Encoded, frames_until
 from .keys import Keys
 from .wire import ChannelPool, raise_errors
 
-KEEP_S = 300.0
-"""Seconds a finished task's outcome stays readable at least, even past its deadline."""
 EVENTS_MAXLEN = 1000
 _OUTCOME_FIELDS = ("state", "result", "result#", "error", "error#", "error_text")
 OUTCOME_FIELDS = list(_OUTCOME_FIELDS)
@@ -108,7 +105,7 @@ class TaskStore:
         out = Encoded({name: frames[0]})
         if packed.blobs:
             refs = [ref for ref, _ in packed.blobs]
-            held = self.blobs.held(refs, keep_ms(_frames_until(expiry)))
+            held = self.blobs.held(refs, keep_ms(frames_until(expiry)))
             out.blobs = [(ref, buffer, self.blobs.part_keys(ref)) for ref, buffer in packed.blobs]
             out.send = {ref.name for ref in refs if ref.name not in held}
             sent = sum(ref.size for ref in refs if ref.name in out.send)
@@ -257,7 +254,8 @@ class TaskStore:
                 )
             if listened is not None and not looked[0]:
                 return False
-            blobs = [c for t, enc in records for c in enc.blob_commands(t.expiry)]
+            # A buffer several tasks of the batch name (ex.map(f, parts, repeat(table))) goes once.
+            blobs = list({c[1]: c for t, enc in records for c in enc.blob_commands(t.expiry)}.values())
             commands: list[tuple[Any, ...]] = [("MULTI",)]
             queueing = []  # where each record's enqueue command sits among EXEC's replies
             for (task, enc), old in zip(records, looked[1:], strict=True):
@@ -328,7 +326,7 @@ class TaskStore:
         keys = [self.keys.queue(task.name), *enc.named]
         # EVAL, not EVALSHA: in a transaction, a NOSCRIPT would only show once all was sent.
         script = self.scripts["enqueue"].script
-        return ("EVAL", script, len(keys), *keys, task.id, keep_ms(_frames_until(task.expiry)))
+        return ("EVAL", script, len(keys), *keys, task.id, keep_ms(frames_until(task.expiry)))
 
     def _enqueue_the_rest(self, records: Sequence[tuple[RedisTask, Encoded]], queued: Sequence[Any]) -> None:
         """Send the buffers that vanished between the question and the store, then queue their tasks.
@@ -528,68 +526,9 @@ DIRECT_READ_MIN = 1 << 20
 """Payloads with at least this many bytes of buffers are read straight into place (rtq.backend.wire)."""
 FRAME_KEYS_MIN = 1 << 20
 """Payloads with at least this many bytes of buffers keep their extra frames under keys of their own."""
-FRAME_SLACK_S = 60.0
-"""Seconds a big frame outlives the longest its record can live (the deadline plus ``KEEP_S``)."""
 LIST_NAMES = ("params", "result", "error")
 """The payload fields of a record, whose ``<name>#`` fields list their extra frames."""
 LIST_FIELDS = [f"{name}#" for name in LIST_NAMES]
-
-
-@dataclass
-class Encoded:
-    """Payloads as stored: fields of the task's hash, big frames under keys of their own, and buffers by digest.
-
-    ``blobs`` are ``(ref, buffer, part keys)`` of the buffers the payloads name by digest,
-    ``send`` the names of those Redis did not hold when asked (their bytes go with the record).
-    """
-
-    fields: dict[str, Any]
-    frames: dict[str, Any] = field(default_factory=dict)
-    blobs: list[tuple[Ref, memoryview, list[str]]] = field(default_factory=list)
-    send: set[str] = field(default_factory=set)
-
-    @property
-    def named(self) -> list[str]:
-        """The keys of every buffer the payloads name by digest."""
-        return [key for _, _, keys in self.blobs for key in keys]
-
-    def add(self, other: Encoded) -> None:
-        self.fields.update(other.fields)
-        self.frames.update(other.frames)
-        self.blobs += other.blobs
-        self.send |= other.send
-
-    def frame_commands(self, expiry: float) -> list[tuple[Any, ...]]:
-        """The ``SET`` commands of the big frames (sent as they are, uncopied).
-
-        They expire after the record can: a record lives until its deadline, or ``KEEP_S``
-        past the moment it ends when that is later.
-        """
-        at_ms = int(_frames_until(expiry) * 1000)
-        return [("SET", key, frame, "PXAT", at_ms) for key, frame in self.frames.items()]
-
-    def blob_commands(self, expiry: float) -> list[tuple[Any, ...]]:
-        """The ``SET`` commands of the buffers to send by digest (sent as they are, uncopied).
-
-        Sent ahead of the record's transaction, not in it: a server refuses a transaction
-        carrying a gigabyte, and a buffer is useful alone (a writer that dies after sending it
-        leaves a key that expires). Each expires as a big frame does, and is set only if not
-        there (``NX``): another writer may have stored it meanwhile, for a payload that needs it
-        longer.
-        """
-        at_ms = int(_frames_until(expiry) * 1000)
-        commands: list[tuple[Any, ...]] = []
-        for ref, buffer, keys in self.blobs:
-            if ref.name in self.send:
-                view = memoryview(buffer)
-                for i, key in enumerate(keys):
-                    commands.append(("SET", key, view[i * CHUNK : (i + 1) * CHUNK], "NX", "PXAT", at_ms))
-        return commands
-
-
-def _frames_until(expiry: float) -> float:
-    """When the frames of a record due at ``expiry`` may go (Unix seconds): after the record can."""
-    return max(expiry, time.time()) + KEEP_S + FRAME_SLACK_S
 
 
 SCRIPT_ARGS_MAX = 256 * 1024
