@@ -26,8 +26,8 @@ checked against ``STRLEN`` before anything is allocated), then checked against t
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
-from typing import Any
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Any
 
 import redis as redis_py
 
@@ -35,8 +35,13 @@ from ..buffercache import BufferCache, Slot
 from ..digests import Ref, check
 from ..errors import SerializationError
 from ..serialization import CHUNK, size_text
+from .encoded import Encoded, frames_until
 from .keys import Keys
+from .replies import raise_errors
 from .wire import ChannelPool, call_script
+
+if TYPE_CHECKING:
+    from ..task import RedisTask
 
 __all__ = ["Blobs", "parts"]
 
@@ -88,6 +93,53 @@ class Blobs:
         with self.channels.channel() as channel:
             flags = iter(call_script(channel, self.scripts["touch"], keys, [max(keep_ms, 1)]))
         return {ref.name for ref in refs if all([next(flags) for _ in range(parts(ref.size))])}
+
+    # -- queueing (in the transaction that stores the records) ----------------------------
+    def enqueue(self, task: RedisTask, enc: Encoded) -> tuple[Any, ...]:
+        """The command that queues ``task``: an RPUSH, or ``enqueue.lua`` once its buffers are all there."""
+        if not enc.named:
+            return ("RPUSH", self.keys.queue(task.name), task.id)
+        keys = [self.keys.queue(task.name), *enc.named]
+        # EVAL, not EVALSHA: in a transaction, a NOSCRIPT would only show once all was sent.
+        script = self.scripts["enqueue"].script
+        return ("EVAL", script, len(keys), *keys, task.id, keep_ms(frames_until(task.expiry)))
+
+    def enqueue_the_rest(
+        self,
+        records: Sequence[tuple[RedisTask, Encoded]],
+        queued: Sequence[Any],
+        what: Callable[[Sequence[tuple[RedisTask, Encoded]]], str],
+    ) -> None:
+        """Send the buffers that vanished between the question and the store, then queue their tasks.
+
+        ``queued`` holds each record's reply to :meth:`enqueue`: 1, or the keys it found missing;
+        ``what`` names records for an error.
+        """
+        for _ in range(3):
+            pairs = zip(records, queued, strict=True)
+            waiting = [(t, enc, reply) for (t, enc), reply in pairs if isinstance(reply, list)]
+            if not waiting:
+                return
+            blobs: list[tuple[Any, ...]] = []
+            commands: list[tuple[Any, ...]] = [("MULTI",)]
+            queueing = []
+            for task, enc, missing in waiting:
+                gone = {k.decode() if isinstance(k, bytes) else str(k) for k in missing}
+                enc.send = {ref.name for ref, _, keys in enc.blobs if gone.intersection(keys)}
+                blobs += enc.blob_commands(task.expiry)
+                commands.append(self.enqueue(task, enc))
+                queueing.append(len(commands) - 2)
+            commands.append(("EXEC",))
+            with self.channels.channel() as channel:
+                raise_errors(channel.pipeline(blobs), what([(t, e) for t, e, _ in waiting]))
+                replies = channel.pipeline(commands)
+            records = [(t, e) for t, e, _ in waiting]
+            raise_errors(replies, what(records))
+            queued = [replies[-1][i] for i in queueing]
+        raise SerializationError(
+            f"the buffers of {what(records)} vanish from Redis as soon as they are stored: is it evicting keys "
+            "(maxmemory-policy) or out of memory?"
+        )
 
     # -- reading ---------------------------------------------------------------------------
     def fetch(self, refs: list[Ref], where: str) -> list[Any]:

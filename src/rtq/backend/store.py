@@ -38,7 +38,6 @@ from __future__ import annotations
 
 import json
 import time
-import traceback
 import uuid
 from collections.abc import Sequence
 from typing import Any, cast
@@ -53,8 +52,10 @@ from .batching import GroupCommit
 from .blobs import Blobs, keep_ms
 from .connections import block_cap, raw_client
 from .encoded import KEEP_S, Encoded, frames_until
+from .failures import RemoteTraceback, describe_error, error_info
 from .keys import Keys
-from .wire import ChannelPool, raise_errors
+from .replies import raise_errors
+from .wire import ChannelPool
 
 EVENTS_MAXLEN = 1000
 _OUTCOME_FIELDS = ("state", "result", "result#", "error", "error#", "error_text")
@@ -266,7 +267,7 @@ class TaskStore:
                     ("HSET", key, *flatten(enc.fields)),
                     ("PEXPIREAT", key, int(task.expiry * 1000) + 1),
                     *enc.frame_commands(task.expiry),
-                    self._enqueue(task, enc),
+                    self.blobs.enqueue(task, enc),
                 ]
                 queueing.append(len(commands) - 2)
             commands.append(("EXEC",))
@@ -275,7 +276,7 @@ class TaskStore:
                     raise_errors(channel.pipeline(blobs), _what_submit(records))
                 replies = channel.pipeline(commands)
             raise_errors(replies, _what_submit(records))
-            self._enqueue_the_rest(records, [replies[-1][i] for i in queueing])
+            self.blobs.enqueue_the_rest(records, [replies[-1][i] for i in queueing], _what_submit)
             return True
         script = self.scripts["submit"]
         calls = []
@@ -318,46 +319,6 @@ class TaskStore:
         if stale:
             self.redis.unlink(*stale)
         return all(replies)
-
-    def _enqueue(self, task: RedisTask, enc: Encoded) -> tuple[Any, ...]:
-        """The command that queues ``task``: an RPUSH, or ``enqueue.lua`` once its buffers are all there."""
-        if not enc.named:
-            return ("RPUSH", self.keys.queue(task.name), task.id)
-        keys = [self.keys.queue(task.name), *enc.named]
-        # EVAL, not EVALSHA: in a transaction, a NOSCRIPT would only show once all was sent.
-        script = self.scripts["enqueue"].script
-        return ("EVAL", script, len(keys), *keys, task.id, keep_ms(frames_until(task.expiry)))
-
-    def _enqueue_the_rest(self, records: Sequence[tuple[RedisTask, Encoded]], queued: Sequence[Any]) -> None:
-        """Send the buffers that vanished between the question and the store, then queue their tasks.
-
-        ``queued`` holds each record's reply to :meth:`_enqueue`: 1, or the keys it found missing.
-        """
-        for _ in range(3):
-            pairs = zip(records, queued, strict=True)
-            waiting = [(t, enc, reply) for (t, enc), reply in pairs if isinstance(reply, list)]
-            if not waiting:
-                return
-            blobs: list[tuple[Any, ...]] = []
-            commands: list[tuple[Any, ...]] = [("MULTI",)]
-            queueing = []
-            for task, enc, missing in waiting:
-                gone = {text(k) for k in missing}
-                enc.send = {ref.name for ref, _, keys in enc.blobs if gone.intersection(keys)}
-                blobs += enc.blob_commands(task.expiry)
-                commands.append(self._enqueue(task, enc))
-                queueing.append(len(commands) - 2)
-            commands.append(("EXEC",))
-            with self.channels.channel() as channel:
-                raise_errors(channel.pipeline(blobs), _what_submit([(t, e) for t, e, _ in waiting]))
-                replies = channel.pipeline(commands)
-            records = [(t, e) for t, e, _ in waiting]
-            raise_errors(replies, _what_submit(records))
-            queued = [replies[-1][i] for i in queueing]
-        raise SerializationError(
-            f"the buffers of {_what_submit(records)} vanish from Redis as soon as they are stored: is it evicting keys "
-            "(maxmemory-policy) or out of memory?"
-        )
 
     @staticmethod
     def _send_batch(channel: Any, script: Any, calls: list[tuple[list[str], list[Any]]]) -> list[Any]:
@@ -496,17 +457,17 @@ class TaskStore:
 
     def encode_error(self, key: str, exc: BaseException, tag: str) -> Encoded:
         """The fields that carry ``exc``: its envelope, or a :class:`RemoteTaskError` if it cannot travel."""
-        tb = _clip("".join(traceback.format_exception(type(exc), exc, exc.__traceback__)))
-        info = {"type": _qualname(type(exc)), "message": _clip(_safe_str(exc)), "traceback": tb}
+        info = describe_error(exc)
         out = Encoded({"error_text": json.dumps(info)})
         try:
             out.add(self.encode(key, "error", exc, tag, "exception"))
         except SerializationError:
-            out.add(self.encode(key, "error", RemoteTaskError(info["type"], info["message"], tb), tag, "exception"))
+            stand_in = RemoteTaskError(info["type"], info["message"], info["traceback"])
+            out.add(self.encode(key, "error", stand_in, tag, "exception"))
         return out
 
     def error_of(self, key: str, raw: dict[str, Any]) -> BaseException:
-        info = _error_info(raw.get("error_text"))
+        info = error_info(raw.get("error_text"))
         try:
             exc = self.decode(key, "error", raw.get("error"), raw.get("error#"))
         except SerializationError as err:
@@ -518,7 +479,7 @@ class TaskStore:
         if not isinstance(exc, BaseException):
             return RemoteTaskError(type(exc).__name__, repr(exc))
         if info.get("traceback") and exc.__cause__ is None and not isinstance(exc, RemoteTaskError):
-            exc.__cause__ = _RemoteTraceback(info["traceback"])
+            exc.__cause__ = RemoteTraceback(info["traceback"])
         return exc
 
 
@@ -556,45 +517,3 @@ def _frame_list(listed: Any) -> tuple[str, int, bool] | None:
     if len(parts) not in (2, 3) or parts[2:] not in ([], ["keys"]) or not parts[1].isdigit():
         return None
     return parts[0], int(parts[1]), len(parts) == 3
-
-
-def _safe_str(exc: BaseException) -> str:
-    try:
-        return str(exc)
-    except Exception:  # a hostile or broken __str__ must not stop the outcome from being stored
-        return f"<{type(exc).__name__}: str() failed>"
-
-
-def _clip(value: str, limit: int = 100_000) -> str:
-    """Keep error text small enough to travel whatever the payload limit."""
-    return value if len(value) <= limit else value[: limit // 2] + "\n[... clipped ...]\n" + value[-limit // 2 :]
-
-
-def _error_info(value: Any) -> dict[str, str]:
-    """The ``error_text`` JSON as ``{type, message, traceback}``, or {} when absent or malformed."""
-    try:
-        info = json.loads(text(value)) if value else {}
-    except ValueError:
-        return {}
-    if not isinstance(info, dict):
-        return {}
-    return {
-        "type": str(info.get("type", "Exception")),
-        "message": str(info.get("message", "")),
-        "traceback": str(info.get("traceback", "")),
-    }
-
-
-def _qualname(cls: type) -> str:
-    return cls.__qualname__ if cls.__module__ == "builtins" else f"{cls.__module__}.{cls.__qualname__}"
-
-
-class _RemoteTraceback(Exception):
-    """Carries the worker-side traceback as the ``__cause__`` of a re-raised task exception."""
-
-    def __init__(self, tb: str) -> None:
-        super().__init__(tb)
-        self.tb = tb
-
-    def __str__(self) -> str:
-        return "\n\nRemote traceback:\n" + self.tb.rstrip()
