@@ -48,6 +48,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
 import bench_tasks  # noqa: E402
+import dashboard_load  # noqa: E402
 import digests as digests_bench  # noqa: E402
 
 MiB = 1 << 20
@@ -320,6 +321,7 @@ def bench_rtq(url: str, procs: Processes, logs: Path, args: argparse.Namespace) 
                 del data
 
             out["progress"] = progress_overhead(ex, args.updates)
+            out["dashboard"] = dashboard_load.measure(url, seconds=10)  # 20 workers, 200 running tasks
         floor.close()
         client.close()
     finally:

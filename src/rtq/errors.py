@@ -11,6 +11,7 @@ import concurrent.futures
 
 __all__ = [
     "ConfigurationError",
+    "DashboardError",
     "RedisFull",
     "RemoteTaskError",
     "RtqConnectionError",
@@ -71,6 +72,10 @@ class RedisFull(RtqError):
 
 class TaskLost(RtqError):
     """Raised when a task's data vanished from Redis (restart, eviction, flush) while waited on."""
+
+
+class DashboardError(RtqError):
+    """Raised when ``rtq dashboard`` cannot start: Tornado is missing, or its address cannot be bound."""
 
 
 class VersionMismatch(RtqError):

@@ -14,6 +14,8 @@ attempt       how many times a worker claimed it; owner / claimed: the current c
 max_attempts  claims it may use before it fails with ``WorkerLost``: the submitter's limit,
               which every reaper applies (to a record an older rtq wrote without it, its own)
 progress      "current total time"
+submitted     when it was submitted (Unix seconds): how long it has waited in its queue
+label         what it runs (``train(3)``, a cell), for displays; absent for seed tasks
 params        envelope of the parameters (``params#`` lists extra frames, see below)
 result        envelope of the return value, when done
 error         envelope of the exception, when failed; error_text: JSON fallback
@@ -219,6 +221,7 @@ class TaskStore:
                 "notify": notify or self.keys.done(task.id),
                 "max_attempts": str(self.max_attempts),
                 "progress": f"{task.current_progress!r} {task.total_progress!r} {task.update_progress_time!r}",
+                "submitted": repr(time.time()),
             }
         )
         label = getattr(task.params, "label", None)  # a shipped call's: what `rtq status` lists it as
