@@ -109,6 +109,21 @@ def test_a_task_that_writes_into_its_argument_changes_its_own_copy_only(r, worke
         assert ex.submit(_fill_and_sum, data).result(timeout=60) == 4 * MiB
 
 
+def test_a_raw_buffer_given_to_a_task_can_be_returned_from_the_cache_too(r, workers):
+    import pickle
+
+    workers.start("dig", task_fn=None)
+    data = bytearray(os.urandom(2 * MiB))
+    with executor(r) as ex:
+        for _ in range(2):  # read from Redis, then from the worker's cache
+            back = ex.submit(_same, pickle.PickleBuffer(data)).result(timeout=60)
+            assert bytes(back) == bytes(data)
+
+
+def _same(value: Any) -> Any:
+    return value
+
+
 def _fill_and_sum(values: numpy.ndarray) -> int:
     total = int(values.sum())
     values += 1

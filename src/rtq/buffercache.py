@@ -19,12 +19,13 @@ from __future__ import annotations
 
 import mmap
 import os
+import pickle
 import tempfile
 import threading
 from collections import OrderedDict
 from typing import Any
 
-__all__ = ["BufferCache", "Slot", "default_cache_bytes"]
+__all__ = ["BufferCache", "SharedBuffer", "Slot", "default_cache_bytes"]
 
 DEFAULT_CAP = 4 << 30
 """The default cache never holds more than this, however much memory the machine has."""
@@ -37,6 +38,19 @@ def default_cache_bytes() -> int:
     except (AttributeError, ValueError, OSError):  # not a POSIX system: a modest guess
         total = 4 << 30
     return min(total // 4, DEFAULT_CAP)
+
+
+class SharedBuffer(mmap.mmap):
+    """A copy-on-write mapping of cached bytes, as a task gets it: any buffer's stand-in.
+
+    Arrays and the like are built over it without a copy. Shipped on (a task returning a raw
+    ``pickle.PickleBuffer`` it was given), it travels as the ``bytearray`` of its bytes.
+    """
+
+    def __reduce_ex__(self, protocol: Any) -> tuple[Any, ...]:
+        if isinstance(protocol, int) and protocol >= 5:
+            return bytearray, (pickle.PickleBuffer(self),)  # out of band when the pickler takes buffers
+        return bytearray, (bytes(self),)
 
 
 class Slot:
@@ -139,5 +153,5 @@ def _memory_file(size: int) -> int:
     return fd
 
 
-def _private(fd: int, size: int) -> Any:
-    return mmap.mmap(fd, max(size, 1), access=mmap.ACCESS_COPY)
+def _private(fd: int, size: int) -> SharedBuffer:
+    return SharedBuffer(fd, max(size, 1), access=mmap.ACCESS_COPY)
