@@ -372,3 +372,17 @@ def test_fuzz_a_planted_buffer_or_digest_is_never_unpickled_under_a_secret(redis
         _recording.on = False
     assert _found == [], "unpickling began on a planted payload"
     r.close()
+
+
+def test_a_client_that_decodes_responses_stores_and_reads_buffers_by_digest(redis_url, r):
+    decoding = redis.Redis.from_url(redis_url, decode_responses=True)
+    queue = RedisTaskQueue(decoding, "test", timeout=60, interval=0.5)
+    data = array(2)
+    for task_id in ("d1", "d2"):
+        task = queue.build_task(task_id, "nobody", None)
+        task.result = data
+        queue.set_task(task)
+    assert list(blob_keys(r).values()) == [2 * MiB]  # one copy for both
+    assert all((queue.get_task(t).result == data).all() for t in ("d1", "d2"))
+    assert gather_status(queue)["digests"] == {"buffers": 1, "keys": 1, "bytes": 2 * MiB}
+    decoding.close()
