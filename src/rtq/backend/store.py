@@ -41,7 +41,7 @@ from __future__ import annotations
 import json
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, cast
 
 import redis as redis_py
@@ -50,7 +50,7 @@ from ..errors import RemoteTaskError, SerializationError, TaskLost
 from ..serialization import CHUNK, Serializer, UnreadablePayload
 from ..task import FINAL_STATES, RedisTask, TaskState, current_task
 from . import scripts
-from .batching import GroupCommit
+from .batching import GroupCommit, SendAhead
 from .blobs import Blobs, keep_ms
 from .connections import block_cap, raw_client
 from .encoded import KEEP_S, Encoded, frames_until
@@ -92,6 +92,7 @@ class TaskStore:
         self.channels = ChannelPool(self.redis)  # held connections for the hot paths
         self.submitter = GroupCommit(self.redis)  # submit.lua calls of concurrent submitters
         self.blobs = Blobs(self.redis, keys, self.channels, self.scripts, signed=serializer.signed)
+        self.ahead = SendAhead(self.redis)  # submit.lua calls whose submitter goes on (Executor.submit)
 
     # -- payload fields --------------------------------------------------------------------
     def encode(self, key: str, name: str, value: Any, tag: str, what: str, *, expiry: float = 0.0) -> Encoded:
@@ -249,6 +250,9 @@ class TaskStore:
                 the enqueue are one atomic step); returns False, storing nothing, if none does.
         """
         records = [(t, self.record(t, token=tok, state=TaskState.QUEUED, notify=n)) for t, tok, n in tasks]
+        return self._submit_records(records, listened)
+
+    def _submit_records(self, records: list[tuple[RedisTask, Encoded]], listened: str | None) -> bool:
         if any(enc.frames or enc.named or _payload_size(enc.fields) > SCRIPT_ARGS_MAX for _, enc in records):
             # One round trip first: the listener check, and the frame lists of records replaced.
             with self.channels.channel() as channel:
@@ -282,19 +286,7 @@ class TaskStore:
             self.blobs.enqueue_the_rest(records, [replies[-1][i] for i in queueing], _what_submit)
             return True
         script = self.scripts["submit"]
-        calls = []
-        for task, enc in records:
-            fields = enc.fields
-            keys = [
-                self.keys.task(task.id),
-                self.keys.done(task.id),
-                self.keys.events(task.id),
-                self.keys.queue(task.name),
-            ]
-            if listened is not None:
-                keys.append(self.keys.listen(listened))
-            args = [task.id, int(task.expiry * 1000) + 1, *flatten(fields)]
-            calls.append((keys, args))
+        calls = [self._submit_call(task, enc, listened) for task, enc in records]
         if len(calls) == 1:
             # Concurrent submits (a thousand threads in query()) share one connection and leave
             # together in one write, instead of taking a connection each.
@@ -312,7 +304,48 @@ class TaskStore:
                     channel.execute("SCRIPT", "LOAD", script.script)
                     replies = self._send_batch(channel, script, calls)
         raise_errors(replies, _what_submit(records))
-        # Replaced records that had big frames: submit.lua handed back their frame lists.
+        self._unlink_replaced(records, replies)
+        return all(replies)
+
+    def submit_soon(
+        self, task: RedisTask, token: str, notify: str, stored: Callable[[BaseException | None], object]
+    ) -> None:
+        """Store and enqueue ``task`` without waiting for Redis's answer: a submit loop batches itself.
+
+        The task is encoded here (a ``SerializationError`` raises at once) and, when small, sent
+        through :class:`~rtq.backend.batching.SendAhead`; ``stored`` is called with None once
+        Redis stored it, or with the error if it did not (``RedisFull``, a lost connection), from
+        another thread. A big record (out-of-band frames) is stored before this returns, after
+        the calls sent ahead of it, and ``stored(None)`` is called here.
+        """
+        records = [(task, self.record(task, token=token, state=TaskState.QUEUED, notify=notify))]
+        enc = records[0][1]
+        if enc.frames or enc.named or _payload_size(enc.fields) > SCRIPT_ARGS_MAX:
+            self.ahead.flush()  # in the order they were submitted
+            self._submit_records(records, None)
+            stored(None)
+            return
+
+        def replied(reply: Any, error: BaseException | None) -> None:
+            if error is None or isinstance(error, redis_py.ResponseError):  # an error reply: said as submit says it
+                try:
+                    raise_errors([reply if error is None else error], _what_submit(records))
+                    self._unlink_replaced(records, [reply])
+                except BaseException as exc:
+                    error = exc
+            stored(error)
+
+        self.ahead.call(self.scripts["submit"], *self._submit_call(task, records[0][1], None), replied)
+
+    def _submit_call(self, task: RedisTask, enc: Encoded, listened: str | None) -> tuple[list[str], list[Any]]:
+        """The keys and arguments of ``submit.lua`` for one task."""
+        keys = [self.keys.task(task.id), self.keys.done(task.id), self.keys.events(task.id), self.keys.queue(task.name)]
+        if listened is not None:
+            keys.append(self.keys.listen(listened))
+        return keys, [task.id, int(task.expiry * 1000) + 1, *flatten(enc.fields)]
+
+    def _unlink_replaced(self, records: Sequence[tuple[RedisTask, Encoded]], replies: Sequence[Any]) -> None:
+        """Replaced records that had big frames: submit.lua handed back their frame lists."""
         stale = [
             frame
             for (task, _), reply in zip(records, replies, strict=True)
@@ -321,7 +354,6 @@ class TaskStore:
         ]
         if stale:
             self.redis.unlink(*stale)
-        return all(replies)
 
     @staticmethod
     def _send_batch(channel: Any, script: Any, calls: list[tuple[list[str], list[Any]]]) -> list[Any]:

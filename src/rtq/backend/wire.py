@@ -96,13 +96,26 @@ class Channel:
         command holds back the replies of those behind it until it returns (the server runs
         them in order), which is how a wake-up and a read share one round trip.
         """
+        self.send(commands)
+        return self.receive(len(commands))
+
+    def send(self, commands: Sequence[Sequence[Any]]) -> None:
+        """Write ``commands`` in one write without reading their replies (:meth:`receive` them, in order)."""
+        conn = self._connection()
+        try:
+            packed = _pack(commands, self._encoding) if self._reader is not None else None
+            conn.send_packed_command(packed if packed is not None else conn.pack_commands(commands))
+        except BaseException:
+            self.reset()  # part of a command may be on the wire: never reuse this socket
+            raise
+
+    def receive(self, count: int) -> list[Any]:
+        """Read the replies of the ``count`` commands sent last (errors in their place, as :meth:`pipeline`)."""
         conn = self._connection()
         reader = self._reader
         replies: list[Any] = []
         try:
-            packed = _pack(commands, self._encoding) if reader is not None else None
-            conn.send_packed_command(packed if packed is not None else conn.pack_commands(commands))
-            for _ in commands:
+            for _ in range(count):
                 if reader is not None:
                     replies.append(reader.reply())
                     continue
