@@ -52,6 +52,22 @@ def _whole(least: int) -> Callable[[str], int]:
     return parse
 
 
+_UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+
+
+def _bytes(text: str) -> int:
+    """An argparse type: a number of bytes, 0 or more, with an optional K, M, G or T (powers of 1024)."""
+    number = text.strip().upper().removesuffix("IB").removesuffix("B")
+    unit = number[-1:] if number[-1:] in _UNITS else ""
+    try:
+        value = float(number[: len(number) - len(unit)]) * _UNITS[unit]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a number of bytes such as 2G or 512M, not {text!r}") from None
+    if not math.isfinite(value) or value < 0:
+        raise argparse.ArgumentTypeError(f"must be a number of bytes, 0 or more, not {text!r}")
+    return int(value)
+
+
 def _seconds(*, allow_zero: bool = False) -> Callable[[str], float]:
     """An argparse type: a finite number of seconds above zero (or at least zero)."""
 
@@ -152,6 +168,14 @@ def _parser() -> argparse.ArgumentParser:
         default=7200.0,
         metavar="SECONDS",
         help="close a session unused this long (default 7200: two hours)",
+    )
+    worker.add_argument(
+        "--cache-bytes",
+        type=_bytes,
+        default=None,
+        metavar="SIZE",
+        help="keep big buffers (arrays) read by digest in memory up to SIZE, e.g. 2G; 0 turns it off "
+        "(default: a quarter of this machine's memory, at most 4G)",
     )
     worker.add_argument("-v", "--verbose", action="store_true", help="log every task")
 
@@ -287,6 +311,7 @@ def worker_main(args: argparse.Namespace) -> int:
         info=info,
         sessions=args.sessions,
         session_idle=args.session_idle,
+        cache_bytes=args.cache_bytes,
     )
 
     def stop(signum: int, frame: Any) -> None:

@@ -23,6 +23,8 @@ key                                            type      holds
 ``<p>|<s>|session-queue|<worker>``             list      ids of sessions to open in one worker process
 ``<p>|<s>|session-queue|<worker>|<sid>``       list      ids of calls queued to one session in one
                                                          worker process (served in order, one at a time)
+``<p>|<s>|blob:<digest>:<i>``                  string    part ``i`` of a buffer stored once by its
+                                                         digest (``x3-…``/``b3-…``); expires
 =============================================  ========  ==========================================
 """
 
@@ -127,3 +129,10 @@ class Keys:
     def session_queue(self, worker_id: str, session_id: str) -> str:
         """The calls queued to session ``session_id``, which lives in worker process ``worker_id`` alone."""
         return f"{self.head}session-queue{SEPARATOR}{worker_id}{SEPARATOR}{session_id}"
+
+    def blob(self, name: str, part: int) -> str:
+        """Part ``part`` of the buffer whose digest is named ``name`` (see :mod:`rtq.backend.blobs`)."""
+        return f"{self.head}blob:{name}:{part}"
+
+    def blob_pattern(self) -> str:
+        return f"{self.head}blob:*"

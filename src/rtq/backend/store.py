@@ -30,6 +30,11 @@ attempt's result. With 1 MiB of buffers or more the frames go under keys of thei
 value it stores in a hash (Redis 7.0 and Valkey 8.1 both take twice as long to HSET 64 MiB as to
 SET it), and keeps a plain string as it came. They expire a while after the record can, and are
 deleted with it where rtq deletes a record (a consumed outcome, ``once``, a reused id).
+
+Out-of-band buffers of 1 MiB or more are not frames at all: the envelope names them by digest,
+and :mod:`rtq.backend.blobs` stores each once per namespace, sending only those Redis does not
+hold yet (an :class:`Encoded` lists them; its records are queued by ``enqueue.lua`` only once all
+of them are there).
 """
 
 from __future__ import annotations
@@ -38,7 +43,6 @@ import json
 import time
 import uuid
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
 from typing import Any, cast
 
 import redis as redis_py
@@ -48,14 +52,14 @@ from ..serialization import CHUNK, Serializer, UnreadablePayload
 from ..task import FINAL_STATES, RedisTask, TaskState, current_task
 from . import scripts
 from .batching import GroupCommit, SendAhead
+from .blobs import Blobs, keep_ms
 from .connections import block_cap, raw_client
+from .encoded import KEEP_S, Encoded, frames_until
 from .failures import RemoteTraceback, describe_error, error_info
 from .keys import Keys
 from .replies import raise_errors
 from .wire import ChannelPool
 
-KEEP_S = 300.0
-"""Seconds a finished task's outcome stays readable at least, even past its deadline."""
 EVENTS_MAXLEN = 1000
 _OUTCOME_FIELDS = ("state", "result", "result#", "error", "error#", "error_text")
 OUTCOME_FIELDS = list(_OUTCOME_FIELDS)
@@ -88,13 +92,29 @@ class TaskStore:
         self.cap = block_cap(self.redis)
         self.channels = ChannelPool(self.redis)  # held connections for the hot paths
         self.submitter = GroupCommit(self.redis)  # submit.lua calls of concurrent submitters
+        self.blobs = Blobs(self.redis, keys, self.channels, self.scripts, signed=serializer.signed)
         self.ahead = SendAhead(self.redis)  # submit.lua calls whose submitter goes on (Executor.submit)
 
     # -- payload fields --------------------------------------------------------------------
-    def encode(self, key: str, name: str, value: Any, tag: str, what: str) -> Encoded:
-        """``value`` as the fields of the task's hash at ``key`` (and big frames' own keys)."""
-        frames = self.serializer.dumps(value, key=key, field=name, what=what)
+    def encode(self, key: str, name: str, value: Any, tag: str, what: str, *, expiry: float = 0.0) -> Encoded:
+        """``value`` as the fields of the task's hash at ``key`` (and big frames' own keys).
+
+        Its big buffers go by digest: one round trip asks which Redis holds (keeping them as
+        long as a record due at ``expiry`` can be read), and only the others are to be sent.
+
+        Raises:
+            SerializationError: ``value`` cannot be pickled, or what it sends is over ``max_payload``.
+        """
+        packed = self.serializer.pack(value, key=key, field=name, what=what)
+        frames = packed.frames
         out = Encoded({name: frames[0]})
+        if packed.blobs:
+            refs = [ref for ref, _ in packed.blobs]
+            held = self.blobs.held(refs, keep_ms(frames_until(expiry)))
+            out.blobs = [(ref, buffer, self.blobs.part_keys(ref)) for ref, buffer in packed.blobs]
+            out.send = {ref.name for ref in refs if ref.name not in held}
+            sent = sum(ref.size for ref in refs if ref.name in out.send)
+            self.serializer.check_size(packed.inline_size + sent, what)
         extra = frames[1:]
         if extra:
             apart = sum(memoryview(f).nbytes for f in extra) >= FRAME_KEYS_MIN
@@ -145,11 +165,11 @@ class TaskStore:
                 raise SerializationError(f"payload at {key} [{name}] lists {count} frames; its envelope says otherwise")
             names = [f"{name}.{tag}.{i}" for i in range(count)]
             if not names:
-                return self.serializer.loads(frames, key=key, field=name)
+                return self.serializer.loads(frames, key=key, field=name, blobs=self.blobs)
             if apart or sum(lengths) >= DIRECT_READ_MIN:
                 return self._decode_direct(key, name, first, names, apart, lengths)
             frames += self.redis.hmget(key, names)
-        return self.serializer.loads(frames, key=key, field=name)
+        return self.serializer.loads(frames, key=key, field=name, blobs=self.blobs)
 
     def _decode_direct(
         self, key: str, name: str, first: bytes, names: list[str], apart: bool, lengths: list[int]
@@ -189,7 +209,7 @@ class TaskStore:
             complete = channel.read_into(command, targets, measure=measure)
         if not complete:  # changed between its length and its read
             raise SerializationError(f"{where} is missing a frame, or one has the wrong size")
-        return self.serializer.loads([first, *buffers], key=key, field=name, joined=True)
+        return self.serializer.loads([first, *buffers], key=key, field=name, joined=True, blobs=self.blobs)
 
     # -- caller side -----------------------------------------------------------------------
     def record(
@@ -212,11 +232,11 @@ class TaskStore:
         label = getattr(task.params, "label", None)  # a shipped call's: what `rtq status` lists it as
         if isinstance(label, str) and label:
             out.fields["label"] = label
-        out.add(self.encode(key, "params", task.params, token, "params"))
+        out.add(self.encode(key, "params", task.params, token, "params", expiry=task.expiry))
         if task.error is not None:
             out.add(self.encode_error(key, task.error, token))
         elif task.result is not None or state == TaskState.DONE:
-            out.add(self.encode(key, "result", task.result, token, "result"))
+            out.add(self.encode(key, "result", task.result, token, "result", expiry=task.expiry))
         return out
 
     def submit(
@@ -248,7 +268,7 @@ class TaskStore:
     def _submit_records(
         self, records: list[tuple[RedisTask, Encoded]], listened: str | None, into: str | None = None
     ) -> bool:
-        if any(enc.frames or _payload_size(enc.fields) > SCRIPT_ARGS_MAX for _, enc in records):
+        if any(enc.frames or enc.named or _payload_size(enc.fields) > SCRIPT_ARGS_MAX for _, enc in records):
             # One round trip first: the listener check, and the frame lists of records replaced.
             with self.channels.channel() as channel:
                 looked = channel.pipeline(
@@ -257,7 +277,10 @@ class TaskStore:
                 )
             if listened is not None and not looked[0]:
                 return False
+            # A buffer several tasks of the batch name (ex.map(f, parts, repeat(table))) goes once.
+            blobs = list({c[1]: c for t, enc in records for c in enc.blob_commands(t.expiry)}.values())
             commands: list[tuple[Any, ...]] = [("MULTI",)]
+            queueing = []  # where each record's enqueue command sits among EXEC's replies
             for (task, enc), old in zip(records, looked[1:], strict=True):
                 key = self.keys.task(task.id)
                 stale = self.frame_keys(key, old) if isinstance(old, list) else []
@@ -266,12 +289,16 @@ class TaskStore:
                     ("HSET", key, *flatten(enc.fields)),
                     ("PEXPIREAT", key, int(task.expiry * 1000) + 1),
                     *enc.frame_commands(task.expiry),
-                    ("RPUSH", into or self.keys.queue(task.name), task.id),
+                    self.blobs.enqueue(task, enc, into),
                 ]
+                queueing.append(len(commands) - 2)
             commands.append(("EXEC",))
             with self.channels.channel() as channel:  # sends the frames as they are, uncopied
+                if blobs:  # first, alone: a buffer Redis refuses must stop the records naming it
+                    raise_errors(channel.pipeline(blobs), _what_submit(records))
                 replies = channel.pipeline(commands)
             raise_errors(replies, _what_submit(records))
+            self.blobs.enqueue_the_rest(records, [replies[-1][i] for i in queueing], _what_submit, into)
             return True
         script = self.scripts["submit"]
         calls = [self._submit_call(task, enc, listened, into) for task, enc in records]
@@ -307,7 +334,8 @@ class TaskStore:
         the calls sent ahead of it, and ``stored(None)`` is called here.
         """
         records = [(task, self.record(task, token=token, state=TaskState.QUEUED, notify=notify))]
-        if records[0][1].frames or _payload_size(records[0][1].fields) > SCRIPT_ARGS_MAX:
+        enc = records[0][1]
+        if enc.frames or enc.named or _payload_size(enc.fields) > SCRIPT_ARGS_MAX:
             self.ahead.flush()  # in the order they were submitted
             self._submit_records(records, None)
             stored(None)
@@ -383,6 +411,10 @@ class TaskStore:
             )
         enc = self.record(task, token=token, state=state, notify=None)
         ttl_ms = max(int((task.expiry - time.time()) * 1000), int(KEEP_S * 1000) if state in FINAL_STATES else 1)
+        blobs = enc.blob_commands(task.expiry)
+        if blobs:
+            with self.channels.channel() as channel:
+                raise_errors(channel.pipeline(blobs), f"the buffers of task {task.id}")
         pipe = self.redis.pipeline(transaction=True)
         pipe.hdel(key, *_OUTCOME_FIELDS[1:])
         pipe.hset(key, mapping=cast("dict[Any, Any]", enc.fields))
@@ -512,32 +544,9 @@ DIRECT_READ_MIN = 1 << 20
 """Payloads with at least this many bytes of buffers are read straight into place (rtq.backend.wire)."""
 FRAME_KEYS_MIN = 1 << 20
 """Payloads with at least this many bytes of buffers keep their extra frames under keys of their own."""
-FRAME_SLACK_S = 60.0
-"""Seconds a big frame outlives the longest its record can live (the deadline plus ``KEEP_S``)."""
 LIST_NAMES = ("params", "result", "error")
 """The payload fields of a record, whose ``<name>#`` fields list their extra frames."""
 LIST_FIELDS = [f"{name}#" for name in LIST_NAMES]
-
-
-@dataclass
-class Encoded:
-    """Payloads as stored: fields of the task's hash, and big frames under keys of their own."""
-
-    fields: dict[str, Any]
-    frames: dict[str, Any] = field(default_factory=dict)
-
-    def add(self, other: Encoded) -> None:
-        self.fields.update(other.fields)
-        self.frames.update(other.frames)
-
-    def frame_commands(self, expiry: float) -> list[tuple[Any, ...]]:
-        """The ``SET`` commands of the big frames (sent as they are, uncopied).
-
-        They expire after the record can: a record lives until its deadline, or ``KEEP_S``
-        past the moment it ends when that is later.
-        """
-        at_ms = int((max(expiry, time.time()) + KEEP_S + FRAME_SLACK_S) * 1000)
-        return [("SET", key, frame, "PXAT", at_ms) for key, frame in self.frames.items()]
 
 
 SCRIPT_ARGS_MAX = 256 * 1024

@@ -31,8 +31,8 @@ from IPython.core.magic_arguments import argument, magic_arguments, parse_argstr
 from ..backend.keys import check_name
 from ..closures import ship_local_modules
 from ..connection import connect, redact_url
+from ..culprits import describe_unpicklable
 from ..errors import RtqError, SerializationError, SessionLost
-from ..serialization import describe_unpicklable
 from .cells import CellSpec, ShippedValues, analyze
 from .devices import notebook_has_cuda
 from .session_magic import NotebookSessions, check_session_name

@@ -32,6 +32,7 @@ from ..backend.keys import check_name
 from ..backend.store import text
 from ..backend.wire import Channel
 from ..backoff import Backoff
+from ..buffercache import BufferCache, default_cache_bytes
 from ..errors import RtqError, SerializationError, SignatureError, TaskCancelled
 from ..task import RedisTask, Reporter, TaskState, outcome_stored_by_runner, running
 from .capture import capturing
@@ -82,6 +83,9 @@ class Listener:
             the GIL cannot starve (see :mod:`rtq.worker.heartbeat`).
         sessions: Most sessions and actors this worker holds at once (see :mod:`rtq.worker.sessions`).
         session_idle: Seconds a session may go unused before it is closed.
+        cache_bytes: Keep buffers read by digest in memory, up to this many bytes (see
+            :mod:`rtq.buffercache`), so a task given the same array again skips reading it from
+            Redis; 0 keeps none; None: a quarter of the machine's memory, at most 4 GiB.
     """
 
     def __init__(
@@ -102,6 +106,7 @@ class Listener:
         heartbeat_process: bool = True,
         sessions: int = DEFAULT_LIMIT,
         session_idle: float = DEFAULT_IDLE,
+        cache_bytes: int | None = None,
     ) -> None:
         if not names:
             raise ValueError("listen() needs at least one queue name")
@@ -120,6 +125,8 @@ class Listener:
         self.id = worker_id or new_worker_id()
         self.keys = store.keys
         self.store = store
+        cache_bytes = default_cache_bytes() if cache_bytes is None else cache_bytes
+        store.blobs.cache = BufferCache(cache_bytes) if cache_bytes else None
         self.redis = store.redis
         self.info = {
             "id": self.id,
