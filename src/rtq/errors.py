@@ -14,6 +14,7 @@ __all__ = [
     "DashboardError",
     "RedisFull",
     "RemoteTaskError",
+    "ResultFreed",
     "RtqConnectionError",
     "RtqError",
     "SerializationError",
@@ -78,6 +79,14 @@ class SessionLost(RtqError):
 
 class SessionRefused(RtqError):
     """Raised when a worker cannot open another session or actor (it holds its ``--sessions`` limit)."""
+
+
+class ResultFreed(RtqError, LookupError):
+    """Raised by ``result()`` of an actor call whose large value its worker no longer holds.
+
+    Large actor results stay on the worker until asked for; one asked for twice from another
+    future, or long after the call's deadline, was freed.
+    """
 
 
 class RedisFull(RtqError):

@@ -24,7 +24,8 @@ from .backend.sessions import CLOSED, SessionRecords, SessionState, died_reason
 from .calls import Call, call_label
 from .collector import Pin
 from .errors import SessionLost, SessionRefused
-from .worker.sessions import call_method, close_session, open_session
+from .worker.held import HeldResult
+from .worker.sessions import call_method, close_session, fetch_result, open_session
 
 if TYPE_CHECKING:
     from .executor import Executor, TaskFuture
@@ -56,6 +57,7 @@ class SessionHandle:
         self.records = SessionRecords(executor.queue.store)
         self.lost: SessionLost | None = None
         self.held: list[list[Any]] = []  # [name, type, bytes] of what it holds, as its last call said
+        self._drops: list[str] = []  # calls whose held results nobody can ask for any more
 
     @classmethod
     def open(
@@ -191,7 +193,32 @@ class SessionHandle:
         """
         self.check()
         ex = executor or self.executor
-        return ex._submit_calls([call], pin=self.pin(), extra={"session": self.id})[0]
+        fut = ex._submit_calls([call], pin=self.pin(), extra={"session": self.id})[0]
+        fut._session = self
+        return fut
+
+    # -- large results held on the worker (rtq.worker.held) ------------------------------------------
+    def fetch(self, held: HeldResult) -> TaskFuture:
+        """Queue the call that brings the value ``held`` names home; its future.
+
+        Raises:
+            rtq.errors.SessionLost: The session (and the value it held) is gone.
+        """
+        return self.submit(Call(fetch_result, (held.task_id, self.drops()), label=f"fetch {self.label}"[:40]))
+
+    def forget(self, task_id: str) -> None:
+        """The future of call ``task_id`` is gone: its held value goes with the next call (GC-safe: no I/O)."""
+        self._drops.append(task_id)
+
+    def drops(self) -> tuple[str, ...]:
+        """The held values to free, taken: each goes with one call."""
+        taken = []
+        while self._drops:
+            try:
+                taken.append(self._drops.pop())
+            except IndexError:  # emptied by another thread meanwhile
+                break
+        return tuple(taken)
 
     def close(self, *, wait: bool = True, reason: str = "closed: by its owner") -> None:
         """Close it after the calls queued before (``wait``: until it is closed). Closing a lost one does nothing."""
@@ -211,6 +238,8 @@ class Actor:
 
     Made by :meth:`rtq.Executor.actor`. Calls run there one at a time, in the order they were
     made; a method that raises leaves the actor as it was and its future raises the exception.
+    A method's large value (1 MiB or more pickled) stays on the worker until its future's
+    ``result()`` asks for it (:mod:`rtq.worker.held`).
     ``close()`` (or leaving a ``with`` block) frees it. Once it is lost — closed, idle too long,
     or its worker stopped or died — every call raises :class:`~rtq.errors.SessionLost`.
 
@@ -258,8 +287,9 @@ class _Method:
 
     def __call__(self, *args: Any, **kwargs: Any) -> TaskFuture:
         fn = getattr(self.actor.cls, self.name)
-        call = Call(call_method, (self.name, args, kwargs), label=call_label(fn, args, kwargs))
-        return self.actor.session.submit(call)
+        session = self.actor.session
+        call = Call(call_method, (self.name, args, kwargs, session.drops()), label=call_label(fn, args, kwargs))
+        return session.submit(call)
 
     def __repr__(self) -> str:
         return f"<method {self.actor.cls.__qualname__}.{self.name} of {self.actor!r}>"
