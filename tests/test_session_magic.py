@@ -87,6 +87,9 @@ def test_session_listing_and_pull(cells: Kernel) -> None:
     listing = streams(cells.run("%rtq session"))
     assert "session 's' (queue 'cells'): worker " in listing and "age " in listing and "idle " in listing, listing
     assert "blob  bytes  2.9 MiB" in listing and "pid " in listing and "x " in listing, listing
+    status = streams(cells.run("%rtq status"))
+    assert "sessions and actors (1):\n  cell 's'  worker " in status, status
+    assert "blob (bytes, 2.9 MiB)" in status and "idle " in status, status
     cell = cells.run("%rtq pull s pid x")
     assert not errors(cell), cell.outputs
     assert cells.value("pid == os.getpid() if (os := __import__('os')) else 0") == "False"
