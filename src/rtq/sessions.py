@@ -14,6 +14,7 @@ elsewhere (at most once; see docs/reliability.md).
 
 from __future__ import annotations
 
+import concurrent.futures
 import random
 import time
 import uuid
@@ -34,6 +35,14 @@ __all__ = ["Actor", "SessionHandle"]
 
 CLOSE_TIMEOUT = 30.0
 """Seconds ``close()`` waits for the calls queued before it and the close itself."""
+TRUST_S = 1.0
+"""Seconds after a call's outcome came back during which the next call skips the session check.
+
+The check only makes a lost session fail before its call is queued; the collector's check of
+pinned calls (every :data:`~rtq.collector.CHECK_PERIOD` s) fails a call queued to a lost session
+just as surely, within the lease, and cancels it. A session that just answered was not idle, and
+its owner's own close is known here, so a cell run right after the last skips a round trip.
+"""
 
 
 class SessionHandle:
@@ -58,6 +67,7 @@ class SessionHandle:
         self.lost: SessionLost | None = None
         self.held: list[list[Any]] = []  # [name, type, bytes] of what it holds, as its last call said
         self._drops: list[str] = []  # calls whose held results nobody can ask for any more
+        self._answered = -TRUST_S  # when (monotonic) a call's outcome last came back from its worker
 
     @classmethod
     def open(
@@ -188,14 +198,31 @@ class SessionHandle:
             executor: Submit through this one (its timeout, its kind of future); default: the
                 executor the session was opened from.
 
+        The session is checked first (one round trip), unless a call's outcome came back from
+        its worker within :data:`TRUST_S` seconds (cells run one after another skip it).
+
         Raises:
             rtq.errors.SessionLost: The session is closed, expired, or its worker is gone.
         """
-        self.check()
+        if self.lost is not None:
+            raise SessionLost(str(self.lost))
+        if time.monotonic() - self._answered >= TRUST_S:
+            self.check()
         ex = executor or self.executor
         fut = ex._submit_calls([call], pin=self.pin(), extra={"session": self.id})[0]
         fut._session = self
+        fut.add_done_callback(self._ended)
         return fut
+
+    def _ended(self, fut: concurrent.futures.Future[Any]) -> None:
+        """A call's outcome came back: its worker served the session just now, or said it is lost."""
+        if fut.cancelled():
+            return
+        exc = fut.exception(0)
+        if isinstance(exc, SessionLost):
+            self.lost = self.lost or exc  # every later call raises at once
+        else:
+            self._answered = time.monotonic()
 
     # -- large results held on the worker (rtq.worker.held) ------------------------------------------
     def fetch(self, held: HeldResult) -> TaskFuture:

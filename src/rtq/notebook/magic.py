@@ -317,10 +317,12 @@ class RtqMagics(Magics):
             raise UsageError(f"%%rtq: {exc}") from None
         if args.timeout is not None and not (math.isfinite(args.timeout) and args.timeout > 0):
             raise UsageError(f"%%rtq: --timeout must be a finite number of seconds above zero, not {args.timeout:g}")
-        self._check_served(session, name)
         handle = None
-        if args.session is not None:
-            sname = check_session_name(args.session)
+        sname = check_session_name(args.session) if args.session is not None else None
+        if sname is None or sname not in session.sessions.handles:
+            # An open session's own check (its worker's lease) stands for this one: no round trip.
+            self._check_served(session, name)
+        if sname is not None:
             handle = session.sessions.for_cell(sname, name)
         spec, explicit_pull = self._spec(args, line, cell, handle)
         ex = session.executor(name, args.timeout)
@@ -346,7 +348,12 @@ class RtqMagics(Magics):
                 f"%rtq wait {args.out} or {args.out}.result() brings its variables back"
             )
             return None
-        return wait_cell(fut, progress_after=args.progress_after, stop_on_interrupt=True, interrupted=interrupt.hit)
+        try:
+            return wait_cell(fut, progress_after=args.progress_after, stop_on_interrupt=True, interrupted=interrupt.hit)
+        except SessionLost as exc:
+            if handle is None:
+                raise
+            raise session.sessions.lost(exc, handle.label) from None
 
     def _check_served(self, session: _Session, name: str) -> None:
         if session.queue.is_listened(name):
