@@ -83,30 +83,51 @@ class SessionHandle:
     ) -> SessionHandle:
         """Open a session on one of the workers serving ``executor``'s queue and wait until it lives.
 
+        A worker that refuses it (another caller took its last place first, or it is stopping)
+        is passed over for the next one with room, as its heartbeat says.
+
         Raises:
-            rtq.errors.SessionRefused: The worker that took it holds its ``--sessions`` limit.
+            rtq.errors.SessionRefused: No worker serving the queue has room (each refusal is listed).
             Exception: Whatever building the state raised (an actor's ``__init__``), as its own type.
         """
         handle = cls(executor, kind, label)
-        handle.where = {"worker": handle._choose_worker()}
+        end = time.monotonic() + (executor.timeout if timeout is None else timeout)
         call = Call(open_session, (handle.id, kind, label, factory, args, kwargs or {}), label=f"open {label}"[:40])
-        pin = Pin(handle.worker, handle.id, executor.queue.keys.session_opens(handle.worker), handle.error, True)
-        fut = executor._submit_calls([call], pin=pin, extra={"session": handle.id})[0]
-        where = fut.result(executor.timeout if timeout is None else timeout)
-        handle.where = dict(where)
-        handle.opened = time.time()
-        return handle
+        refused: dict[str, str] = {}  # worker id -> why it refused
+        while True:
+            handle.where = {"worker": handle._choose_worker(refused)}
+            pin = Pin(handle.worker, handle.id, executor.queue.keys.session_opens(handle.worker), handle.error, True)
+            fut = executor._submit_calls([call], pin=pin, extra={"session": handle.id})[0]
+            try:
+                where = fut.result(max(0.0, end - time.monotonic()))
+            except SessionRefused as exc:  # it built nothing: another worker may have room
+                refused[handle.worker] = str(exc)
+                continue
+            handle.where = dict(where)
+            handle.opened = time.time()
+            return handle
 
-    def _choose_worker(self) -> str:
+    def _choose_worker(self, refused: dict[str, str] | None = None) -> str:
         """The live worker serving the queue with the most room for sessions (fewest held).
 
+        Args:
+            refused: Workers that refused this session already (passed over), with why.
+
         Raises:
-            rtq.errors.SessionRefused: None serves the queue, or each holds its ``--sessions`` limit.
+            rtq.errors.SessionRefused: None serves the queue, or each holds its ``--sessions`` limit
+                or refused it.
         """
         name = self.executor.name
+        refused = refused or {}
         serving = [
-            r for r in self.executor.queue.live_workers() if name in r.get("queues", []) and not r.get("stopping")
+            r
+            for r in self.executor.queue.live_workers()
+            if name in r.get("queues", []) and not r.get("stopping") and r.get("id") not in refused
         ]
+        if not serving and refused:
+            raise SessionRefused(
+                f"no worker serving {name!r} has room for another session: {'; '.join(refused.values())}"
+            )
         if not serving:
             raise SessionRefused(
                 f"no live worker serves queue {name!r}: start one with `rtq worker {name}` to open a session there"
