@@ -11,6 +11,7 @@ import concurrent.futures
 
 __all__ = [
     "ConfigurationError",
+    "NotReplicated",
     "RedisFull",
     "RemoteTaskError",
     "RtqConnectionError",
@@ -67,6 +68,10 @@ class WorkerLost(RtqError):
 
 class RedisFull(RtqError):
     """Raised when Redis refused to store a task or its outcome for lack of memory (``maxmemory``)."""
+
+
+class NotReplicated(RtqConnectionError):
+    """Raised when ``durable=True`` and no replica acknowledged a submit in time (a failover could lose it)."""
 
 
 class TaskLost(RtqError):

@@ -61,7 +61,7 @@ class Claims:
         self.keys: Keys = store.keys
         self.worker_id = worker_id
         self.running_key = store.keys.running(worker_id)
-        self.finisher = GroupCommit(store.redis)  # finish.lua calls of tasks ending together
+        self.finisher = GroupCommit(store.redis, ack=store.outcome_ack)  # finish.lua calls of tasks ending together
         # Test hook: send an outcome with big frames only up to its first frame, write the task
         # id to this file, and hold the rest back until "<file>.go" exists (a test kills or
         # stops the worker there).
@@ -181,11 +181,16 @@ class Claims:
         commands += [("EVAL", finish.script, len(keys), *keys, *args), ("EXEC",)]
         payload = [*enc.fields.values(), *enc.frames.values()]
         size = sum(memoryview(v).nbytes for v in payload if isinstance(v, (bytes, bytearray, memoryview)))
+        ack = self.store.outcome_ack
+        if ack is not None:
+            commands.append(ack.command)
         with self.store.channels.channel() as channel:
             if self.pause_in_outcome and enc.frames:
                 replies = self._pause_for_tests(channel, commands, task_id)
             else:
                 replies = channel.pipeline(commands)
+        if ack is not None:
+            ack.check(replies.pop(), what)
         raise_errors(replies, f"{what} ({size_text(size)})")
         return bool(replies[-1][-1])
 

@@ -28,6 +28,7 @@ import os
 import select
 import socket
 import threading
+import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
@@ -35,6 +36,19 @@ from typing import Any
 import redis as redis_py
 
 from ..errors import RedisFull
+from .routing import (
+    MAX_REDIRECTS,
+    TRYAGAIN_PAUSE_S,
+    Redirect,
+    first_key,
+    is_cluster,
+    learn_moved,
+    lost_master,
+    node_pool,
+    redirect_of,
+    slot_of,
+    units,
+)
 
 hiredis: Any = None
 try:  # optional (the ``fast`` extra): RESP packing and parsing in C; 3.0 reads RESP3 too
@@ -64,20 +78,33 @@ def _reading() -> Iterator[None]:
 
 
 class Channel:
-    """One held connection of ``client``'s pool, for one thread (or one lock-holder) at a time."""
+    """One held connection of ``client``'s pool, for one thread (or one lock-holder) at a time.
 
-    def __init__(self, client: redis_py.Redis) -> None:
+    On a Redis Cluster, a connection to the master of the slot its commands' keys hash to
+    (one slot per queue namespace), following ``MOVED`` and ``ASK`` (:mod:`rtq.backend.routing`).
+    """
+
+    def __init__(self, client: redis_py.Redis | redis_py.RedisCluster) -> None:
         self.client = client
-        self.pool = client.connection_pool
+        self.cluster = is_cluster(client)
+        self.pool: Any = None if self.cluster else client.connection_pool  # type: ignore[union-attr]
+        self.slot: int | None = None  # a cluster channel's, learnt from its first command with a key
         self._conn: Any = None
         self._reader: _Reader | None = None
         self._encoding = "utf-8"
         self._pid = os.getpid()
 
-    def _connection(self) -> Any:
+    def _connection(self, commands: Sequence[Sequence[Any]] = ()) -> Any:
         if self._pid != os.getpid():  # a forked child must not share the parent's socket
             self._conn, self._pid = None, os.getpid()
         if self._conn is None:
+            if self.cluster:
+                if self.slot is None:
+                    key = first_key(commands)
+                    if key is None:
+                        raise ValueError("a cluster channel's first command must name a key")
+                    self.slot = slot_of(key)
+                self.pool = node_pool(self.client, self.slot)  # type: ignore[arg-type]
             conn = _checkout(self.pool)  # connected, with nothing left to read on it
             self._conn = conn
             self._reader = _Reader(conn) if _readable(conn) else None
@@ -96,9 +123,67 @@ class Channel:
 
         A command answered with an error gets the ``ResponseError`` in its place; a blocking
         command holds back the replies of those behind it until it returns (the server runs
-        them in order), which is how a wake-up and a read share one round trip.
+        them in order), which is how a wake-up and a read share one round trip. A reply that
+        says the server is no longer the master (a failover) drops the connection and raises
+        ``ConnectionError``, which callers retry.
         """
-        conn = self._connection()
+        replies = self._send(commands)
+        if not any(isinstance(reply, redis_py.ResponseError) for reply in replies):
+            return replies
+        if self.cluster:
+            replies = self._follow(commands, replies)
+        for reply in replies:
+            lost = lost_master(reply)
+            if lost is not None:
+                self.reset()
+                raise lost
+        return replies
+
+    def _follow(self, commands: Sequence[Sequence[Any]], replies: list[Any]) -> list[Any]:
+        """Send again, where they belong, the commands a cluster node redirected (they did not run)."""
+        for _ in range(MAX_REDIRECTS):
+            redo: list[tuple[int, int, Redirect]] = []
+            for start, end in units(commands):
+                found = next((r for r in map(redirect_of, replies[start:end]) if r is not None), None)
+                if found is not None:
+                    redo.append((start, end, found))
+            if not redo:
+                return replies
+            moved = next((r for *_, r in redo if r.kind == "MOVED"), None)
+            if moved is not None:
+                learn_moved(self.client, moved)  # type: ignore[arg-type]
+                self.reset()  # the next connection goes to the slot's new master
+            elif any(r.kind == "TRYAGAIN" for *_, r in redo):
+                time.sleep(TRYAGAIN_PAUSE_S)  # the slot is moving: give the migration a moment
+            for start, end, found in redo:
+                again = commands[start:end]
+                if found.kind == "ASK":
+                    replies[start:end] = self._asking(found, again)
+                else:
+                    replies[start:end] = self._send(again)
+        return replies
+
+    def _asking(self, redirect: Redirect, commands: Sequence[Sequence[Any]]) -> list[Any]:
+        """``commands`` on the node a slot is being imported into, announced by ``ASKING``."""
+        pool = node_pool(self.client, self.slot or 0, redirect.host, redirect.port)  # type: ignore[arg-type]
+        conn = _checkout(pool)
+        try:
+            conn.send_packed_command(conn.pack_commands([("ASKING",), *commands]))
+            replies = []
+            for _ in range(len(commands) + 1):
+                try:
+                    replies.append(conn.read_response())
+                except redis_py.ResponseError as exc:
+                    replies.append(exc)
+        except BaseException:
+            conn.disconnect()
+            raise
+        finally:
+            pool.release(conn)
+        return replies[1:]
+
+    def _send(self, commands: Sequence[Sequence[Any]]) -> list[Any]:
+        conn = self._connection(commands)
         reader = self._reader
         replies: list[Any] = []
         try:
@@ -140,7 +225,7 @@ class Channel:
                 dropped).
             measure: Commands sent in the same write, just before ``command`` (``STRLEN``…).
         """
-        conn = self._connection()
+        conn = self._connection([command])
         reader = self._reader
         if reader is None:
             *held, values = self.pipeline([*measure, command])
