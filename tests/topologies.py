@@ -203,14 +203,25 @@ class Sentinels(Deployment):
             client.close()
 
     def failover(self) -> int:
-        """``SENTINEL FAILOVER``; returns the port of the new master once every sentinel agrees."""
+        """``SENTINEL FAILOVER``; returns the port of the new master once it serves and the old
+        one replicates it again (ready for the next failover)."""
         old = self.current_master()
         client = redis.Redis(host="127.0.0.1", port=self.sentinels[0])
+
+        def started() -> bool:
+            try:
+                return bool(client.execute_command("SENTINEL", "FAILOVER", self.service))
+            except redis.ResponseError:  # NOGOODSLAVE / INPROG: the last one is still settling
+                time.sleep(0.2)
+                return False
+
         try:
-            client.execute_command("SENTINEL", "FAILOVER", self.service)
+            wait_for(started, 30, "the sentinels to start a failover")
         finally:
             client.close()
-        return self.wait_new_master(old)
+        new = self.wait_new_master(old)
+        wait_for(lambda: _replicated(old), 30, f"the server on {old} to replicate the new master")
+        return new
 
     def wait_new_master(self, old: int, timeout: float = 30) -> int:
         def promoted() -> int | None:
@@ -230,11 +241,15 @@ class Sentinels(Deployment):
 
         return int(wait_for(promoted, timeout, "a replica to be promoted"))  # type: ignore[arg-type]
 
-    def kill_master(self) -> tuple[int, float]:
-        """SIGKILL the master; returns its port and when it died (monotonic)."""
+    def kill_master(self) -> int:
+        """SIGKILL the master, wait for a replica to take over, and start the old one again (as a
+        replica, as the sentinels make it); returns the new master's port."""
         old = self.current_master()
         self.kill(old)
-        return old, time.monotonic()
+        new = self.wait_new_master(old)
+        self.server(port=old)
+        wait_for(lambda: _replicated(old), 30, f"the server on {old} to replicate the new master")
+        return new
 
 
 def _replicated(port: int) -> bool:
@@ -255,17 +270,24 @@ def _watching(port: int, service: str, replicas: int) -> bool:
         client.close()
 
 
-def start_worker(url: str, *names: str, prefix: str, args: tuple[str, ...] = ()) -> subprocess.Popen[str]:
-    """An ``rtq worker`` subprocess serving ``names``; returned once it marks them as listened."""
+def start_worker(
+    url: str, *names: str, prefix: str, args: tuple[str, ...] = (), from_env: bool = False
+) -> subprocess.Popen[str]:
+    """An ``rtq worker`` subprocess serving ``names``; returned once it marks them as listened.
+
+    With ``from_env`` the worker gets ``url`` as ``RTQ_REDIS_URL``, not ``--url``.
+    """
     import os
     import sys
 
     import rtq
     from conftest import ROOT, TESTS
 
-    cmd = [sys.executable, "-m", "rtq", "worker", *names, "--url", url, "--prefix", prefix]
+    cmd = [sys.executable, "-m", "rtq", "worker", *names, *([] if from_env else ["--url", url]), "--prefix", prefix]
     cmd += ["--interval", "0.5", "--lease", "3", "--timeout", "60", *args]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(TESTS), str(ROOT / "src")])}
+    if from_env:
+        env["RTQ_REDIS_URL"] = url
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     queue = rtq.connect(url, prefix, cluster="--cluster" in args)
     try:

@@ -4,7 +4,7 @@ Redis replicates asynchronously: a master acknowledges a write before any replic
 failover in between promotes a replica without it. With ``durable=True`` rtq sends ``WAIT``
 right after each submit and each outcome, on the same connection and in the same round trip, so
 the reply comes once one replica has every write of that connection so far. The price is the
-replication round trip (``benchmarks/bench_durable.py`` measures it).
+replication round trip (``python benchmarks/run.py --sentinel`` measures it).
 
 A submit no replica acknowledged in time raises :class:`~rtq.errors.NotReplicated` (the task
 is stored on the master and may still run); an outcome no replica acknowledged is logged by the
