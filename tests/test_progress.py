@@ -92,7 +92,7 @@ def test_tqdm_outside_a_task_is_a_plain_tqdm_bar():
 def test_update_is_throttled_and_the_final_state_always_written():
     written = []
     task = RedisTask("t1", "q", None, expiry=time.time() + 60)
-    task._report = lambda t: written.append((t.current_progress, t.total_progress)) or "running"
+    task._reporter.send = lambda t: written.append((t.current_progress, t.total_progress)) or "running"
     start = time.monotonic()
     for i in range(100_000):
         task.update(i, 100_000)

@@ -107,10 +107,7 @@ class tqdm(_tqdm):  # type: ignore[type-arg]  # lowercase: the name users know
 
 
 def _bars(task: RedisTask) -> list[tqdm]:
-    bars: list[tqdm] | None = getattr(task, "_rtq_bars", None)
-    if bars is None:
-        bars = task._rtq_bars = []  # type: ignore[attr-defined]
-    return bars
+    return task._reporter.bars
 
 
 def _forget(bars: list[tqdm], bar: tqdm) -> None:
@@ -129,19 +126,19 @@ def _report(task: RedisTask, *, force: bool = False) -> None:
     outer = bars[0]
     total = float(outer.total) if outer.total else _UNKNOWN
     description = next((d for d in (_description(b) for b in bars) if d), "")
-    if description != getattr(task, "_rtq_description", ""):
-        describe = getattr(task, "_describe", None)
-        if describe is not None:
-            describe(description)
-        task._rtq_description = description  # type: ignore[attr-defined]
+    reporter = task._reporter
+    if description != reporter.description:
+        if reporter.describe is not None:
+            reporter.describe(description)
+        reporter.description = description
     current = outer.n + fraction
-    if (current, total) == getattr(task, "_rtq_sent", None):
+    if (current, total) == reporter.sent:
         return  # e.g. closing a bar whose last refresh already wrote this final state
     task.current_progress, task.total_progress = current, total
-    reported = task._reported_at
+    reported = reporter.reported_at
     task._push(force=force)
-    if task._reported_at != reported:
-        task._rtq_sent = (current, total)  # type: ignore[attr-defined]
+    if reporter.reported_at != reported:
+        reporter.sent = (current, total)
 
 
 def _description(bar: tqdm) -> str:

@@ -20,6 +20,7 @@ from .errors import TaskCancelled, TaskTimeout
 __all__ = [
     "FINAL_STATES",
     "RedisTask",
+    "Reporter",
     "TaskExecutePolicy",
     "TaskState",
     "current_task",
@@ -66,6 +67,8 @@ class TaskState(str, Enum):
         CANCELLED: Its caller cancelled it; a queued task then never runs.
         LOST: Only as watchers and callers see it: its record vanished or expired, or its id
             is in no list, before it ended.
+        INTERRUPTED: Only in progress displays: the kernel's interrupt stopped the watching (and,
+            with a ``%%rtq`` cell, the cell) before the task ended.
     """
 
     QUEUED = "queued"
@@ -74,6 +77,7 @@ class TaskState(str, Enum):
     FAILED = "failed"
     CANCELLED = "cancelled"
     LOST = "lost"
+    INTERRUPTED = "interrupted"
 
     __str__ = str.__str__  # "done", not "TaskState.DONE", in messages and f-strings
 
@@ -85,6 +89,35 @@ class TaskState(str, Enum):
 
 FINAL_STATES = frozenset({TaskState.DONE, TaskState.FAILED, TaskState.CANCELLED})
 """The states a task's record ends in."""
+
+
+@dataclass(eq=False)
+class Reporter:
+    """How a task's progress leaves it: the one hook a runner sets on a :class:`RedisTask`.
+
+    A worker gives each task it runs a reporter whose ``send`` writes progress (fenced by its
+    claim) and whose ``describe`` sends ``rtq.tqdm`` descriptions to watchers; a task run
+    anywhere else keeps the default one, and ``update()`` then calls the task's ``save()``. It also
+    keeps what ``update()`` and ``rtq.tqdm`` remember between two calls on the same task.
+
+    Attributes:
+        send: Writes the task's progress and returns its state in Redis (None: ``save()``).
+        describe: Sends a bar's description to the task's watchers (None: dropped).
+        reported_at: When progress was last written.
+        quiet_until: Until when ``update()`` may return without a look at Redis or the deadline
+            (its hot path).
+        bars: The ``rtq.tqdm`` bars open in the task, outermost first.
+        description: The description last sent.
+        sent: The ``(current, total)`` last written by the bars.
+    """
+
+    send: Callable[[RedisTask], str | None] | None = None
+    describe: Callable[[str], None] | None = None
+    reported_at: float = 0.0
+    quiet_until: float = 0.0
+    bars: list[Any] = field(default_factory=list)
+    description: str = ""
+    sent: tuple[float, float] | None = None
 
 
 @dataclass
@@ -113,11 +146,8 @@ class RedisTask:
     current_progress: float = 0.0
     total_progress: float = 100.0
     _save: Callable[[], object] | None = field(default=None, repr=False, compare=False)
-    # Set by whoever runs the task: writes progress, returns the task's state in Redis.
-    _report: Callable[[RedisTask], str | None] | None = field(default=None, init=False, repr=False, compare=False)
-    _reported_at: float = field(default=0.0, init=False, repr=False, compare=False)
-    # Until when update() may return without a look at Redis or the deadline (its hot path).
-    _quiet_until: float = field(default=0.0, init=False, repr=False, compare=False)
+    # Set by whoever runs the task (a worker): where its progress goes.
+    _reporter: Reporter = field(default_factory=Reporter, init=False, repr=False, compare=False)
 
     def save(self) -> None:
         """Persist the task's state to Redis (a no-op for a task not tied to a queue)."""
@@ -137,7 +167,7 @@ class RedisTask:
         """
         self.current_progress = current_progress
         self.total_progress = total_progress
-        if current_progress < total_progress and _clock() < self._quiet_until:
+        if current_progress < total_progress and _clock() < self._reporter.quiet_until:
             return
         self._push()
 
@@ -148,13 +178,14 @@ class RedisTask:
         if self.expiry < now:
             raise TaskTimeout(f"Task {self.id} in {self.name} has expired")
         final = self.current_progress >= self.total_progress
-        if not (final or force) and now - self._reported_at < PROGRESS_INTERVAL:
-            self._quiet_until = min(self._reported_at + PROGRESS_INTERVAL, self.expiry)
+        reporter = self._reporter
+        if not (final or force) and now - reporter.reported_at < PROGRESS_INTERVAL:
+            reporter.quiet_until = min(reporter.reported_at + PROGRESS_INTERVAL, self.expiry)
             return
-        self._reported_at = now
-        self._quiet_until = min(now + PROGRESS_INTERVAL, self.expiry)
-        if self._report is not None:
-            state = self._report(self)
+        reporter.reported_at = now
+        reporter.quiet_until = min(now + PROGRESS_INTERVAL, self.expiry)
+        if reporter.send is not None:
+            state = reporter.send(self)
             if state in (TaskState.CANCELLED, TaskState.LOST):
                 reason = "was cancelled" if state == TaskState.CANCELLED else "was taken over by another worker"
                 raise TaskCancelled(f"Task {self.id} in {self.name} {reason}")

@@ -1,6 +1,6 @@
 """Text bars: the rows of :class:`rtq.display.Progress` as tqdm lines, and a terminal's view of output.
 
-:class:`TextView` is the text rendering of :class:`rtq.display.View`: on a terminal, a block of
+:class:`TextView` is the text rendering of :class:`rtq.board.View`: on a terminal, a block of
 lines at the bottom of stderr redrawn in place (as tqdm redraws bars with ``position``) with the
 tasks' output printed above it; in a Jupyter kernel without widgets, one text display in the
 cell, updated in place above the output. :class:`Screen` is what a terminal shows of a stream
@@ -18,8 +18,10 @@ import time
 from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any
 
+from .task import TaskState
+
 if TYPE_CHECKING:
-    from .display import Board, Row
+    from .board import Board, Row
 
 __all__ = ["Screen", "TextView", "in_kernel", "text_line"]
 
@@ -99,7 +101,13 @@ class TextView:
         notebook: Show the bars as a display in the running cell (default: in a kernel).
     """
 
-    COLOURS = {"done": "green", "failed": "red", "lost": "red", "interrupted": "red", "cancelled": "#808080"}
+    COLOURS: dict[str, str] = {
+        TaskState.DONE: "green",
+        TaskState.FAILED: "red",
+        TaskState.LOST: "red",
+        TaskState.INTERRUPTED: "red",
+        TaskState.CANCELLED: "#808080",
+    }
     MIN_GAP = 0.1  # seconds between two redraws of a text display (each is a message to the notebook)
 
     def __init__(self, *, notebook: bool | None = None) -> None:

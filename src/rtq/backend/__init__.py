@@ -6,7 +6,9 @@ operations and never spells a key, a hash field or a command itself (an import c
 
 * :mod:`~rtq.backend.keys`: every key name, with a table of keys and their Redis types;
 * :mod:`~rtq.backend.store`: task records and their payloads, and the task operations;
-* :mod:`~rtq.backend.wire`: held connections, packing and reading, reply errors;
+* :mod:`~rtq.backend.failures`: a task's exception as text in its record (type, message, traceback);
+* :mod:`~rtq.backend.wire`: held connections, packing and reading commands;
+* :mod:`~rtq.backend.replies`: error replies, and Redis's refusal for lack of memory as ``RedisFull``;
 * :mod:`~rtq.backend.batching`: script calls of concurrent threads sharing one round trip;
 * :mod:`~rtq.backend.scripts`: one Lua script per atomic operation, each with a KEYS/ARGV header.
 """

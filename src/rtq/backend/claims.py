@@ -30,8 +30,9 @@ import redis as redis_py
 from ..serialization import size_text
 from .batching import GroupCommit
 from .keys import Keys
+from .replies import raise_errors
 from .store import EVENTS_MAXLEN, KEEP_S, Encoded, TaskStore, flatten, text
-from .wire import Channel, call_script, raise_errors
+from .wire import Channel, call_script
 
 __all__ = ["Claims", "Held", "output_writer"]
 

@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import json
 import time
-import traceback
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -48,8 +47,10 @@ from . import scripts
 from .batching import GroupCommit
 from .connections import block_cap, raw_client
 from .durability import Ack
+from .failures import RemoteTraceback, describe_error, error_info
 from .keys import Keys
-from .wire import ChannelPool, out_of_memory, raise_errors
+from .replies import out_of_memory, raise_errors
+from .wire import ChannelPool
 
 KEEP_S = 300.0
 """Seconds a finished task's outcome stays readable at least, even past its deadline."""
@@ -466,17 +467,17 @@ class TaskStore:
 
     def encode_error(self, key: str, exc: BaseException, tag: str) -> Encoded:
         """The fields that carry ``exc``: its envelope, or a :class:`RemoteTaskError` if it cannot travel."""
-        tb = _clip("".join(traceback.format_exception(type(exc), exc, exc.__traceback__)))
-        info = {"type": _qualname(type(exc)), "message": _clip(_safe_str(exc)), "traceback": tb}
+        info = describe_error(exc)
         out = Encoded({"error_text": json.dumps(info)})
         try:
             out.add(self.encode(key, "error", exc, tag, "exception"))
         except SerializationError:
-            out.add(self.encode(key, "error", RemoteTaskError(info["type"], info["message"], tb), tag, "exception"))
+            stand_in = RemoteTaskError(info["type"], info["message"], info["traceback"])
+            out.add(self.encode(key, "error", stand_in, tag, "exception"))
         return out
 
     def error_of(self, key: str, raw: dict[str, Any]) -> BaseException:
-        info = _error_info(raw.get("error_text"))
+        info = error_info(raw.get("error_text"))
         try:
             exc = self.decode(key, "error", raw.get("error"), raw.get("error#"))
         except SerializationError as err:
@@ -488,7 +489,7 @@ class TaskStore:
         if not isinstance(exc, BaseException):
             return RemoteTaskError(type(exc).__name__, repr(exc))
         if info.get("traceback") and exc.__cause__ is None and not isinstance(exc, RemoteTaskError):
-            exc.__cause__ = _RemoteTraceback(info["traceback"])
+            exc.__cause__ = RemoteTraceback(info["traceback"])
         return exc
 
 
@@ -556,45 +557,3 @@ def _frame_list(listed: Any) -> tuple[str, int, bool] | None:
     if len(parts) not in (2, 3) or parts[2:] not in ([], ["keys"]) or not parts[1].isdigit():
         return None
     return parts[0], int(parts[1]), len(parts) == 3
-
-
-def _safe_str(exc: BaseException) -> str:
-    try:
-        return str(exc)
-    except Exception:  # a hostile or broken __str__ must not stop the outcome from being stored
-        return f"<{type(exc).__name__}: str() failed>"
-
-
-def _clip(value: str, limit: int = 100_000) -> str:
-    """Keep error text small enough to travel whatever the payload limit."""
-    return value if len(value) <= limit else value[: limit // 2] + "\n[... clipped ...]\n" + value[-limit // 2 :]
-
-
-def _error_info(value: Any) -> dict[str, str]:
-    """The ``error_text`` JSON as ``{type, message, traceback}``, or {} when absent or malformed."""
-    try:
-        info = json.loads(text(value)) if value else {}
-    except ValueError:
-        return {}
-    if not isinstance(info, dict):
-        return {}
-    return {
-        "type": str(info.get("type", "Exception")),
-        "message": str(info.get("message", "")),
-        "traceback": str(info.get("traceback", "")),
-    }
-
-
-def _qualname(cls: type) -> str:
-    return cls.__qualname__ if cls.__module__ == "builtins" else f"{cls.__module__}.{cls.__qualname__}"
-
-
-class _RemoteTraceback(Exception):
-    """Carries the worker-side traceback as the ``__cause__`` of a re-raised task exception."""
-
-    def __init__(self, tb: str) -> None:
-        super().__init__(tb)
-        self.tb = tb
-
-    def __str__(self) -> str:
-        return "\n\nRemote traceback:\n" + self.tb.rstrip()

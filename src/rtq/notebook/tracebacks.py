@@ -109,7 +109,9 @@ def _callers(tb: types.TracebackType | None, tail: types.TracebackType | None) -
 
 def render_remote(exc: BaseException, remote: RemoteFrames) -> list[str]:
     """The lines IPython shows for ``exc``, a task's exception carrying its worker-side frames."""
-    if type(exc.__cause__).__name__ == "_RemoteTraceback":
+    from ..backend.failures import RemoteTraceback
+
+    if isinstance(exc.__cause__, RemoteTraceback):
         exc.__cause__ = None  # the worker's traceback text: it repeats the frames shown
         exc.__suppress_context__ = True
     tb = remote_traceback(remote.frames)

@@ -25,6 +25,7 @@ from ..display import follow_cell
 from ..errors import RtqError, TaskTimeout
 from ..executor import Executor, TaskFuture
 from ..frames import remote_frames
+from ..task import TaskState
 from .cells import CellResult, CellSpec, run_cell
 from .tracebacks import prepare, short_error
 
@@ -72,9 +73,9 @@ class CellFuture(TaskFuture):
         if not self.done():
             state = "running; .result() (or %rtq wait NAME) brings its variables back"
         elif self.cancelled():
-            state = "cancelled"
+            state = TaskState.CANCELLED
         else:
-            state = "failed" if self.exception() else "done"
+            state = TaskState.FAILED if self.exception() else "done"
         what = self.label or "rtq cell"
         return f"<{what} on {self.name!r} (task {self.task_id}): {state}>"
 

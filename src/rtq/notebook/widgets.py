@@ -21,19 +21,26 @@ import sys
 from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any
 
+from ..task import TaskState
+
 if TYPE_CHECKING:
-    from ..display import Board, Row
+    from ..board import Board, Row
 
 __all__ = ["WidgetView"]
 
-STYLES = {"done": "success", "failed": "danger", "lost": "danger", "interrupted": "danger"}
+STYLES: dict[str, str] = {
+    TaskState.DONE: "success",
+    TaskState.FAILED: "danger",
+    TaskState.LOST: "danger",
+    TaskState.INTERRUPTED: "danger",
+}
 GREY = "#9e9e9e"
-COLOURS = {  # of a still bar, as ipywidgets colours a FloatProgress of that bar_style
-    "running": "var(--jp-brand-color1, #2196f3)",
-    "done": "var(--jp-success-color1, #4caf50)",
-    "failed": "var(--jp-error-color1, #f44336)",
-    "lost": "var(--jp-error-color1, #f44336)",
-    "interrupted": "var(--jp-error-color1, #f44336)",
+COLOURS: dict[str, str] = {  # of a still bar, as ipywidgets colours a FloatProgress of that bar_style
+    TaskState.RUNNING: "var(--jp-brand-color1, #2196f3)",
+    TaskState.DONE: "var(--jp-success-color1, #4caf50)",
+    TaskState.FAILED: "var(--jp-error-color1, #f44336)",
+    TaskState.LOST: "var(--jp-error-color1, #f44336)",
+    TaskState.INTERRUPTED: "var(--jp-error-color1, #f44336)",
 }
 TRACK = "var(--jp-layout-color3, #e0e0e0)"
 LABEL_WIDTH = 32
@@ -44,7 +51,7 @@ RED = "color: var(--jp-error-color1, #d32f2f)"
 
 
 class WidgetView:
-    """One line per :class:`~rtq.display.Row` — label, bar, counts — with a detail line under it.
+    """One line per :class:`~rtq.board.Row` — label, bar, counts — with a detail line under it.
 
     The columns have fixed widths, so a bar does not shift as its counts grow. The detail line
     shows the task's own ``rtq.tqdm`` description, the line it is writing now (a library's tqdm
@@ -148,14 +155,14 @@ class WidgetView:
                 bar.max, bar.value = 1.0, 1.0  # unknown total: a full "info" bar, as tqdm.notebook
             if row.state is None:
                 bar.bar_style = "info" if not row.total else ""
-            elif row.state == "cancelled":
+            elif row.state == TaskState.CANCELLED:
                 bar.bar_style = ""
                 bar.style.bar_color = GREY
             elif self.aggregate:
                 bar.bar_style = "success" if row.done else ""
             else:
                 bar.bar_style = STYLES.get(row.state, "")
-                if row.state == "done" and not row.total:
+                if row.state == TaskState.DONE and not row.total:
                     bar.max, bar.value = 1.0, 1.0
         parts["width"] = max(parts["width"], _counts_width(row))  # only ever wider: the bar stays put
         counts = _counts_html(row.counts(), parts["width"])
@@ -203,17 +210,18 @@ def snapshot(board: Board) -> dict[str, str]:
 
 def _fill_html(row: Row) -> str:
     """The filled part of a still bar (an aggregate's: done, then failed in red)."""
-    if row.state == "cancelled":
+    if row.state == TaskState.CANCELLED:
         colour = GREY
     else:
-        colour = COLOURS.get(row.state or "", COLOURS["running"])
+        colour = COLOURS.get(row.state or TaskState.RUNNING, COLOURS[TaskState.RUNNING])
     if row.failed:
         done = 100 * row.done / (row.total or 1)
         failed = 100 * row.failed / (row.total or 1)
+        ok = COLOURS[TaskState.DONE] if row.state else COLOURS[TaskState.RUNNING]
         return (
-            f'<div style="width: {done:.1f}%; background: {COLOURS["done"] if row.state else COLOURS["running"]}">'
+            f'<div style="width: {done:.1f}%; background: {ok}">'
             f'</div><div style="flex: 1 1 auto"></div><div style="width: {failed:.1f}%; background: '
-            f'{COLOURS["failed"]}"></div>'
+            f'{COLOURS[TaskState.FAILED]}"></div>'
         )
     full = 100 * row.fraction() if row.total else 100.0  # no total: a full bar, as the widget shows
     return f'<div style="width: {full:.1f}%; background: {colour}"></div>'
@@ -240,8 +248,8 @@ def _counts_html(counts: str, width: int) -> str:
 
 def _detail_html(row: Row) -> str:
     """The line under a bar: how it failed, else its description and the line it writes now."""
-    if row.state is not None and row.state != "done":
-        colour = DIM if row.state == "cancelled" else RED
+    if row.state is not None and row.state != TaskState.DONE:
+        colour = DIM if row.state == TaskState.CANCELLED else RED
         return f'<span style="{colour}">{html.escape(row.detail())}</span>'
     parts = []
     if row.description:

@@ -43,7 +43,7 @@ from ..backend.connections import RedisError
 
 if TYPE_CHECKING:
     from ..backend.store import TaskStore
-    from ..task import RedisTask
+    from .run import Run
 
 __all__ = ["FLUSH_INTERVAL", "Router", "capturing", "install"]
 
@@ -239,36 +239,26 @@ _flusher = _Flusher()
 
 
 @contextmanager
-def capturing(store: TaskStore, task: RedisTask, worker_id: str = "") -> Iterator[None]:
-    """Capture what the current thread writes while the block runs, as ``task``'s output.
+def capturing(store: TaskStore, run: Run, worker_id: str = "") -> Iterator[None]:
+    """Capture what the current thread writes while the block runs, as ``run``'s output.
 
-    Also sends pending output before each of the task's progress reports (so a watcher sees
-    them in the order they happened), and routes ``rtq.tqdm`` descriptions to the watchers.
-    On exit everything left is sent before returning: exit the block before storing the
-    task's outcome.
+    The sink is ``run.output`` meanwhile: the run sends pending output before each progress
+    report (so a watcher sees them in the order they happened), and routes ``rtq.tqdm``
+    descriptions to the watchers. On exit everything left is sent before returning: exit the
+    block before storing the task's outcome.
 
     Args:
         store: The task store of the task's queue (its client and scripts).
-        task: The task the current thread runs (its ``_attempt``/``_token`` fence the writes).
+        run: The attempt the current thread runs (its attempt and token fence the writes).
         worker_id: The worker that claimed the task ('' leaves the writes unfenced).
     """
     install()
-    send = output_writer(store, task.id, worker_id, str(getattr(task, "_attempt", "")), getattr(task, "_token", ""))
-    stopper = getattr(task, "_stopper", None)
-    sink = _Sink(send, stopper.shielded if stopper else nullcontext)
+    send = output_writer(store, run.id, worker_id, str(run.attempt), run.token)
+    sink = _Sink(send, run.stopper.shielded)
     ident = get_ident()
     outer = _sinks.get(ident)
     _sinks[ident] = sink
-    report = task._report
-
-    def report_after_output(t: RedisTask) -> str | None:
-        if sink.pending:
-            sink.flush()
-        return report(t) if report is not None else None
-
-    if report is not None:
-        task._report = report_after_output
-    task._describe = sink.describe  # type: ignore[attr-defined]
+    run.output = sink
     try:
         yield
     finally:
@@ -276,6 +266,5 @@ def capturing(store: TaskStore, task: RedisTask, worker_id: str = "") -> Iterato
             _sinks.pop(ident, None)
         else:
             _sinks[ident] = outer
-        task._report = report
-        task._describe = None  # type: ignore[attr-defined]
+        run.output = None
         sink.flush()

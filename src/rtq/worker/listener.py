@@ -31,14 +31,14 @@ from ..backend.store import text
 from ..backend.wire import Channel
 from ..backoff import Backoff
 from ..errors import RtqError, SerializationError, SignatureError, TaskCancelled
-from ..task import RedisTask, TaskState, outcome_stored_by_runner, running
+from ..task import RedisTask, Reporter, TaskState, outcome_stored_by_runner, running
 from .capture import capturing
 from .heartbeat import HelperSettings
-from .outcome import OutcomeWriter, claim_of
+from .outcome import OutcomeWriter
 from .recovery import Reaper
+from .run import Run
 from .slots import Slots
 from .state import WorkerState
-from .stopper import Stopper, stopper_of
 from .watchdog import Watchdog
 
 if TYPE_CHECKING:
@@ -194,8 +194,8 @@ class Listener:
             except RedisError as exc:  # they stay in our list: any worker requeues them
                 logger.warning("could not requeue %s (%s); they return when this lease lapses", ids, exc)
             with self.idle:
-                for task in self.active.values():
-                    stopper_of(task).stop(TaskCancelled, "was requeued: its worker shut down")
+                for active in self.active.values():
+                    active.stopper.stop(TaskCancelled, "was requeued: its worker shut down")
                 # A task inside a long C call cannot be stopped; the caller exits without it.
                 if not self.idle.wait_for(lambda: not self.active, timeout=max(1.0, self.period)):
                     self.abandoned = list(self.active)
@@ -210,11 +210,11 @@ class Listener:
         every task's path), while its queue is served on without a pause.
         """
         try:
-            task = self._claim_next(claiming, pool)
+            run = self._claim_next(claiming, pool)
         except BaseException:
             claiming.close()
             raise
-        if task is None:  # stopped: this queue's claiming ends here
+        if run is None:  # stopped: this queue's claiming ends here
             claiming.close()
             return
         try:
@@ -222,10 +222,10 @@ class Listener:
         except RuntimeError:  # the pool shut down; cannot happen while run() waits for claiming
             logger.exception("claiming from %s ended early", claiming.name)
             claiming.close()
-        self._execute(task)
+        self._execute(run)
 
-    def _claim_next(self, claiming: _Claiming, pool: ThreadPoolExecutor) -> RedisTask | None:
-        """The next task claimed from ``claiming``'s queue (None once stopped).
+    def _claim_next(self, claiming: _Claiming, pool: ThreadPoolExecutor) -> Run | None:
+        """The next attempt claimed from ``claiming``'s queue (None once stopped).
 
         It takes a task only while a slot is free, and with more free slots claims more queued
         tasks in the same round trips; those go to the pool. The task returned holds a slot.
@@ -249,13 +249,13 @@ class Listener:
                 # More free slots: take more queued ids now, in the first claim's round trip.
                 while slots < CLAIM_BATCH and self.free.acquire(blocking=False):
                     slots += 1
-                tasks = self._claim_batch(channel, claiming.name, moved, slots - 1)
-                for task in tasks[1:]:
-                    pool.submit(self._execute, task)
+                runs = self._claim_batch(channel, claiming.name, moved, slots - 1)
+                for run in runs[1:]:
+                    pool.submit(self._execute, run)
                     slots -= 1
-                if tasks:
+                if runs:
                     slots -= 1
-                    return tasks[0]
+                    return runs[0]
             except RedisError as exc:
                 delay = claiming.backoff.failed(at_least=0.1)
                 logger.warning("cannot claim from %s (%s); retrying in %.1fs", name, exc, delay)
@@ -267,10 +267,10 @@ class Listener:
                     self.free.release()
         return None
 
-    def _claim_batch(self, channel: Channel, queue_name: str, task_id: str, more: int) -> list[RedisTask]:
+    def _claim_batch(self, channel: Channel, queue_name: str, task_id: str, more: int) -> list[Run]:
         """Claim ``task_id`` (just moved into our list) and up to ``more`` ids still queued.
 
-        Two round trips at most (:meth:`Claims.claim`); returns the tasks now ours, in queue order.
+        Two round trips at most (:meth:`Claims.claim`); returns the attempts now ours, in queue order.
         """
         moved = [task_id]
         with self.lock:
@@ -287,22 +287,21 @@ class Listener:
                 return []
             if self.pause_after_move:
                 self._pause_for_tests(task_id)
-            tasks = []
+            runs = []
             for claimed_id, reply in self.claims.claim(channel, task_id, queue_name, more, hold):
                 try:
                     if isinstance(reply, Exception):
                         raise reply
-                    task = self._task_of_claim(claimed_id, queue_name, reply)
+                    run = self._run_of_claim(claimed_id, queue_name, reply)
                 except Exception as exc:  # this id stays listed; the audit gives it back
                     logger.warning("could not claim task %s (%s)", claimed_id, exc)
                     continue
-                if task is None:
+                if run is None:
                     continue
-                task._stopper = Stopper()  # type: ignore[attr-defined]
                 with self.lock:
-                    self.active[task.id] = task
-                tasks.append(task)
-            return tasks
+                    self.active[run.id] = run
+                runs.append(run)
+            return runs
         finally:
             with self.lock:
                 self.claiming.difference_update(moved)
@@ -313,8 +312,8 @@ class Listener:
             fh.write(f"{task_id}\n")
         self.event.wait()
 
-    def _task_of_claim(self, task_id: str, queue_name: str, reply: Any) -> RedisTask | None:
-        """The task claim.lua handed over, or None when it was skipped or refused (then failed)."""
+    def _run_of_claim(self, task_id: str, queue_name: str, reply: Any) -> Run | None:
+        """The attempt claim.lua handed over, or None when it was skipped or refused (then failed)."""
         key = self.keys.task(task_id)
         if not reply:
             logger.info("skipped task %s in %s: it was cancelled", task_id, queue_name)
@@ -324,16 +323,15 @@ class Listener:
             return None
         attempt, token, expiry, first, extra, name, notify = reply
         task = RedisTask(id=task_id, name="", params=None, expiry=0.0)
-        task._attempt = int(attempt)  # type: ignore[attr-defined]
-        task._notify = self.keys.done(task_id)  # type: ignore[attr-defined]
+        run = Run(task, int(attempt), notify=self.keys.done(task_id))
         try:
             # Everything read here may have been written by anyone with access to the Redis:
             # a malformed field fails this task, never the claim loop.
             try:
                 task.expiry = float(text(expiry))
-                task._token = text(token)  # type: ignore[attr-defined]
+                run.token = text(token)
                 task.name = text(name)
-                task._notify = text(notify) or self.keys.done(task_id)  # type: ignore[attr-defined]
+                run.notify = text(notify) or run.notify
             except ValueError as exc:
                 raise SerializationError(f"task {task_id} has malformed fields: {exc}") from exc
             try:
@@ -347,16 +345,16 @@ class Listener:
         except (SerializationError, SignatureError) as exc:
             level = logging.ERROR if isinstance(exc, SignatureError) else logging.WARNING
             logger.log(level, "refused task %s in %s: %s", task_id, task.name, exc)
-            self.outcomes.finish(task, TaskState.FAILED, exc, dead_letter=True)
+            self.outcomes.finish(run, TaskState.FAILED, exc, dead_letter=True)
             return None
-        return task
+        return run
 
     # -- running ---------------------------------------------------------------------------
-    def _execute(self, task: RedisTask) -> None:
-        held = claim_of(task)
-        stopper = stopper_of(task)
+    def _execute(self, run: Run) -> None:
+        task, held, stopper = run.task, run.held, run.stopper
 
         def report(t: RedisTask) -> str | None:
+            run.flush_output()  # what it printed before this point, first
             try:
                 # Shielded: a stop landing mid-call would leave a shared connection with an
                 # unread reply; the state returned here stops the task just as well.
@@ -370,7 +368,7 @@ class Listener:
                 return TaskState.RUNNING
             return state if state is not None else TaskState.LOST
 
-        task._report = report
+        task._reporter = Reporter(send=report, describe=run.describe)
         task._save = lambda: report(task) and None
         try:
             try:
@@ -378,7 +376,7 @@ class Listener:
                 # Through execute_task_locally, the seed's override point; the outcome is ours to store.
                 with (
                     running(task),
-                    capturing(self.store, task, self.id),
+                    capturing(self.store, run, self.id),
                     stopper.armed(),
                     outcome_stored_by_runner(task),
                 ):
@@ -386,9 +384,9 @@ class Listener:
             except BaseException as exc:  # a task must never take its worker down
                 if stopper.exc_type is not None and isinstance(exc, stopper.exc_type) and not str(exc):
                     exc = stopper.exc_type(f"Task {task.id} in {task.name} {stopper.reason}")  # raised bare
-                self.outcomes.finish(task, TaskState.FAILED, exc)
+                self.outcomes.finish(run, TaskState.FAILED, exc)
             else:
-                self.outcomes.finish(task, TaskState.DONE, result)
+                self.outcomes.finish(run, TaskState.DONE, result)
         except Exception:
             logger.exception("could not store the outcome of task %s", task.id)
         finally:

@@ -19,15 +19,16 @@ import logging
 import time
 from typing import Any
 
-from ..backend.claims import Claims, Held
+from ..backend.claims import Claims
 from ..backend.connections import TRANSIENT
 from ..backend.store import Encoded, TaskStore
 from ..backoff import Backoff
 from ..errors import RedisFull, SerializationError
-from ..task import RedisTask, TaskState
+from ..task import TaskState
 from .recovery import dead_letter_entry
+from .run import Run
 
-__all__ = ["OutcomeWriter", "claim_of"]
+__all__ = ["OutcomeWriter"]
 
 logger = logging.getLogger("rtq.worker")
 
@@ -44,7 +45,7 @@ class OutcomeWriter:
         self.store = store
         self.claims = Claims(store, worker_id)  # the Redis half
 
-    def finish(self, task: RedisTask, state: str, value: Any, *, dead_letter: bool = False) -> None:
+    def finish(self, run: Run, state: str, value: Any, *, dead_letter: bool = False) -> None:
         """Store ``task``'s outcome: ``state`` ``'done'`` with its result, or ``'failed'`` with its exception.
 
         A result that cannot be shipped fails the task with the ``SerializationError`` instead;
@@ -53,14 +54,15 @@ class OutcomeWriter:
         deadline (at least a minute).
 
         Args:
-            task: The task, as claimed by this worker.
+            run: The task's attempt, as claimed by this worker.
             state: ``'done'`` or ``'failed'``.
             value: Its result, or its exception.
             dead_letter: Also add the task to the dead-letter list, in the step that stores the
                 failure (a task refused before it ran).
         """
+        task = run.task
         key = self.store.keys.task(task.id)
-        tag = f"a{task._attempt}"  # type: ignore[attr-defined]
+        tag = f"a{run.attempt}"
         if state == TaskState.DONE:
             try:
                 enc = self.store.encode(key, "result", value, tag, "result")
@@ -69,21 +71,21 @@ class OutcomeWriter:
         if state == TaskState.FAILED:
             enc = self.store.encode_error(key, value, tag)
         try:
-            stored = self._keep_trying(task, state, enc, value if dead_letter else None)
+            stored = self._keep_trying(run, state, enc, value if dead_letter else None)
         except RedisFull as exc:
             # Refused whole, so nothing of it was written: fail the task with the refusal, a
             # small payload a full Redis still takes (finish.lua writes first what frees memory).
             logger.warning("%s", exc)
             state, value = TaskState.FAILED, exc
-            stored = self._keep_trying(task, state, self.store.encode_error(key, exc, tag), exc)
+            stored = self._keep_trying(run, state, self.store.encode_error(key, exc, tag), exc)
         if not stored:
             logger.info("discarded the outcome of task %s: cancelled, expired or taken over", task.id)
         elif state == TaskState.FAILED:
             logger.info("task %s in %s failed: %s", task.id, task.name, _short(value))
 
-    def _keep_trying(self, task: RedisTask, state: str, enc: Encoded, dead: BaseException | None) -> bool:
+    def _keep_trying(self, run: Run, state: str, enc: Encoded, dead: BaseException | None) -> bool:
         """Store the outcome, retried with backoff while Redis is away (restarting)."""
-        held = claim_of(task)
+        task, held = run.task, run.held
         entry = dead_letter_entry(task.id, task.name, dead, self.claims.worker_id) if dead is not None else ""
         what = f"the {'result' if state == TaskState.DONE else 'exception'} of task {task.id} in {task.name}"
         give_up = max(task.expiry, time.time() + 60)
@@ -97,18 +99,6 @@ class OutcomeWriter:
                     raise
                 logger.warning("cannot store the outcome of task %s (%s); retrying in %.1fs", task.id, exc, delay)
                 time.sleep(delay)  # Redis is away: nothing to block on but the clock
-
-
-def claim_of(task: RedisTask) -> Held:
-    """The claim this worker holds on ``task`` (set on it when it was claimed): what fences its writes."""
-    return Held(
-        task.id,
-        task.name,
-        task._attempt,  # type: ignore[attr-defined]
-        getattr(task, "_token", ""),
-        task._notify,  # type: ignore[attr-defined]
-        task.expiry,
-    )
 
 
 def _short(exc: BaseException) -> str:

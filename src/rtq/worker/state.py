@@ -11,7 +11,7 @@ import threading
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..task import RedisTask
+from .run import Run
 
 __all__ = ["WorkerState"]
 
@@ -29,7 +29,7 @@ class WorkerState:
         info: Its announced record (host, pid, queues, slots, versions, GPUs…).
         stopping: Set when it stops claiming.
         lock: Guards ``active``, ``claiming`` and ``tasks_done``.
-        active: The tasks it runs, by id.
+        active: The attempts it runs, by task id.
         claiming: Ids moved into its in-progress list and not yet in ``active``.
         tasks_done: How many tasks it finished.
     """
@@ -42,7 +42,7 @@ class WorkerState:
     info: dict[str, Any]
     stopping: threading.Event
     lock: threading.Lock = field(default_factory=threading.Lock)
-    active: dict[str, RedisTask] = field(default_factory=dict)
+    active: dict[str, Run] = field(default_factory=dict)
     claiming: set[str] = field(default_factory=set)
     tasks_done: int = 0
 
@@ -51,7 +51,7 @@ class WorkerState:
         with self.lock:
             return set(self.active) | self.claiming
 
-    def running(self) -> list[RedisTask]:
-        """The tasks it runs now."""
+    def running(self) -> list[Run]:
+        """The attempts it runs now."""
         with self.lock:
             return list(self.active.values())

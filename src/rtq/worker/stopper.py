@@ -24,9 +24,8 @@ import ctypes
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Any
 
-__all__ = ["Stopper", "stopper_of"]
+__all__ = ["Stopper"]
 
 _set_async_exc = ctypes.pythonapi.PyThreadState_SetAsyncExc
 
@@ -107,11 +106,3 @@ class Stopper:
     @property
     def requested(self) -> bool:
         return self.exc_type is not None
-
-
-def stopper_of(task: Any) -> Stopper:
-    """The :class:`Stopper` of a task a worker runs (made on first use)."""
-    stopper: Stopper | None = getattr(task, "_stopper", None)
-    if stopper is None:
-        stopper = task._stopper = Stopper()
-    return stopper

@@ -26,7 +26,6 @@ from ..backoff import Backoff
 from ..errors import TaskCancelled, TaskTimeout
 from ..task import TaskState
 from .heartbeat import HeartbeatHelper
-from .stopper import stopper_of
 
 if TYPE_CHECKING:
     from ..backend.workers import WorkerRegistry
@@ -141,19 +140,19 @@ class Watchdog:
         (see :mod:`rtq.worker.stopper` for what it can and cannot interrupt).
         """
         worker = self.state
-        tasks = worker.running()
-        if not tasks:
+        runs = worker.running()
+        if not runs:
             return
-        claims = self.registry.claims([task.id for task in tasks])
+        claims = self.registry.claims([run.id for run in runs])
         now = time.time()
-        for task, claim in zip(tasks, claims, strict=True):
+        for run, claim in zip(runs, claims, strict=True):
             state, owner, attempt, token = claim.state, claim.owner, claim.attempt, claim.token
-            stopper = stopper_of(task)
+            task, stopper = run.task, run.stopper
             if stopper.finished:
                 continue  # it ended by itself; its record may already be stored or read and gone
             exc_type: type[BaseException] = TaskCancelled
-            mine = owner == worker.id and attempt == str(task._attempt)  # type: ignore[attr-defined]
-            if getattr(task, "_token", "") and token is not None and token != task._token:  # type: ignore[attr-defined]
+            mine = owner == worker.id and attempt == str(run.attempt)
+            if run.token and token is not None and token != run.token:
                 mine = False
             if state is None:
                 reason = "lost its data in Redis (restart, eviction or flush)"
@@ -168,12 +167,13 @@ class Watchdog:
             if stopper.noticed is None:
                 stopper.noticed = now
             window = max(1.0, 2 * worker.period)
-            if exc_type is TaskCancelled and now - task._reported_at < window and now - stopper.noticed < window:
+            reported = now - task._reporter.reported_at
+            if exc_type is TaskCancelled and reported < window and now - stopper.noticed < window:
                 continue  # it calls update(), which raises at a point of its own choosing
             if not stopper.requested:
                 logger.warning("stopping task %s in %s: it %s", task.id, task.name, reason)
                 if state is None:  # wake its caller now, who then finds the data gone
-                    self.registry.wake(task._notify, task.id)  # type: ignore[attr-defined]
+                    self.registry.wake(run.notify, task.id)
             stopper.stop(exc_type, reason)
 
     def _audit(self) -> None:
