@@ -18,6 +18,7 @@ a fresh connection: through Sentinel that reaches the new master.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Sequence
 from typing import Any
 
@@ -28,6 +29,7 @@ __all__ = [
     "MAX_REDIRECTS",
     "Redirect",
     "first_key",
+    "follow",
     "is_cluster",
     "learn_moved",
     "lost_master",
@@ -156,3 +158,53 @@ def node_pool(client: redis_py.RedisCluster, slot: int, host: str = "", port: in
     if node is None or node.redis_connection is None:
         raise redis_py.ConnectionError(f"no cluster node serves slot {slot}" + (f" at {host}:{port}" if host else ""))
     return node.redis_connection.connection_pool
+
+
+def follow(channel: Any, commands: Sequence[Sequence[Any]], replies: list[Any]) -> list[Any]:
+    """``replies`` of ``commands`` sent on a cluster ``channel``, with each redirected unit sent again.
+
+    ``MOVED``: the slot table learns the slot's new master and the channel reconnects there;
+    ``TRYAGAIN``: a pause while the slot moves; ``ASK``: the unit goes to the importing node,
+    announced by ``ASKING``. Up to :data:`MAX_REDIRECTS` rounds, then the errors stand.
+    """
+    for _ in range(MAX_REDIRECTS):
+        redo: list[tuple[int, int, Redirect]] = []
+        for start, end in units(commands):
+            found = next((r for r in map(redirect_of, replies[start:end]) if r is not None), None)
+            if found is not None:
+                redo.append((start, end, found))
+        if not redo:
+            return replies
+        moved = next((r for *_, r in redo if r.kind == "MOVED"), None)
+        if moved is not None:
+            learn_moved(channel.client, moved)
+            channel.reset()  # the next connection goes to the slot's new master
+        elif any(r.kind == "TRYAGAIN" for *_, r in redo):
+            time.sleep(TRYAGAIN_PAUSE_S)  # the slot is moving: give the migration a moment
+        for start, end, found in redo:
+            again = commands[start:end]
+            replies[start:end] = _asking(channel, found, again) if found.kind == "ASK" else channel._send(again)
+    return replies
+
+
+def _asking(channel: Any, redirect: Redirect, commands: Sequence[Sequence[Any]]) -> list[Any]:
+    """``commands`` on the node a slot is being imported into, announced by ``ASKING``."""
+    pool = node_pool(channel.client, channel.slot or 0, redirect.host, redirect.port)
+    try:
+        conn = pool.get_connection()  # redis-py >= 5.3
+    except TypeError:
+        conn = pool.get_connection("_")  # redis-py < 5.3 requires a command name (unused)
+    try:
+        conn.send_packed_command(conn.pack_commands([("ASKING",), *commands]))
+        replies = []
+        for _ in range(len(commands) + 1):
+            try:
+                replies.append(conn.read_response())
+            except redis_py.ResponseError as exc:
+                replies.append(exc)
+    except BaseException:
+        conn.disconnect()
+        raise
+    finally:
+        pool.release(conn)
+    return replies[1:]

@@ -28,26 +28,13 @@ import os
 import select
 import socket
 import threading
-import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
 
 import redis as redis_py
 
-from .routing import (
-    MAX_REDIRECTS,
-    TRYAGAIN_PAUSE_S,
-    Redirect,
-    first_key,
-    is_cluster,
-    learn_moved,
-    lost_master,
-    node_pool,
-    redirect_of,
-    slot_of,
-    units,
-)
+from .routing import first_key, follow, is_cluster, lost_master, node_pool, slot_of
 
 hiredis: Any = None
 try:  # optional (the ``fast`` extra): RESP packing and parsing in C; 3.0 reads RESP3 too
@@ -140,46 +127,7 @@ class Channel:
 
     def _follow(self, commands: Sequence[Sequence[Any]], replies: list[Any]) -> list[Any]:
         """Send again, where they belong, the commands a cluster node redirected (they did not run)."""
-        for _ in range(MAX_REDIRECTS):
-            redo: list[tuple[int, int, Redirect]] = []
-            for start, end in units(commands):
-                found = next((r for r in map(redirect_of, replies[start:end]) if r is not None), None)
-                if found is not None:
-                    redo.append((start, end, found))
-            if not redo:
-                return replies
-            moved = next((r for *_, r in redo if r.kind == "MOVED"), None)
-            if moved is not None:
-                learn_moved(self.client, moved)  # type: ignore[arg-type]
-                self.reset()  # the next connection goes to the slot's new master
-            elif any(r.kind == "TRYAGAIN" for *_, r in redo):
-                time.sleep(TRYAGAIN_PAUSE_S)  # the slot is moving: give the migration a moment
-            for start, end, found in redo:
-                again = commands[start:end]
-                if found.kind == "ASK":
-                    replies[start:end] = self._asking(found, again)
-                else:
-                    replies[start:end] = self._send(again)
-        return replies
-
-    def _asking(self, redirect: Redirect, commands: Sequence[Sequence[Any]]) -> list[Any]:
-        """``commands`` on the node a slot is being imported into, announced by ``ASKING``."""
-        pool = node_pool(self.client, self.slot or 0, redirect.host, redirect.port)  # type: ignore[arg-type]
-        conn = _checkout(pool)
-        try:
-            conn.send_packed_command(conn.pack_commands([("ASKING",), *commands]))
-            replies = []
-            for _ in range(len(commands) + 1):
-                try:
-                    replies.append(conn.read_response())
-                except redis_py.ResponseError as exc:
-                    replies.append(exc)
-        except BaseException:
-            conn.disconnect()
-            raise
-        finally:
-            pool.release(conn)
-        return replies[1:]
+        return follow(self, commands, replies)
 
     def _send(self, commands: Sequence[Sequence[Any]]) -> list[Any]:
         conn = self._connection(commands)
