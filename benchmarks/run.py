@@ -7,8 +7,10 @@ and its own worker processes, then measures, on the same server:
 * the floor: raw redis-py PING (median) and SET+GET of the payloads (MB/s), measured in
   alternation with rtq's own samples, while rtq's workers are up, so both see the same machine;
 * rtq: no-op round trip through ``RedisTaskQueue.query()`` and ``Executor.submit().result()``
-  (median, p99), throughput of no-op closures through ``Executor.map`` on 2 worker processes,
-  echo of 1, 32 and 256 MiB numpy arrays, and the cost of ``task.update()`` inside a task;
+  (median, p99), throughput of no-op closures through ``Executor.map`` on 2 worker processes
+  and through a loop of ``Executor.submit`` calls, echo of 1, 32 and 256 MiB numpy arrays and of
+  32 MiB as ``bytes`` and as DataFrames (``user_paths.py``), and the cost of ``task.update()``
+  inside a task;
 * RQ (SimpleWorker and the default forking Worker), Celery (prefork, Redis broker and backend)
   and arq (poll delay 0.01 s): the same round trip, throughput and 32 MiB echo.
 
@@ -49,6 +51,8 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
 import bench_tasks  # noqa: E402
+import dashboard_load  # noqa: E402
+import user_paths  # noqa: E402
 
 MiB = 1 << 20
 MB = 1_000_000
@@ -291,6 +295,7 @@ def bench_rtq(url: str, procs: Processes, logs: Path, args: argparse.Namespace) 
             elapsed = time.perf_counter() - start
             assert len(results) == count
             out["throughput"] = {"tasks": count, "seconds": elapsed, "tasks_s": count / elapsed}
+            out["submit_loop"] = user_paths.submit_loop(ex, count)
             out["footprint"] = footprint(ex, client, args.footprint_tasks)
             out["concurrent"] = concurrent_queries(url, args.concurrent)
 
@@ -318,7 +323,10 @@ def bench_rtq(url: str, procs: Processes, logs: Path, args: argparse.Namespace) 
                 out["echo"][str(size)] = echo_rate(size, rtq_s)
                 del data
 
+            size = 32 * MiB if 32 * MiB in args.sizes else args.sizes[0]
+            out["user_echo"] = {"size": size, **user_paths.echoes(ex, floor, size, reps(size, args))}
             out["progress"] = progress_overhead(ex, args.updates)
+            out["dashboard"] = dashboard_load.measure(url, seconds=10)  # 20 workers, 200 running tasks
         floor.close()
         client.close()
     finally:
@@ -646,7 +654,7 @@ def targets(result: dict[str, Any]) -> dict[str, Any]:
     if peers:
         ratio = rtq["throughput"]["tasks_s"] / max(peers)
         out["tp_ratio"] = {"value": ratio, "limit": 2.0, "ok": ratio >= 2.0}
-    return out
+    return {**out, **user_paths.targets(rtq, result["raw"])}
 
 
 # -- report --------------------------------------------------------------------------------
@@ -717,6 +725,7 @@ def render_server(res: dict[str, Any]) -> list[str]:
         for key in rtq["echo"]:
             a, b = raw["set_get"][key]["mb_s"], rtq["echo"][key]["mb_s"]
             lines.append(f"| {fmt_size(int(key))} | {a:.0f} MB/s | {b:.0f} MB/s | {b / a:.0%} |")
+    lines += user_paths.render(rtq)
     if "queue" in raw and "query" in rtq:
         bare, ping = raw["queue"]["median_ms"], raw["ping"]["median_ms"]
         lines += [
@@ -756,7 +765,7 @@ def render_server(res: dict[str, Any]) -> list[str]:
             ("throughput ≥ 2x the best peer", "tp_ratio", "{:.1f}x"),
             ("payload echo ≥ 50 % of raw SET+GET (worst size)", "echo_ratio", "{:.0%}"),
         ]
-        for label, key, form in rows:
+        for label, key, form in rows + user_paths.TARGET_ROWS:
             if key in t:
                 lines.append(f"| {label} | {form.format(t[key]['value'])} | {'yes' if t[key]['ok'] else '**no**'} |")
     lines.append("")

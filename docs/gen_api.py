@@ -31,6 +31,7 @@ SECTIONS: list[tuple[str, str, list[str]]] = [
     ("rtq.tqdm", "tqdm", []),
     ("rtq.progress", "progress", []),
     ("rtq.local_worker", "local_worker", []),
+    ("rtq.dashboard", "dashboard", []),
 ]
 
 

@@ -345,6 +345,7 @@ def test_status(cells: Kernel) -> None:
     assert not errors(cell)
     out = streams(cell)
     assert "queues=cells" in out and "workers (1)" in out
+    assert "no GPU" in out and "rss " in out  # the worker's machine, as its heartbeat says (no NVML here)
 
 
 def test_connect_without_url_starts_embedded_server_and_local_worker(tmp_path: Any) -> None:

@@ -43,6 +43,7 @@ def test_key_layout_table_matches_keys_module() -> None:
         keys.queue("<name>"), keys.task("<id>"), keys.frame("<id>", "<frame>"), keys.listen("<name>"),
         keys.done("<id>"), keys.events("<id>"),
         keys.running("<worker>"), keys.worker("<worker>"), keys.workers(), keys.dead(), keys.inbox("<client>"),
+        keys.failures(),
     }  # fmt: skip
     assert built == set(documented)
 

@@ -23,6 +23,7 @@ from hypothesis import strategies as st
 
 from rtq.calls import Call
 from rtq.errors import SerializationError, SignatureError
+from rtq.outofband import MIN_SIZE
 from rtq.serialization import (
     DEFAULT_MAX_PAYLOAD,
     FLAG_SIGNED,
@@ -69,6 +70,65 @@ def test_round_trip_with_out_of_band_buffers(secret):
     assert (out["blob"] == value["blob"]).all() and out["f"](1) == 2
 
 
+def blob(size: int, seed: int = 0) -> bytes:
+    """``size`` bytes that differ from one position to the next (a shifted copy would show)."""
+    return (bytes(range(seed % 251, 251)) + bytes(range(seed % 251))) * (size // 251) + b"\x07" * (size % 251)
+
+
+@pytest.mark.parametrize("secret", [None, "s3cret"])
+def test_big_bytes_like_objects_travel_out_of_band_as_their_own_type(secret):
+    s = Serializer(secret)
+    data = blob(2 * MIN_SIZE)
+    grid = memoryview(bytearray(blob(MIN_SIZE, 1))).cast("d", [MIN_SIZE // 64, 8])
+    value = {
+        "bytes": data,
+        "again": data,  # the same object twice: one frame, and one object back
+        "bytearray": bytearray(blob(MIN_SIZE + 3, 2)),
+        "grid": grid,
+        "readonly": memoryview(blob(MIN_SIZE, 3)),
+        "strided": memoryview(bytearray(blob(3 * MIN_SIZE, 4)))[::3],  # not contiguous: copied once
+        "small": b"s" * 1000,
+        "text": "t" * MIN_SIZE,  # a str is not bytes-like: it stays in the stream
+    }
+    frames = s.dumps(value, key=KEY, field=FIELD)
+    sizes = [memoryview(f).nbytes for f in frames[1:]]
+    assert sorted(sizes) == sorted([2 * MIN_SIZE, MIN_SIZE + 3, MIN_SIZE, MIN_SIZE, MIN_SIZE])
+    assert len(frames[0]) < 1.1 * MIN_SIZE  # the pickle stream holds the str, no buffer
+    out = load(s, [bytes(f) for f in frames])
+    assert type(out["bytes"]) is bytes and out["bytes"] == data and out["again"] is out["bytes"]
+    assert type(out["bytearray"]) is bytearray and out["bytearray"] == value["bytearray"]
+    out["bytearray"][0] ^= 1  # still mutable
+    assert (out["grid"].format, out["grid"].shape, out["grid"].readonly) == ("d", grid.shape, False)
+    assert out["grid"].tolist() == grid.tolist()
+    assert out["readonly"].readonly and out["readonly"] == value["readonly"]
+    assert out["strided"].tobytes() == value["strided"].tobytes() and not out["strided"].readonly
+    assert out["small"] == value["small"] and out["text"] == value["text"]
+
+
+def test_small_memoryviews_pickle_in_band_and_odd_formats_come_back_as_bytes():
+    s = Serializer()
+    little = memoryview(bytearray(b"abcdefgh")).cast("i", [2])
+    odd = memoryview(numpy.arange(4, dtype=">i4"))  # a non-native format memoryview.cast cannot make
+    frames = s.dumps([little, odd, memoryview(b"")], key=KEY, field=FIELD)
+    assert len(frames) == 1
+    back, flat, empty = load(s, frames)
+    assert (back.format, back.tolist(), back.readonly) == ("i", little.tolist(), False)
+    assert (flat.format, flat.tobytes()) == ("B", odd.tobytes())
+    assert empty.tobytes() == b""
+
+
+def test_a_dataframes_numeric_columns_travel_out_of_band():
+    pandas = pytest.importorskip("pandas")
+    n = 200_000
+    frame = pandas.DataFrame({"x": numpy.arange(n, dtype="f8"), "n": numpy.arange(n), "flag": numpy.arange(n) % 3 == 0})
+    s = Serializer("k")
+    frames = s.dumps(frame, key=KEY, field=FIELD)
+    assert len(frames[0]) < 64 * 1024  # the columns are frames, not in the pickle stream
+    assert sum(memoryview(f).nbytes for f in frames[1:]) >= frame.memory_usage(index=False).sum()
+    back = load(s, [bytes(f) for f in frames])
+    assert back.equals(frame) and list(back.dtypes) == list(frame.dtypes)
+
+
 def test_unsigned_reader_accepts_a_signed_payload():
     frames = Serializer("k").dumps([1, 2], key=KEY, field=FIELD)
     assert load(Serializer(), frames) == [1, 2]
@@ -85,10 +145,18 @@ def test_signature_binds_key_and_field():
         load(s, frames, field="result")  # moved to another field
 
 
+@pytest.mark.parametrize("value", ["array", "bytes", "bytearray", "memoryview"])
 @pytest.mark.parametrize("where", ["head", "body", "frame", "mac"])
-def test_any_tampered_byte_is_refused(where):
+def test_any_tampered_byte_is_refused(where, value):
     s = Serializer("k")
-    frames = [bytes(f) for f in s.dumps(numpy.arange(100), key=KEY, field=FIELD)]
+    shipped = {
+        "array": numpy.arange(100),
+        "bytes": blob(MIN_SIZE),
+        "bytearray": bytearray(blob(MIN_SIZE)),
+        "memoryview": memoryview(blob(MIN_SIZE)),
+    }[value]
+    frames = [bytes(f) for f in s.dumps(shipped, key=KEY, field=FIELD)]
+    assert len(frames) == 2
     first = bytearray(frames[0])
     if where == "head":
         first[4] &= ~FLAG_SIGNED & 0xFF  # drop the signed flag
@@ -182,8 +250,21 @@ def test_payload_limit_counts_out_of_band_buffers_and_says_how_to_raise_it():
     for big in (b"x" * 5000, numpy.zeros(5000, dtype="u1")):
         with pytest.raises(SerializationError, match=r"params is \d\.\d KiB pickled, over the 4\.0 KiB payload limit"):
             s.dumps(big, key=KEY, field=FIELD, what="params")
+    s = Serializer(max_payload=MIN_SIZE + 4096)
+    for big in (b"x" * (2 * MIN_SIZE), bytearray(2 * MIN_SIZE), memoryview(bytearray(2 * MIN_SIZE))):
+        with pytest.raises(SerializationError, match=r"params is 2\.0 MiB pickled, over the 1\.0 MiB payload limit"):
+            s.dumps([big], key=KEY, field=FIELD, what="params")
     with pytest.raises(ValueError, match="max_payload"):
         Serializer(max_payload=0)
+
+
+def test_a_reader_refuses_out_of_band_bytes_over_its_limit_before_joining_them():
+    frames = Serializer().dumps(b"x" * (3 * MIN_SIZE), key=KEY, field=FIELD)
+    small = Serializer(max_payload=2 * MIN_SIZE)
+    with pytest.raises(SerializationError, match=r"claims 3\.0 MiB, over the 2\.0 MiB payload limit"):
+        small.frame_sizes(frames[0])  # what a reader checks before it fetches or allocates a frame
+    with pytest.raises(SerializationError, match=r"over the 2\.0 MiB payload limit"):
+        load(small, frames)
 
 
 def test_culprit_paths_read_like_the_call():
@@ -257,7 +338,23 @@ FORGERIES = [
     envelope(EVIL, flags=FLAG_SIGNED),
 ]
 
-_bodies = st.binary(max_size=200) | st.just(EVIL) | st.builds(lambda b: EVIL + b, st.binary(max_size=8))
+
+def _body_of(first: bytes) -> bytes:
+    """The pickle stream of an unsigned envelope (what follows its head)."""
+    return first[len(envelope(b"", sizes=tuple(Serializer.buffer_sizes(first)))) :]
+
+
+# A genuine stream that loads big bytes, a bytearray and a memoryview from out-of-band buffers:
+# fed frames of any size and content, or cut short, it must fail cleanly (or verify first).
+_BYTES_LIKE = [b"b" * MIN_SIZE, bytearray(MIN_SIZE), memoryview(b"m" * MIN_SIZE)]
+OUT_OF_BAND = _body_of(bytes(Serializer().dumps(_BYTES_LIKE, key=KEY, field=FIELD)[0]))
+_bodies = (
+    st.binary(max_size=200)
+    | st.just(EVIL)
+    | st.builds(lambda b: EVIL + b, st.binary(max_size=8))
+    | st.just(OUT_OF_BAND)
+    | st.builds(lambda cut: OUT_OF_BAND[:cut], st.integers(0, len(OUT_OF_BAND)))
+)
 _random_envelopes = st.builds(
     lambda version, flags, sizes, mac, body: envelope(body, flags=flags, version=version, mac=mac, sizes=tuple(sizes)),
     st.just(VERSION) | st.integers(0, 255),
@@ -291,3 +388,25 @@ def test_fuzz_without_a_secret_only_serialization_errors(frames):
     # Unsigned payloads are trusted by design (that is what the secret is for); only check the
     # decoder fails cleanly. The forged ones would call os.mkdir on a path that cannot exist.
     _unpickled(Serializer(), [first, *rest])
+
+
+_sizes = st.sampled_from([0, 1, MIN_SIZE - 1, MIN_SIZE, MIN_SIZE + 251])
+_bytes_like = st.builds(
+    lambda kind, size, seed: {"bytes": bytes, "bytearray": bytearray, "memoryview": memoryview}[kind](blob(size, seed)),
+    st.sampled_from(["bytes", "bytearray", "memoryview"]),
+    _sizes,
+    st.integers(0, 250),
+)
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+@given(value=st.lists(_bytes_like | st.integers(), max_size=4).map(tuple), secret=st.sampled_from([None, "k"]))
+def test_fuzz_bytes_like_values_come_back_equal_and_of_their_type(value, secret):
+    s = Serializer(secret)
+    frames = s.dumps(value, key=KEY, field=FIELD)
+    assert len(frames) == 1 + sum(isinstance(v, (bytes, bytearray, memoryview)) and len(v) >= MIN_SIZE for v in value)
+    out = load(s, [bytes(f) for f in frames])
+    assert [type(v) for v in out] == [type(v) for v in value]
+    assert [bytes(v) if isinstance(v, memoryview) else v for v in out] == [
+        bytes(v) if isinstance(v, memoryview) else v for v in value
+    ]

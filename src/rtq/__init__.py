@@ -23,6 +23,7 @@ _EXPORTS = {
     "tqdm": "rtq.report",
     "progress": "rtq.display",
     "local_worker": "rtq.local",
+    "dashboard": "rtq.web",
 }
 
 __all__ = ["__version__", *_EXPORTS]
@@ -39,6 +40,7 @@ if TYPE_CHECKING:  # what the lazy exports are, for type checkers and IDEs
     from .task import TaskExecutePolicy as TaskExecutePolicy
     from .task import current_task as current_task
     from .task_queue import RedisTaskQueue as RedisTaskQueue
+    from .web import dashboard as dashboard
 
 
 def __getattr__(name: str) -> Any:

@@ -1,4 +1,4 @@
-"""The ``rtq`` command: ``rtq demo``, ``rtq worker``, ``rtq status``, ``rtq server``."""
+"""The ``rtq`` command: ``rtq demo``, ``rtq worker``, ``rtq status``, ``rtq server``, ``rtq dashboard``."""
 
 from __future__ import annotations
 
@@ -86,8 +86,8 @@ def _key_part(kind: str, *, glob: bool = False) -> Callable[[str], str]:
     return parse
 
 
-def _port(text: str) -> int:
-    value = _whole(1)(text)
+def _port(text: str, least: int = 1) -> int:
+    value = _whole(least)(text)
     if value > 65535:
         raise argparse.ArgumentTypeError(f"must be a TCP port from 1 to 65535, not {text!r}")
     return value
@@ -159,6 +159,20 @@ def _parser() -> argparse.ArgumentParser:
     status.add_argument("--prefix", default="rtq", type=_key_part("prefix", glob=True))
     status.add_argument("--suffix", default="task-queue", type=_key_part("suffix", glob=True))
     status.add_argument("--cluster", action="store_true", help="--url is a node of a Redis Cluster")
+
+    board = sub.add_parser("dashboard", help="serve a live web page of workers, GPUs, queues and tasks")
+    board.add_argument("--url", help="Redis URL (default: RTQ_REDIS_URL)")
+    board.add_argument("--prefix", default="rtq", type=_key_part("prefix", glob=True))
+    board.add_argument("--suffix", default="task-queue", type=_key_part("suffix", glob=True))
+    board.add_argument(
+        "--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)"
+    )
+    board.add_argument(
+        "--port", type=lambda text: _port(text, 0), default=8789, help="TCP port (default 8789; 0: a free one)"
+    )
+    board.add_argument(
+        "--refresh", type=_seconds(), default=1.0, help="seconds between reads of Redis while a page is open"
+    )
     return parser
 
 
@@ -172,6 +186,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return status_main(args)
     if args.command == "server":
         return server_main(args)
+    if args.command == "dashboard":
+        return dashboard_main(args)
     from .demo import run_demo
 
     return run_demo(tasks=args.tasks, workers=args.workers)
@@ -309,6 +325,53 @@ def status_main(args: argparse.Namespace) -> int:
         print(f"rtq status: {exc}", file=sys.stderr)
         return 2 if isinstance(exc, ConfigurationError) else 1
     return 0
+
+
+def dashboard_main(args: argparse.Namespace) -> int:
+    """Serve the dashboard until SIGTERM/SIGINT; prints its URL (with its access token) first."""
+    from .connection import connect, redact_url
+    from .errors import ConfigurationError, RtqError
+    from .web import Board, DashboardServer
+
+    url = _url_or_exit(args.url, "dashboard")
+    try:
+        queue = connect(url, args.prefix, suffix=args.suffix)
+        where = redact_url(url)
+        server = DashboardServer(Board(queue, where), host=args.host, port=args.port, refresh=args.refresh)
+    except RtqError as exc:
+        print(f"rtq dashboard: {exc}", file=sys.stderr)
+        return 2 if isinstance(exc, ConfigurationError) else 1
+    if not _loopback(args.host):
+        print(
+            f"rtq dashboard: WARNING: listening on {args.host}, not on this machine's loopback: anyone who "
+            "can reach this port and learns the URL's token sees what your workers run, their output and "
+            "their errors (over plain HTTP). Prefer the default 127.0.0.1 and an SSH tunnel "
+            f"(ssh -L {args.port}:127.0.0.1:{args.port} HOST).",
+            file=sys.stderr,
+            flush=True,
+        )
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    signal.signal(signal.SIGINT, lambda *_: stop.set())
+    server.start()
+    print(f"rtq dashboard of {where} prefix {args.prefix!r}: {server.url}", flush=True)
+    try:
+        while not stop.wait(1.0):
+            pass
+    finally:
+        server.stop()
+    return 0
+
+
+def _loopback(host: str) -> bool:
+    import ipaddress
+
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
 
 
 def server_main(args: argparse.Namespace) -> int:

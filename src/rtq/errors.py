@@ -11,6 +11,7 @@ import concurrent.futures
 
 __all__ = [
     "ConfigurationError",
+    "DashboardError",
     "NotReplicated",
     "RedisFull",
     "RemoteTaskError",
@@ -76,6 +77,10 @@ class NotReplicated(RtqConnectionError):
 
 class TaskLost(RtqError):
     """Raised when a task's data vanished from Redis (restart, eviction, flush) while waited on."""
+
+
+class DashboardError(RtqError):
+    """Raised when ``rtq dashboard`` cannot start: Tornado is missing, or its address cannot be bound."""
 
 
 class VersionMismatch(RtqError):

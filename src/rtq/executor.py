@@ -14,7 +14,6 @@ import itertools
 import logging
 import threading
 import time
-import uuid
 from collections.abc import Callable, Generator, Iterable, Iterator
 from functools import partial
 from typing import TYPE_CHECKING, Any
@@ -27,7 +26,7 @@ from .calls import Call
 from .closures import check_worker_versions, ship_local_modules
 from .collector import ERROR, Ended, Wait
 from .errors import TaskCancelled
-from .task import RedisTask, TaskState
+from .task import RedisTask, TaskState, new_id
 from .validate import check_callable, check_count, check_seconds, check_wait
 
 if TYPE_CHECKING:
@@ -39,6 +38,8 @@ logger = logging.getLogger(__name__)
 
 SUBMIT_BATCH = 500
 """Tasks stored per round trip by ``map``."""
+SENT_WAIT_S = 30.0
+"""Longest a future's ``cancel()``/``stop()`` waits for Redis's answer to its submission."""
 
 
 class TaskFuture(concurrent.futures.Future):  # type: ignore[type-arg]
@@ -61,6 +62,9 @@ class TaskFuture(concurrent.futures.Future):  # type: ignore[type-arg]
         self._executor = executor
         self.label: str | None = getattr(task.params, "label", None) or None  # what rtq.progress calls it
         self._last_progress: tuple[float, float] = (0.0, 100.0)
+        # Redis answered its submission (stored it, or refused). Its own Event: notifying the
+        # future's condition would end a result() wait early, which takes any wake-up for the end.
+        self._sent = threading.Event()
 
     def __repr__(self) -> str:
         return f"<TaskFuture {self.task_id} on {self.name!r} {self._state.lower()}>"
@@ -82,9 +86,19 @@ class TaskFuture(concurrent.futures.Future):  # type: ignore[type-arg]
     @property
     def progress(self) -> tuple[float, float]:
         """``(current, total)`` as last reported by the task."""
-        if not self.done():
+        if not self.done() and self._stored():
             self._keep_progress(self._executor.events.progress(self.task_id))
         return self._last_progress
+
+    def _stored(self) -> bool:
+        """Wait for Redis's answer to the submission (a call sent ahead); False if none came.
+
+        What reads or changes the task in Redis waits for it, or could run before the task is there.
+        """
+        return self._sent.wait(SENT_WAIT_S)
+
+    def _mark_sent(self) -> None:
+        self._sent.set()
 
     def _keep_progress(self, raw: Any) -> None:
         if raw:
@@ -93,7 +107,7 @@ class TaskFuture(concurrent.futures.Future):  # type: ignore[type-arg]
 
     def cancel(self) -> bool:
         """Cancel the call if it has not started; True only if it will not run."""
-        if self.done():
+        if not self._stored() or self.done():
             return self.cancelled()
         state = self._executor.queue.cancel(self.task_id, running=False)
         if state in (TaskState.QUEUED, TaskState.CANCELLED):
@@ -102,7 +116,7 @@ class TaskFuture(concurrent.futures.Future):  # type: ignore[type-arg]
 
     def stop(self) -> bool:
         """Stop the call even if it is running (the task gets ``TaskCancelled``); True if it was live."""
-        if self.done():
+        if not self._stored() or self.done():
             return False
         state = self._executor.queue.cancel(self.task_id, running=True)
         if state == TaskState.QUEUED:
@@ -169,9 +183,15 @@ class Executor(concurrent.futures.Executor):
             rtq.errors.VersionMismatch: the queue's workers run another Python/cloudpickle.
         """
         check_callable("submit()'s fn", fn)
-        return self._submit_calls([Call(fn, args, kwargs)])[0]
+        return self._submit_calls([Call(fn, args, kwargs)], soon=True)[0]
 
-    def _submit_calls(self, calls: list[Call]) -> list[TaskFuture]:
+    def _submit_calls(self, calls: list[Call], *, soon: bool = False) -> list[TaskFuture]:
+        """Store the calls and return their futures; ``soon``: one call, sent ahead (see below).
+
+        A call sent ahead (``submit``) does not wait for Redis's answer, so a loop of submits
+        leaves in pipelined batches of its own making; a refusal Redis sends back afterwards
+        (``RedisFull``, a lost connection) fails its future instead of raising here.
+        """
         with self._lock:
             if self._shutdown:
                 raise RuntimeError("cannot submit after shutdown")
@@ -179,7 +199,7 @@ class Executor(concurrent.futures.Executor):
             check_worker_versions(self.queue, self.name)
         ship_local_modules()
         expiry = time.time() + self.timeout
-        tasks = [RedisTask(id=uuid.uuid4().hex, name=self.name, params=call, expiry=expiry) for call in calls]
+        tasks = [RedisTask(id=new_id(), name=self.name, params=call, expiry=expiry) for call in calls]
         futures = [self.future_class(self, t) for t in tasks]
         with self._lock:
             for fut in futures:
@@ -190,18 +210,40 @@ class Executor(concurrent.futures.Executor):
         ]
         inbox = collector.add(waits)
         try:
-            self.queue.store.submit([(t, uuid.uuid4().hex, inbox) for t in tasks])
-            for wait in waits:
-                wait.submitted = True
+            if soon:
+                (task,), (fut,), (wait,) = tasks, futures, waits
+                self.queue.store.submit_soon(task, new_id(), inbox, partial(self._stored, fut, wait))
+            else:
+                self.queue.store.submit([(t, new_id(), inbox) for t in tasks])
+                for wait, fut in zip(waits, futures, strict=True):
+                    wait.submitted = True
+                    fut._mark_sent()
         except BaseException as exc:
-            collector.remove([f.task_id for f in futures])
-            with self._lock:
-                for fut in futures:
-                    self._pending.pop(fut.task_id, None)
+            self._unsubmitted(futures)
             if isinstance(exc, TRANSIENT):
                 raise connection_error(exc, self.queue.store.redis) from exc
             raise
         return futures
+
+    def _stored(self, fut: TaskFuture, wait: Wait, error: BaseException | None) -> None:
+        """Redis's answer to a call sent ahead: the collector may now look for its record, or it failed."""
+        if error is None:
+            wait.submitted = True
+            fut._mark_sent()
+            return
+        self._unsubmitted([fut])
+        if isinstance(error, TRANSIENT):
+            error = connection_error(error, self.queue.store.redis)
+        _settle(fut, fut.set_exception, error)
+        fut._mark_sent()
+
+    def _unsubmitted(self, futures: list[TaskFuture]) -> None:
+        """Stop waiting for calls that were not stored."""
+        self.queue.collector.remove([f.task_id for f in futures])
+        with self._lock:
+            for fut in futures:
+                self._pending.pop(fut.task_id, None)
+            self._lock.notify_all()
 
     def map(
         self, fn: Callable[..., Any], *iterables: Iterable[Any], timeout: float | None = None, chunksize: int = 1

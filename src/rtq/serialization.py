@@ -3,7 +3,8 @@
 A payload is a Python object pickled with cloudpickle (protocol 5), so closures and classes
 defined in a notebook ship by value (keeping their file names, with a notebook cell's lines:
 see :mod:`rtq.sources`). Large buffers (anything that supports pickle protocol 5 out-of-band
-data: numpy arrays, ``pickle.PickleBuffer``) go *out of band*: they are stored as raw frames
+data: numpy arrays, ``pickle.PickleBuffer``; and ``bytes``, ``bytearray``, ``memoryview`` of
+1 MiB or more, see :mod:`rtq.outofband`) go *out of band*: they are stored as raw frames
 next to the pickle stream instead of being copied into it, and frames over ``CHUNK`` bytes are
 split so no single Redis value comes near its 512 MB limit. The pickle stream itself is one
 value, so it may not exceed ``MAX_VALUE``.
@@ -164,7 +165,7 @@ class Serializer:
         if len(body) > MAX_VALUE:
             raise SerializationError(
                 f"{what} pickles to a {size_text(len(body))} stream, over the {size_text(MAX_VALUE)} a single "
-                "Redis value can hold; only out-of-band buffers (numpy arrays) are split"
+                "Redis value can hold; only out-of-band buffers (numpy arrays, big bytes-like objects) are split"
             )
         flags = FLAG_SIGNED if self.secrets else 0
         head = _HEAD.pack(MAGIC, VERSION, flags, len(raws)) + b"".join(_SIZE.pack(r.nbytes) for r in raws)

@@ -11,7 +11,8 @@ lives only in memory — a notebook cell, which IPython registers in :mod:`linec
 of its own — takes those lines along (once per payload: the pickle memo shares them).
 Unpickling registers them in the receiving process's :mod:`linecache`, so the worker's
 tracebacks and warnings show the cell's lines, and the notebook, which knows that file name as
-one of its cells, shows ``Cell In[6], line 2, in helper``.
+one of its cells, shows ``Cell In[6], line 2, in helper``. (It also pickles a ``memoryview``,
+and :func:`dumps` sends big bytes-like objects out of band: see :mod:`rtq.outofband`.)
 
 Not for: files on disk (their path travels, not their lines; the worker shows the lines if it
 has the same file). Like every payload, it is read back by the same Python version (a
@@ -29,6 +30,8 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import cloudpickle
+
+from . import outofband
 
 __all__ = ["MAX_SOURCES", "Pickler", "dumps", "register_source"]
 
@@ -60,13 +63,20 @@ class Pickler(cloudpickle.CloudPickler):
     Takes the arguments of ``pickle.Pickler``; pickles whatever cloudpickle pickles.
     """
 
-    # A dispatch table entry, not a reducer_override: the other objects pay nothing.
-    dispatch_table = collections.ChainMap({types.CodeType: _reduce_code}, cloudpickle.CloudPickler.dispatch_table)
+    # Dispatch table entries, not a reducer_override: the other objects pay nothing.
+    dispatch_table = collections.ChainMap(
+        {types.CodeType: _reduce_code, memoryview: outofband.reduce_memoryview},
+        cloudpickle.CloudPickler.dispatch_table,
+    )
 
 
 def dumps(obj: Any, *, buffer_callback: Callable[[Any], Any] | None = None) -> bytes:
-    """Pickle ``obj`` with :class:`Pickler` (protocol 5), like ``cloudpickle.dumps``."""
-    out = io.BytesIO()
+    """Pickle ``obj`` with :class:`Pickler` (protocol 5), like ``cloudpickle.dumps``.
+
+    With a ``buffer_callback``, big bytes-like objects go out of band as well as the buffers
+    that offer it (numpy arrays): see :mod:`rtq.outofband`.
+    """
+    out: io.BytesIO | outofband.Stream = io.BytesIO() if buffer_callback is None else outofband.Stream(buffer_callback)
     Pickler(out, protocol=5, buffer_callback=buffer_callback).dump(obj)
     return out.getvalue()
 

@@ -1,5 +1,9 @@
 """What ``rtq status`` and ``%rtq status`` show: live workers, queue lengths, running tasks.
 
+Each worker's line carries what its last beat said about its machine (:mod:`rtq.worker.metrics`):
+the host's load, the worker's resident memory, and each GPU's memory, load and temperature, or
+"no GPU" when its record has no GPU metrics.
+
 Redis reads: the workers' set and records, the queues (``SCAN``, ``LLEN``), each live worker's
 in-progress list, and, for each task in one, four fields of its record in one pipelined round
 trip: its queue, its progress, its label (what it runs: ``train(3)``, ``%%rtq cell In[12]``,
@@ -13,11 +17,12 @@ import time
 from typing import TYPE_CHECKING, Any
 
 from .backend.store import text
+from .serialization import size_text
 
 if TYPE_CHECKING:
     from .task_queue import RedisTaskQueue
 
-__all__ = ["format_status", "gather_status"]
+__all__ = ["format_status", "gather_status", "gpu_lines", "machine_text"]
 
 RUNNING_FIELDS = ("name", "progress", "label", "claimed")
 """The record fields read for each running task."""
@@ -94,9 +99,9 @@ def format_status(status: dict[str, Any]) -> str:
             parts.append(f"done={w['done']}")
         if isinstance(w.get("started"), (int, float)):
             parts.append(f"up {now - w['started']:.0f}s")
-        if w.get("gpus"):
-            parts.append(f"gpus={w['gpus']}")
-        lines.append("  ".join(parts))
+        parts.append(machine_text(w))
+        lines.append("  ".join(p for p in parts if p))
+        lines += [f"    {line}" for line in gpu_lines(w)]
     lines.append(f"queues ({len(status['queues'])}):")
     for name, length in sorted(status["queues"].items()):
         lines.append(f"  {name}: {length} queued")
@@ -115,6 +120,47 @@ def format_status(status: dict[str, Any]) -> str:
         )
     lines.append(f"dead letters: {status['dead']}")
     return "\n".join(lines)
+
+
+def machine_text(worker: dict[str, Any]) -> str:
+    """``"load 0.52 (2 cpus)  rss 85.3 MiB  no GPU"``: what a record says of its machine, as far as it says."""
+    parts = []
+    load, cpus = worker.get("load"), worker.get("cpus")
+    if _number(load):
+        parts.append(f"load {load:.2f}" + (f" ({cpus} cpus)" if isinstance(cpus, int) else ""))
+    if _number(worker.get("rss")):
+        parts.append(f"rss {size_text(int(worker['rss']))}")
+    if not _gpus(worker):
+        visible = worker.get("gpus")
+        if isinstance(visible, list) and visible:  # listed by nvidia-smi, but no NVML to read them
+            parts.append(f"gpus={','.join(map(str, visible))} (no metrics without NVML: pip install 'rtq[gpu]')")
+        else:
+            parts.append("no GPU")
+    return "  ".join(parts)
+
+
+def gpu_lines(worker: dict[str, Any]) -> list[str]:
+    """One line per GPU in a record's ``gpu_metrics``: ``GPU 0 NVIDIA H200  12.0/80.0 GiB  45% busy  61°C``."""
+    lines = []
+    for gpu in _gpus(worker):
+        parts = [f"GPU {gpu.get('index', '?')} {gpu.get('name', '')}".rstrip()]
+        if _number(gpu.get("memory_used")) and _number(gpu.get("memory_total")):
+            parts.append(f"{size_text(int(gpu['memory_used']))} of {size_text(int(gpu['memory_total']))} memory")
+        if _number(gpu.get("utilization")):
+            parts.append(f"{gpu['utilization']:.0f}% busy")
+        if _number(gpu.get("temperature")):
+            parts.append(f"{gpu['temperature']:.0f}°C")
+        lines.append("  ".join(parts))
+    return lines
+
+
+def _gpus(worker: dict[str, Any]) -> list[dict[str, Any]]:
+    metrics = worker.get("gpu_metrics")
+    return [g for g in metrics if isinstance(g, dict)] if isinstance(metrics, list) else []
+
+
+def _number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and value == value
 
 
 def _duration(seconds: float) -> str:

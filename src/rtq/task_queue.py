@@ -12,7 +12,6 @@ from __future__ import annotations
 import contextvars
 import logging
 import time
-import uuid
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from threading import Event, Lock
@@ -25,7 +24,7 @@ from .backend.topology import is_cluster, where
 from .collector import ERROR, Blocking, Collector
 from .errors import TaskCancelled, TaskTimeout
 from .serialization import DEFAULT_MAX_PAYLOAD, Serializer, env_secret
-from .task import RedisTask, TaskExecutePolicy, TaskState, runner_stores_outcome, running
+from .task import RedisTask, TaskExecutePolicy, TaskState, new_id, runner_stores_outcome, running
 from .validate import check_callable, check_count, check_seconds, describe
 from .worker.recovery import Reaper
 
@@ -269,7 +268,7 @@ class RedisTaskQueue:
         """
         if timeout is not None:
             task.expiry = time.time() + check_seconds("timeout", timeout)
-        token = uuid.uuid4().hex
+        token = new_id()
         with _wrap_connection_errors(self.store.redis):
             queued = self.store.submit([(task, token, notify)], listened=task.name if if_listened else None)
         return token if queued else None

@@ -34,7 +34,10 @@ from .replies import raise_errors
 from .store import EVENTS_MAXLEN, KEEP_S, Encoded, TaskStore, flatten, text
 from .wire import Channel, call_script
 
-__all__ = ["Claims", "Held", "output_writer"]
+__all__ = ["FAILURES_KEPT", "Claims", "Held", "output_writer"]
+
+FAILURES_KEPT = 100
+"""Newest entries of the failures list (``task-failed``) kept; older ones are trimmed."""
 
 
 @dataclass(frozen=True)
@@ -194,6 +197,17 @@ class Claims:
             ack.check(replies.pop(), what)
         raise_errors(replies, f"{what} ({size_text(size)})")
         return bool(replies[-1][-1])
+
+    def failed(self, entry: str) -> None:
+        """Add a failed task's entry (JSON: id, queue, label, error line, worker, time, traceback) to the failures list.
+
+        For displays only (``rtq dashboard``): sent after the outcome, apart from it, so a
+        worker dying in between loses an entry of this list, never the outcome.
+        """
+        pipe = self.store.redis.pipeline(transaction=False)
+        pipe.lpush(self.keys.failures(), entry)
+        pipe.ltrim(self.keys.failures(), 0, FAILURES_KEPT - 1)
+        pipe.execute()
 
     def _pause_for_tests(self, channel: Channel, commands: list[tuple[Any, ...]], task_id: str) -> list[Any]:
         """Send ``commands`` up to the first big frame, the rest only once ``<hook file>.go`` exists.

@@ -19,6 +19,7 @@ key                                            type      holds
 ``<p>|<s>|worker:<worker>``                    string    worker heartbeat + info (JSON), expires
 ``<p>|<s>|workers``                            zset      worker ids scored by when their lease ends
 ``<p>|<s>|task-dead``                          list      JSON entries of tasks that failed for good
+``<p>|<s>|task-failed``                        list      JSON entries of the newest failed tasks
 ``<p>|<s>|inbox:<client>``                     list      ids of a client's finished tasks
 =============================================  ========  ==========================================
 """
@@ -117,6 +118,10 @@ class Keys:
 
     def dead(self) -> str:
         return f"{self.head}task-dead"
+
+    def failures(self) -> str:
+        """The newest failures (what ``rtq dashboard`` lists), newest first."""
+        return f"{self.head}task-failed"
 
     def inbox(self, client_id: str) -> str:
         return f"{self.head}inbox:{client_id}"

@@ -183,7 +183,7 @@ def follow(channel: Any, commands: Sequence[Sequence[Any]], replies: list[Any]) 
             time.sleep(TRYAGAIN_PAUSE_S)  # the slot is moving: give the migration a moment
         for start, end, found in redo:
             again = commands[start:end]
-            replies[start:end] = _asking(channel, found, again) if found.kind == "ASK" else channel._send(again)
+            replies[start:end] = _asking(channel, found, again) if found.kind == "ASK" else channel._exchange(again)
     return replies
 
 

@@ -14,6 +14,8 @@ attempt       how many times a worker claimed it; owner / claimed: the current c
 max_attempts  claims it may use before it fails with ``WorkerLost``: the submitter's limit,
               which every reaper applies (to a record an older rtq wrote without it, its own)
 progress      "current total time"
+submitted     when it was submitted (Unix seconds): how long it has waited in its queue
+label         what it runs (``train(3)``, a cell), for displays; absent for seed tasks
 params        envelope of the parameters (``params#`` lists extra frames, see below)
 result        envelope of the return value, when done
 error         envelope of the exception, when failed; error_text: JSON fallback
@@ -34,7 +36,7 @@ from __future__ import annotations
 import json
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -44,12 +46,13 @@ from ..errors import RemoteTaskError, SerializationError, TaskLost
 from ..serialization import CHUNK, Serializer, UnreadablePayload
 from ..task import FINAL_STATES, RedisTask, TaskState, current_task
 from . import scripts
-from .batching import GroupCommit
+from .batching import GroupCommit, SendAhead
 from .connections import block_cap, raw_client
 from .durability import Ack
 from .failures import RemoteTraceback, describe_error, error_info
 from .keys import Keys
 from .replies import out_of_memory, raise_errors
+from .routing import is_cluster
 from .wire import ChannelPool
 
 KEEP_S = 300.0
@@ -97,6 +100,7 @@ class TaskStore:
         self.cap = block_cap(self.redis)
         self.channels = ChannelPool(self.redis)  # held connections for the hot paths
         self.submitter = GroupCommit(self.redis, ack=self.submit_ack)  # submit.lua calls of concurrent submitters
+        self.ahead = SendAhead(self.redis)  # submit.lua calls whose submitter goes on (Executor.submit)
 
     # -- payload fields --------------------------------------------------------------------
     def encode(self, key: str, name: str, value: Any, tag: str, what: str) -> Encoded:
@@ -211,6 +215,7 @@ class TaskStore:
                 "notify": notify or self.keys.done(task.id),
                 "max_attempts": str(self.max_attempts),
                 "progress": f"{task.current_progress!r} {task.total_progress!r} {task.update_progress_time!r}",
+                "submitted": repr(time.time()),
             }
         )
         label = getattr(task.params, "label", None)  # a shipped call's: what `rtq status` lists it as
@@ -238,6 +243,9 @@ class TaskStore:
                 the enqueue are one atomic step); returns False, storing nothing, if none does.
         """
         records = [(t, self.record(t, token=tok, state=TaskState.QUEUED, notify=n)) for t, tok, n in tasks]
+        return self._submit_records(records, listened)
+
+    def _submit_records(self, records: list[tuple[RedisTask, Encoded]], listened: str | None) -> bool:
         if any(enc.frames or _payload_size(enc.fields) > SCRIPT_ARGS_MAX for _, enc in records):
             # One round trip first: the listener check, and the frame lists of records replaced.
             with self.channels.channel() as channel:
@@ -264,19 +272,7 @@ class TaskStore:
             raise_errors(replies, _what_submit(records))
             return True
         script = self.scripts["submit"]
-        calls = []
-        for task, enc in records:
-            fields = enc.fields
-            keys = [
-                self.keys.task(task.id),
-                self.keys.done(task.id),
-                self.keys.events(task.id),
-                self.keys.queue(task.name),
-            ]
-            if listened is not None:
-                keys.append(self.keys.listen(listened))
-            args = [task.id, int(task.expiry * 1000) + 1, *flatten(fields)]
-            calls.append((keys, args))
+        calls = [self._submit_call(task, enc, listened) for task, enc in records]
         if len(calls) == 1:
             # Concurrent submits (a thousand threads in query()) share one connection and leave
             # together in one write, instead of taking a connection each.
@@ -294,7 +290,50 @@ class TaskStore:
                     channel.execute("SCRIPT", "LOAD", script.script)
                     replies = self._send_batch(channel, script, calls, self.submit_ack)
         raise_errors(replies, _what_submit(records))
-        # Replaced records that had big frames: submit.lua handed back their frame lists.
+        self._unlink_replaced(records, replies)
+        return all(replies)
+
+    def submit_soon(
+        self, task: RedisTask, token: str, notify: str, stored: Callable[[BaseException | None], object]
+    ) -> None:
+        """Store and enqueue ``task`` without waiting for Redis's answer: a submit loop batches itself.
+
+        The task is encoded here (a ``SerializationError`` raises at once) and, when small, sent
+        through :class:`~rtq.backend.batching.SendAhead`; ``stored`` is called with None once
+        Redis stored it, or with the error if it did not (``RedisFull``, a lost connection), from
+        another thread. A big record (out-of-band frames) is stored before this returns, after
+        the calls sent ahead of it, and ``stored(None)`` is called here; so is every record of a
+        durable store (its submit waits for a replica) and of a cluster's (a submit the slot's
+        move refuses is sent again where the slot went).
+        """
+        records = [(task, self.record(task, token=token, state=TaskState.QUEUED, notify=notify))]
+        big = records[0][1].frames or _payload_size(records[0][1].fields) > SCRIPT_ARGS_MAX
+        if big or self.submit_ack is not None or is_cluster(self.redis):
+            self.ahead.flush()  # in the order they were submitted
+            self._submit_records(records, None)
+            stored(None)
+            return
+
+        def replied(reply: Any, error: BaseException | None) -> None:
+            if error is None or isinstance(error, redis_py.ResponseError):  # an error reply: said as submit says it
+                try:
+                    raise_errors([reply if error is None else error], _what_submit(records))
+                    self._unlink_replaced(records, [reply])
+                except BaseException as exc:
+                    error = exc
+            stored(error)
+
+        self.ahead.call(self.scripts["submit"], *self._submit_call(task, records[0][1], None), replied)
+
+    def _submit_call(self, task: RedisTask, enc: Encoded, listened: str | None) -> tuple[list[str], list[Any]]:
+        """The keys and arguments of ``submit.lua`` for one task."""
+        keys = [self.keys.task(task.id), self.keys.done(task.id), self.keys.events(task.id), self.keys.queue(task.name)]
+        if listened is not None:
+            keys.append(self.keys.listen(listened))
+        return keys, [task.id, int(task.expiry * 1000) + 1, *flatten(enc.fields)]
+
+    def _unlink_replaced(self, records: Sequence[tuple[RedisTask, Encoded]], replies: Sequence[Any]) -> None:
+        """Replaced records that had big frames: submit.lua handed back their frame lists."""
         stale = [
             frame
             for (task, _), reply in zip(records, replies, strict=True)
@@ -303,7 +342,6 @@ class TaskStore:
         ]
         if stale:
             self.redis.unlink(*stale)
-        return all(replies)
 
     def _with_ack(self, commands: list[tuple[Any, ...]]) -> list[tuple[Any, ...]]:
         """``commands``, and a durable store's ``WAIT`` after them."""

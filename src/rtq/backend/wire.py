@@ -113,30 +113,37 @@ class Channel:
         says the server is no longer the master (a failover) drops the connection and raises
         ``ConnectionError``, which callers retry.
         """
-        replies = self._send(commands)
-        if not any(isinstance(reply, redis_py.ResponseError) for reply in replies):
-            return replies
-        if self.cluster:
-            replies = self._follow(commands, replies)
-        for reply in replies:
-            lost = lost_master(reply)
-            if lost is not None:
-                self.reset()
-                raise lost
+        replies = self._exchange(commands)
+        if self.cluster and any(isinstance(reply, redis_py.ResponseError) for reply in replies):
+            replies = follow(self, commands, replies)
         return replies
 
-    def _follow(self, commands: Sequence[Sequence[Any]], replies: list[Any]) -> list[Any]:
-        """Send again, where they belong, the commands a cluster node redirected (they did not run)."""
-        return follow(self, commands, replies)
+    def _exchange(self, commands: Sequence[Sequence[Any]]) -> list[Any]:
+        """:meth:`send` then :meth:`receive`."""
+        self.send(commands)
+        return self.receive(len(commands))
 
-    def _send(self, commands: Sequence[Sequence[Any]]) -> list[Any]:
+    def send(self, commands: Sequence[Sequence[Any]]) -> None:
+        """Write ``commands`` in one write without reading their replies (:meth:`receive` them, in order)."""
         conn = self._connection(commands)
+        try:
+            packed = _pack(commands, self._encoding) if self._reader is not None else None
+            conn.send_packed_command(packed if packed is not None else conn.pack_commands(commands))
+        except BaseException:
+            self.reset()  # part of a command may be on the wire: never reuse this socket
+            raise
+
+    def receive(self, count: int) -> list[Any]:
+        """Read the replies of the ``count`` commands sent last (errors in their place, as :meth:`pipeline`).
+
+        A reply that says the server is no longer the master (a failover) drops the connection
+        and raises ``ConnectionError``, which callers retry.
+        """
+        conn = self._connection()
         reader = self._reader
         replies: list[Any] = []
         try:
-            packed = _pack(commands, self._encoding) if reader is not None else None
-            conn.send_packed_command(packed if packed is not None else conn.pack_commands(commands))
-            for _ in commands:
+            for _ in range(count):
                 if reader is not None:
                     replies.append(reader.reply())
                     continue
@@ -149,6 +156,11 @@ class Channel:
         except BaseException:
             self.reset()  # the rest of a reply may still be on the wire: never reuse this socket
             raise
+        for reply in replies:
+            lost = lost_master(reply) if isinstance(reply, redis_py.ResponseError) else None
+            if lost is not None:
+                self.reset()
+                raise lost
         return replies
 
     def read_into(

@@ -15,8 +15,10 @@ list.
 
 from __future__ import annotations
 
+import json
 import logging
 import time
+import traceback
 from typing import Any
 
 from ..backend.claims import Claims
@@ -24,7 +26,7 @@ from ..backend.connections import TRANSIENT
 from ..backend.store import Encoded, TaskStore
 from ..backoff import Backoff
 from ..errors import RedisFull, SerializationError
-from ..task import TaskState
+from ..task import RedisTask, TaskState
 from .recovery import dead_letter_entry
 from .run import Run
 
@@ -82,6 +84,26 @@ class OutcomeWriter:
             logger.info("discarded the outcome of task %s: cancelled, expired or taken over", task.id)
         elif state == TaskState.FAILED:
             logger.info("task %s in %s failed: %s", task.id, task.name, _short(value))
+            self._list_failure(task, value)
+
+    def _list_failure(self, task: RedisTask, exc: BaseException) -> None:
+        """Put a stored failure on the failures list that ``rtq dashboard`` shows (its error line only)."""
+        label = getattr(task.params, "label", None)
+        entry = {
+            "id": task.id,
+            "queue": task.name,
+            "label": label if isinstance(label, str) else "",
+            "error": _short(exc),
+            "worker": self.claims.worker_id,
+            "time": time.time(),
+            # The caller usually consumes the outcome (and the record with it) at once: the
+            # dashboard's "traceback on click" reads this copy.
+            "traceback": _tail("".join(traceback.format_exception(type(exc), exc, exc.__traceback__))),
+        }
+        try:
+            self.claims.failed(json.dumps(entry))
+        except TRANSIENT as exc_:
+            logger.warning("could not list the failure of task %s (%s)", task.id, exc_)
 
     def _keep_trying(self, run: Run, state: str, enc: Encoded, dead: BaseException | None) -> bool:
         """Store the outcome, retried with backoff while Redis is away (restarting)."""
@@ -101,6 +123,15 @@ class OutcomeWriter:
                 time.sleep(delay)  # Redis is away: nothing to block on but the clock
 
 
+def _tail(text_: str, limit: int = 8000) -> str:
+    """The last ``limit`` characters of a traceback: where it was raised is at its end."""
+    return text_ if len(text_) <= limit else "[...]\n" + text_[-limit:]
+
+
 def _short(exc: BaseException) -> str:
-    text_ = f"{type(exc).__name__}: {exc}"
+    try:
+        message = str(exc).strip().splitlines()
+    except Exception:  # an exception whose __str__ fails is still listed, by its type
+        message = []
+    text_ = f"{type(exc).__name__}: {message[0]}" if message else type(exc).__name__
     return text_ if len(text_) < 200 else text_[:197] + "..."

@@ -26,6 +26,7 @@ from ..backoff import Backoff
 from ..errors import TaskCancelled, TaskTimeout
 from ..task import TaskState
 from .heartbeat import HeartbeatHelper
+from .metrics import Metrics
 
 if TYPE_CHECKING:
     from ..backend.workers import WorkerRegistry
@@ -46,15 +47,23 @@ class Watchdog:
         registry: Leases, records and markers in Redis.
         reaper: Gives back the tasks of lapsed workers (and ids this one lost track of).
         helper: How a helper process reaches Redis; None runs without one.
+        metrics: Samples the host, process and GPU fields of each beat's record (default: this
+            process's, see :mod:`rtq.worker.metrics`).
     """
 
     def __init__(
-        self, state: WorkerState, registry: WorkerRegistry, reaper: Reaper, helper: HelperSettings | None
+        self,
+        state: WorkerState,
+        registry: WorkerRegistry,
+        reaper: Reaper,
+        helper: HelperSettings | None,
+        metrics: Metrics | None = None,
     ) -> None:
         self.state = state
         self.registry = registry
         self.reaper = reaper
         self.helper_settings = helper
+        self.metrics = metrics if metrics is not None else Metrics()
         self.stopped = threading.Event()
         self.helper: HeartbeatHelper | None = None
         self.suspects: dict[str, float] = {}  # ids in our list we do not hold, and since when
@@ -83,6 +92,7 @@ class Watchdog:
         """Stop the helper and remove the worker's record, lease and markers."""
         if self.helper is not None:
             self.helper.close()
+        self.metrics.close()
         self._retire()
 
     def _start_helper(self) -> None:
@@ -106,7 +116,14 @@ class Watchdog:
             running_ids = list(state.active)
             done = state.tasks_done
         stopping = state.stopping.is_set()
-        record = {**state.info, "beat": time.time(), "running": running_ids, "done": done, "stopping": stopping}
+        record = {
+            **state.info,
+            **self.metrics.sample(),
+            "beat": time.time(),
+            "running": running_ids,
+            "done": done,
+            "stopping": stopping,
+        }
         self.registry.beat(state.id, record, state.lease, [] if stopping else state.names, state.marker_ttl)
 
     def _loop(self) -> None:
