@@ -96,7 +96,7 @@ def test_a_sentinel_url_reaches_the_master(sentinels, two_workers):
 
 def test_calls_across_a_sentinel_failover_end_within_seconds(sentinels, two_workers):
     queue = rtq.connect(sentinels.url, "sen", timeout=60, interval=0.5)
-    ok, lost, other, settled = across(queue, sentinels.failover)
+    ok, _, other, settled = across(queue, sentinels.failover)
     assert other == []
     assert ok >= 50  # at least the calls submitted once the new master serves
     assert settled < SETTLE_S  # nobody waited for the 60 s deadline
@@ -104,7 +104,7 @@ def test_calls_across_a_sentinel_failover_end_within_seconds(sentinels, two_work
 
 def test_calls_across_a_killed_master_end_within_seconds(sentinels, two_workers):
     queue = rtq.connect(sentinels.url, "sen", timeout=60, interval=0.5)
-    ok, lost, other, settled = across(queue, sentinels.kill_master)
+    ok, _, other, settled = across(queue, sentinels.kill_master)
     assert other == []
     assert ok >= 50  # at least the calls submitted once the new master serves
     assert settled < SETTLE_S
