@@ -52,6 +52,8 @@ sys.path.insert(0, str(HERE))
 
 import bench_tasks  # noqa: E402
 import dashboard_load  # noqa: E402
+import digests as digests_bench  # noqa: E402
+import sessions_bench  # noqa: E402
 import user_paths  # noqa: E402
 
 MiB = 1 << 20
@@ -301,9 +303,10 @@ def bench_rtq(url: str, procs: Processes, logs: Path, args: argparse.Namespace) 
 
             out["echo"] = {}
             for size in args.sizes:
-                data = payload(size)
+                data = payload(size).copy()
 
                 def echo(data: Any = data, size: int = size) -> None:
+                    data[:8] += 1  # new bytes each time: a buffer Redis holds would not be sent again
                     back = ex.submit(bench_tasks.echo, data).result(300)
                     assert back.nbytes == size
 
@@ -326,6 +329,7 @@ def bench_rtq(url: str, procs: Processes, logs: Path, args: argparse.Namespace) 
             size = 32 * MiB if 32 * MiB in args.sizes else args.sizes[0]
             out["user_echo"] = {"size": size, **user_paths.echoes(ex, floor, size, reps(size, args))}
             out["progress"] = progress_overhead(ex, args.updates)
+            out["sessions"] = sessions_bench.measure(url, PREFIX, QUEUE, ex, quick=args.quick)
             out["dashboard"] = dashboard_load.measure(url, seconds=10)  # 20 workers, 200 running tasks
         floor.close()
         client.close()
@@ -630,6 +634,15 @@ def bench_server(label: str, url: str, procs: Processes, logs: Path, args: argpa
             result["systems"][name] = {"error": f"{type(exc).__name__}: {exc}"}
         say(f"[{label}] {name} done in {time.perf_counter() - start:.0f}s")
         client.flushdb()
+    if "rtq" in args.only:
+        say(f"[{label}] rtq: data travels once (first and second send of big arrays) ...")
+        try:
+            sizes = (256 * MiB,) if args.quick else (256 * MiB, 1024 * MiB)  # 1 GiB rows only in a full run
+            samples = {256 * MiB: 3 if args.quick else 5, 1024 * MiB: 3}
+            result["digests"] = digests_bench.measure(url, sizes=sizes, samples=samples)
+        except Exception as exc:
+            say(f"[{label}] data travels once failed: {type(exc).__name__}: {exc}")
+        client.flushdb()
     if "raw" not in result:  # rtq failed before its floor was measured
         result["raw"] = bench_raw(url, args.sizes, args)
     client.close()
@@ -725,6 +738,8 @@ def render_server(res: dict[str, Any]) -> list[str]:
         for key in rtq["echo"]:
             a, b = raw["set_get"][key]["mb_s"], rtq["echo"][key]["mb_s"]
             lines.append(f"| {fmt_size(int(key))} | {a:.0f} MB/s | {b:.0f} MB/s | {b / a:.0%} |")
+    if "digests" in res:
+        lines += digests_bench.render(res["digests"])
     lines += user_paths.render(rtq)
     if "queue" in raw and "query" in rtq:
         bare, ping = raw["queue"]["median_ms"], raw["ping"]["median_ms"]
@@ -756,6 +771,7 @@ def render_server(res: dict[str, Any]) -> list[str]:
             f"Progress: {p['updates']:,} `task.update(i, n)` calls inside a task took {p['update_s']:.3f} s against "
             f"{p['bare_s']:.3f} s for the bare loop: {p['ns_per_update']:.0f} ns per call.",
         ]
+    lines += sessions_bench.render(rtq.get("sessions"))
     if res.get("targets"):
         lines += ["", "| target | measured | holds |", "|---|---|---|"]
         t = res["targets"]

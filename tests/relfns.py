@@ -45,9 +45,12 @@ def task(t: RedisTask) -> Any:
             _append(p.get("ended"), f"stopped: {type(exc).__name__}")
             raise
         _append(p.get("ended"), "released")
-        if p.get("result_bytes"):  # a result with out-of-band frames (stored apart from the record)
+        if p.get("result_bytes"):  # a result with out-of-band buffers (stored apart from the record)
             import numpy
 
+            if p.get("result_parts"):  # in parts under 1 MiB: frames of the record, not buffers by digest
+                n = p["result_parts"]
+                return [numpy.zeros(p["result_bytes"] // n, dtype=numpy.uint8) for _ in range(n)]
             return numpy.zeros(p["result_bytes"], dtype=numpy.uint8)
         return os.getpid()
     if action == "sleep":  # one long C call: no bytecode runs until it returns

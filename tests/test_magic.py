@@ -527,3 +527,25 @@ def test_status_lists_running_tasks_by_what_they_run(cells: Kernel, redis_url: s
     finally:
         open(flag, "w").close()
     assert cells.value("fut.result(30), quiet.result(30)") == "(None, None)"
+
+
+def test_a_cell_run_again_on_an_unchanged_big_array_ships_only_digests(cells: Kernel, r: redis.Redis) -> None:
+    size = 256 * 2**20
+    cells.run(f"import numpy\nbig = numpy.random.default_rng(0).integers(0, 255, size={size}, dtype=numpy.uint8)")
+
+    def sent() -> int:
+        return int(r.info("stats")["total_net_input_bytes"])
+
+    shipped = []
+    for _ in range(2):
+        before = sent()
+        cell = cells.run("%%rtq cells --size-warn 1GB\nn = len(big)")
+        shipped.append(sent() - before)
+        assert not errors(cell), traceback_text(cell)
+        assert cells.value("n") == str(size)
+    assert shipped[0] > size and shipped[1] < 2**20, shipped  # the second run sent its digest only
+    cells.run("big[0] += 1")  # changed: a new buffer, sent whole
+    before = sent()
+    assert not errors(cells.run("%%rtq cells --size-warn 1GB\nn = int(big[0])")), "changed array"
+    assert sent() - before > size
+    cells.run("del big")

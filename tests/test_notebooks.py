@@ -24,7 +24,7 @@ from conftest import ROOT, child_env, wait_for
 from nbrun import execute, processes_with_env
 
 NOTEBOOKS = ROOT / "notebooks"
-EXPECTED = ["01-quickstart.ipynb", "02-cell-magic.ipynb", "03-gpu-offload.ipynb"]
+EXPECTED = ["01-quickstart.ipynb", "02-cell-magic.ipynb", "03-gpu-offload.ipynb", "04-sessions.ipynb"]
 CELL_TIMEOUT = 60
 
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")
@@ -166,3 +166,24 @@ def test_gpu_offload_notebook_trains_or_skips_cleanly() -> None:
         training = _cell(nb, "%%rtq gpu --pull")
         assert "epoch 200" in _text(training), _text(training)
     assert not _stderr(nb), _stderr(nb)  # skipping or not, nothing went wrong
+
+
+@pytest.mark.timeout(120)
+def test_sessions_notebook_keeps_state_on_the_worker() -> None:
+    nb = _run("04-sessions.ipynb")
+    loaded = _text(_cell(nb, "%%rtq --session model\nimport numpy"))
+    m = re.search(r"loaded \(2000, 500\) in process (\d+)", loaded)
+    assert m, loaded
+    assert _text(_cell(nb, "'weights' in dir()")) == "False"
+    mean = _text(_cell(nb, "%%rtq --session model\nscores"))
+    assert re.fullmatch(r"-?\d+\.\d+", mean), mean
+    listing = _text(_cell(nb, "# where each session lives"))
+    assert "session 'model' (queue 'default'): worker " in listing, listing
+    assert "weights  numpy.ndarray  7.6 MiB" in listing, listing
+    assert "batch" in listing and "scores" in listing, listing
+    assert _text(_cell(nb, "summary")).startswith("{'rows': 2000, 'mean': "), _text(_cell(nb, "summary"))
+    assert "results: [11, 12, 13, 14, 15]" in _text(_cell(nb, "import rtq\n\nex = rtq.Executor"))
+    closed = _text(_cell(nb, "counter.close()"))
+    assert "SessionLost: actor 'Counter' is lost (closed: actor.close() by its owner)" in closed, closed
+    assert "closed session 'model'" in _text(_cell(nb, "%rtq session close model"))
+    assert not _stderr(nb), _stderr(nb)

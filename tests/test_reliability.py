@@ -385,7 +385,8 @@ def test_a_worker_killed_while_it_writes_a_big_result_leaves_no_frame_behind(r, 
     release.touch()
     # The hook makes A send its outcome up to the first big frame and hold the rest back.
     a = start(workers, env={"RTQ_TEST_PAUSE_IN_OUTCOME": str(paused)})
-    task = submit(queue, "kw1", {"action": "wait", "release": str(release), "result_bytes": 2 << 20})
+    big = {"result_bytes": 2 << 20, "result_parts": 4}  # four frames (bigger buffers go by digest)
+    task = submit(queue, "kw1", {"action": "wait", "release": str(release), **big})
     wait_for(lambda: paused.exists() and paused.read_text().split() == ["kw1"], what="A to be writing the result")
     a.kill()
     a.wait(10)
@@ -393,8 +394,8 @@ def test_a_worker_killed_while_it_writes_a_big_result_leaves_no_frame_behind(r, 
     wait_for(lambda: queue.reaper.reap() or field(r, "kw1", "state") == "queued", what="the task to be requeued")
     assert frames_of(r, "kw1") == [], "frames of a dead worker's result are left in Redis"
     start(workers)
-    assert len(queue.wait(task)) == 2 << 20
-    assert frames_of(r, "kw1") == ["result.a2.0"]
+    assert sum(part.nbytes for part in queue.wait(task)) == 2 << 20
+    assert frames_of(r, "kw1") == [f"result.a2.{i}" for i in range(4)]
 
 
 def test_the_big_result_of_a_run_taken_over_is_deleted_when_it_ends(r, workers, tmp_path):
@@ -403,20 +404,21 @@ def test_the_big_result_of_a_run_taken_over_is_deleted_when_it_ends(r, workers, 
     release.touch()
     a = start(workers, env={"RTQ_TEST_PAUSE_IN_OUTCOME": str(paused)})
     helper = wait_for(lambda: (record_of(r, a.pid) or {}).get("heartbeat_pid"), what="A's helper")
-    task = submit(queue, "to1", {"action": "wait", "release": str(release), "result_bytes": 2 << 20})
+    big = {"result_bytes": 2 << 20, "result_parts": 4}  # four frames (bigger buffers go by digest)
+    task = submit(queue, "to1", {"action": "wait", "release": str(release), **big})
     wait_for(lambda: paused.exists() and paused.read_text().split() == ["to1"], what="A to be writing the result")
     a.send_signal(signal.SIGSTOP)  # mid-write, and with its helper gone its lease lapses
     os.kill(helper, signal.SIGKILL)
     try:
         start(workers)
-        assert len(queue.wait(task)) == 2 << 20  # B's run (the waiting caller reaps A)
+        assert sum(part.nbytes for part in queue.wait(task)) == 2 << 20  # B's run (the waiting caller reaps A)
     finally:
         a.send_signal(signal.SIGCONT)
     assert field(r, "to1", "attempt") == "2"
     Path(f"{paused}.go").touch()  # A sends the rest of its stale result: discarded, frames and all
     wait_for(lambda: (record_of(r, a.pid) or {}).get("done", 0) >= 1, 20, "worker A to end its stale run")
-    assert frames_of(r, "to1") == ["result.a2.0"]
-    assert queue.wait(task).nbytes == 2 << 20  # B's result stands
+    assert frames_of(r, "to1") == [f"result.a2.{i}" for i in range(4)]
+    assert sum(part.nbytes for part in queue.wait(task)) == 2 << 20  # B's result stands
 
 
 SERVERS = {"valkey": None, "redis": shutil.which("redis-server")}

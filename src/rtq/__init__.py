@@ -19,6 +19,7 @@ _EXPORTS = {
     "connect": "rtq.connection",
     "Executor": "rtq.executor",
     "TaskFuture": "rtq.executor",
+    "Actor": "rtq.sessions",
     "errors": "rtq.errors",
     "tqdm": "rtq.report",
     "progress": "rtq.display",
@@ -36,6 +37,7 @@ if TYPE_CHECKING:  # what the lazy exports are, for type checkers and IDEs
     from .executor import TaskFuture as TaskFuture
     from .local import local_worker as local_worker
     from .report import tqdm as tqdm
+    from .sessions import Actor as Actor
     from .task import RedisTask as RedisTask
     from .task import TaskExecutePolicy as TaskExecutePolicy
     from .task import current_task as current_task

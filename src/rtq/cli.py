@@ -52,6 +52,22 @@ def _whole(least: int) -> Callable[[str], int]:
     return parse
 
 
+_UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+
+
+def _bytes(text: str) -> int:
+    """An argparse type: a number of bytes, 0 or more, with an optional K, M, G or T (powers of 1024)."""
+    number = text.strip().upper().removesuffix("IB").removesuffix("B")
+    unit = number[-1:] if number[-1:] in _UNITS else ""
+    try:
+        value = float(number[: len(number) - len(unit)]) * _UNITS[unit]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a number of bytes such as 2G or 512M, not {text!r}") from None
+    if not math.isfinite(value) or value < 0:
+        raise argparse.ArgumentTypeError(f"must be a number of bytes, 0 or more, not {text!r}")
+    return int(value)
+
+
 def _seconds(*, allow_zero: bool = False) -> Callable[[str], float]:
     """An argparse type: a finite number of seconds above zero (or at least zero)."""
 
@@ -142,6 +158,28 @@ def _parser() -> argparse.ArgumentParser:
     worker.add_argument("--cluster", action="store_true", help="--url is a node of a Redis Cluster")
     worker.add_argument(
         "--durable", action="store_true", help="wait for a replica to acknowledge each outcome (Redis WAIT)"
+    )
+    worker.add_argument(
+        "--sessions",
+        type=_whole(0),
+        default=4,
+        metavar="N",
+        help="sessions and actors this worker holds at once (default 4; 0: none)",
+    )
+    worker.add_argument(
+        "--session-idle",
+        type=_seconds(),
+        default=7200.0,
+        metavar="SECONDS",
+        help="close a session unused this long (default 7200: two hours)",
+    )
+    worker.add_argument(
+        "--cache-bytes",
+        type=_bytes,
+        default=None,
+        metavar="SIZE",
+        help="keep big buffers (arrays) read by digest in memory up to SIZE, e.g. 2G; 0 turns it off "
+        "(default: a quarter of this machine's memory, at most 4G)",
     )
     worker.add_argument("-v", "--verbose", action="store_true", help="log every task")
 
@@ -272,7 +310,16 @@ def worker_main(args: argparse.Namespace) -> int:
     from .worker.gpus import visible_gpus
 
     info = {**runtime_versions(), "gpus": visible_gpus()}
-    listener = queue.listener(list(args.names), workers=args.workers, lease=args.lease, grace=args.grace, info=info)
+    listener = queue.listener(
+        list(args.names),
+        workers=args.workers,
+        lease=args.lease,
+        grace=args.grace,
+        info=info,
+        sessions=args.sessions,
+        session_idle=args.session_idle,
+        cache_bytes=args.cache_bytes,
+    )
 
     def stop(signum: int, frame: Any) -> None:
         name = signal.Signals(signum).name

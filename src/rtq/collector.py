@@ -24,6 +24,8 @@ inbox is busy:
 * vanished records: :class:`~rtq.errors.TaskLost` at once;
 * ended tasks whose push was lost (a Redis restart): settled from the record;
 * lapsed workers: their tasks are given back (:class:`~rtq.worker.recovery.Reaper`);
+* calls to sessions (pinned to one worker process): one whose session closed or whose worker
+  died ends with :class:`~rtq.errors.SessionLost` within a check, never at its deadline;
 * tasks that are in no list: a record that says queued while its id is in neither its queue nor
   any worker's in-progress list — or running on a lapsed worker whose list lacks it — can never
   be served (an eviction under ``maxmemory`` took the entry). Seen so twice, at least
@@ -44,6 +46,7 @@ from typing import TYPE_CHECKING, Any
 
 from .backend.connections import TRANSIENT
 from .backend.inbox import End, Inbox
+from .backend.sessions import CLOSED, OPEN, SessionRecords, died_reason
 from .backend.wire import Channel
 from .backoff import Backoff
 from .errors import TaskLost, TaskTimeout
@@ -52,7 +55,7 @@ from .task import FINAL_STATES, TaskState
 if TYPE_CHECKING:
     from .task_queue import RedisTaskQueue
 
-__all__ = ["CHECK_PERIOD", "ERROR", "LOST_AFTER", "Blocking", "Collector", "Ended", "Wait"]
+__all__ = ["CHECK_PERIOD", "ERROR", "LOST_AFTER", "Blocking", "Collector", "Ended", "Pin", "Wait"]
 
 logger = logging.getLogger("rtq.client")
 
@@ -90,6 +93,25 @@ class Ended:
     progress: str | None = None
 
 
+@dataclass(frozen=True)
+class Pin:
+    """A task that can run in one worker process alone: a call to a session or actor.
+
+    Attributes:
+        worker: The worker process the session lives in.
+        session_id: The session.
+        listed_in: The list the call is queued on (the session's own, or its worker's opens).
+        lost: Makes the caller's error from why the session is lost.
+        opening: The call opens the session (it has no record yet: only its worker's lease counts).
+    """
+
+    worker: str
+    session_id: str
+    listed_in: str
+    lost: Callable[[str], BaseException]
+    opening: bool = False
+
+
 @dataclass(eq=False)
 class Wait:
     """One caller waiting for one task.
@@ -118,6 +140,7 @@ class Wait:
     next_locate: float = 0.0  # monotonic time of its next look for the id in a list
     locate_gap: float = LOST_AFTER
     missing_since: float | None = None  # first time it was seen in no list
+    pin: Pin | None = None  # a call to a session: it runs in that worker process or nowhere
 
 
 class Collector:
@@ -130,6 +153,7 @@ class Collector:
     def __init__(self, queue: RedisTaskQueue) -> None:
         self.queue = queue
         self.ends = Inbox(queue.store)  # the Redis half
+        self._sessions = SessionRecords(queue.store)  # the records of sessions that calls are pinned to
         self._cond = threading.Condition()
         self._reset()
 
@@ -336,6 +360,10 @@ class Collector:
             self.queue._cancel_quietly(wait.task_id)
             self._end(wait, Ended(ERROR, self._late(wait)))
         live = [w for w in waits if w.expiry > now and w.submitted]
+        pinned = [w for w in live if w.pin is not None]
+        if pinned:
+            self._check_pinned(pinned, channel)
+            live = [w for w in live if w.pin is None]
         if not live:
             return
         ended, queued, running = [], [], []
@@ -354,6 +382,39 @@ class Collector:
             self._check_running(running, channel)
         if queued:
             self._locate([w for w in queued if time.monotonic() >= w.next_locate], channel, running=False)
+
+    def _check_pinned(self, waits: list[Wait], channel: Channel) -> None:
+        """Calls to sessions: end those whose session closed or whose worker died with ``SessionLost``.
+
+        A call that was running on a dead worker is failed by the reaper (never requeued); one
+        still queued to a session that is gone can never run: it is cancelled, and its caller
+        told why at once, not at its deadline.
+        """
+        pins = [w.pin for w in waits if w.pin is not None]
+        sessions = self._sessions.states([(p.session_id, p.worker) for p in pins])
+        gone = [
+            (w, s)
+            for w, p, s in zip(waits, pins, sessions, strict=True)
+            if not s.alive or (s.state != OPEN and not (p.opening and not s.record))
+        ]
+        if not gone:
+            return
+        if any(not s.alive for _, s in gone):
+            self.queue.reaper.reap()  # fails the calls the dead worker held, with the reason
+        ends = self.ends.ends(channel, [w.task_id for w, _ in gone])
+        for (wait, session), end in zip(gone, ends, strict=True):
+            if end.error is not None or end.state in FINAL_STATES:
+                self._finish([(wait, end)], channel)
+                continue
+            if end.state == TaskState.RUNNING and session.alive:
+                continue  # its live worker ends it (a session closing fails what is queued to it)
+            assert wait.pin is not None
+            reason = session.reason if session.state == CLOSED else ""
+            if not reason:
+                reason = died_reason(wait.pin.worker, session.record.get("host", ""))
+                self._sessions.close(wait.pin.session_id, reason, only_if_open=True)
+            self.queue._cancel_quietly(wait.task_id)
+            self._end(wait, Ended(ERROR, wait.pin.lost(reason)))
 
     def _check_running(self, running: list[tuple[Wait, str]], channel: Channel) -> None:
         """Reap lapsed owners; a task on a lapsed owner whose list lacks it is in no list."""

@@ -18,6 +18,8 @@ __all__ = [
     "RtqConnectionError",
     "RtqError",
     "SerializationError",
+    "SessionLost",
+    "SessionRefused",
     "SignatureError",
     "TaskCancelled",
     "TaskLost",
@@ -65,6 +67,18 @@ class TaskCancelled(RtqError, concurrent.futures.CancelledError):
 
 class WorkerLost(RtqError):
     """Raised when the workers running a task died more times than ``max_attempts`` allows."""
+
+
+class SessionLost(RtqError):
+    """Raised by a call or cell aimed at a session or actor that no longer exists.
+
+    Its worker died or stopped, it was closed, or it expired idle; the message names the
+    worker, its host and why. A lost session is never re-created empty: its state is gone.
+    """
+
+
+class SessionRefused(RtqError):
+    """Raised when a worker cannot open another session or actor (it holds its ``--sessions`` limit)."""
 
 
 class RedisFull(RtqError):

@@ -24,12 +24,13 @@ from .backend.keys import check_name
 from .backend.store import text
 from .calls import Call
 from .closures import check_worker_versions, ship_local_modules
-from .collector import ERROR, Ended, Wait
+from .collector import ERROR, Ended, Pin, Wait
 from .errors import TaskCancelled
 from .task import RedisTask, TaskState, new_id
-from .validate import check_callable, check_count, check_seconds, check_wait
+from .validate import check_callable, check_count, check_seconds, check_wait, describe
 
 if TYPE_CHECKING:
+    from .sessions import Actor
     from .task_queue import RedisTaskQueue
 
 __all__ = ["Executor", "TaskFuture"]
@@ -185,12 +186,43 @@ class Executor(concurrent.futures.Executor):
         check_callable("submit()'s fn", fn)
         return self._submit_calls([Call(fn, args, kwargs)], soon=True)[0]
 
-    def _submit_calls(self, calls: list[Call], *, soon: bool = False) -> list[TaskFuture]:
-        """Store the calls and return their futures; ``soon``: one call, sent ahead (see below).
+    def actor(self, cls: type, /, *args: Any, **kwargs: Any) -> Actor:
+        """Build ``cls(*args, **kwargs)`` in one worker process serving this queue; returns its :class:`Actor`.
 
-        A call sent ahead (``submit``) does not wait for Redis's answer, so a loop of submits
-        leaves in pipelined batches of its own making; a refusal Redis sends back afterwards
-        (``RedisFull``, a lost connection) fails its future instead of raising here.
+        The instance stays there: ``actor.method(...)`` runs the method on it and returns a
+        :class:`TaskFuture`; calls run one at a time, in the order they were made. ``cls`` may be
+        defined in a notebook (it is shipped by value). Waits until the instance is built.
+
+        Raises:
+            TypeError: ``cls`` is not a class.
+            rtq.errors.SessionRefused: The worker holds its ``--sessions`` limit of sessions.
+            Exception: Whatever ``cls(*args, **kwargs)`` raised, as its own type.
+        """
+        from .sessions import Actor, SessionHandle
+
+        if not isinstance(cls, type):
+            raise TypeError(f"actor() needs a class, not {describe(cls)}")
+        return Actor(SessionHandle.open(self, "actor", cls.__qualname__, cls, args, kwargs), cls)
+
+    def _submit_calls(
+        self,
+        calls: list[Call],
+        *,
+        soon: bool = False,
+        pin: Pin | None = None,
+        extra: dict[str, str] | None = None,
+    ) -> list[TaskFuture]:
+        """Store calls and register their futures.
+
+        A call sent ahead (``soon``: one call of ``submit``) does not wait for Redis's answer, so
+        a loop of submits leaves in pipelined batches of its own making; a refusal Redis sends
+        back afterwards (``RedisFull``, a lost connection) fails its future instead of raising here.
+
+        Args:
+            calls: What to run.
+            soon: Send the one call ahead (see above).
+            pin: Queue them to that one worker process (a session's calls, or its opening).
+            extra: More fields for their records (``session``).
         """
         with self._lock:
             if self._shutdown:
@@ -206,15 +238,17 @@ class Executor(concurrent.futures.Executor):
                 self._pending[fut.task_id] = fut
         collector = self.queue.collector
         waits = [
-            Wait(f.task_id, self.name, expiry, self.timeout, partial(self._ended, f), consume=True) for f in futures
+            Wait(f.task_id, self.name, expiry, self.timeout, partial(self._ended, f), consume=True, pin=pin)
+            for f in futures
         ]
         inbox = collector.add(waits)
         try:
-            if soon:
+            if soon and pin is None and extra is None:
                 (task,), (fut,), (wait,) = tasks, futures, waits
                 self.queue.store.submit_soon(task, new_id(), inbox, partial(self._stored, fut, wait))
             else:
-                self.queue.store.submit([(t, new_id(), inbox) for t in tasks])
+                into = pin.listed_in if pin is not None else None
+                self.queue.store.submit([(t, new_id(), inbox) for t in tasks], into=into, extra=extra)
                 for wait, fut in zip(waits, futures, strict=True):
                     wait.submitted = True
                     fut._mark_sent()

@@ -11,16 +11,27 @@ value, so it may not exceed ``MAX_VALUE``.
 
 Layout of the first frame (all integers big-endian)::
 
-    b"RTQ" | version:u8 | flags:u8 | n_buffers:u32 | n_buffers x size:u64 | [mac:32] | pickle
+    b"RTQ" | version:u8 | flags:u8 | n_buffers:u32 | n_buffers x size:u64 | [digests] | [mac:32] | pickle
+
+Buffers of at least ``DIGEST_MIN`` bytes are not among the frames: the ``digests`` list (flag
+``FLAG_DIGESTS``, see :mod:`rtq.digests`) names each by a digest of its bytes, which the store
+keeps once per namespace (:mod:`rtq.backend.blobs`); the other buffers follow as frames, in order.
 
 With a secret, ``mac`` is an HMAC-SHA256 over the Redis key and field the payload is stored
 under and every byte that follows it, so a payload copied to another task is rejected, and it is
-checked in constant time *before* anything is unpickled. Every configured secret is tried, so a
+checked in constant time *before* anything is unpickled. It covers the digests the head names,
+not the bytes stored for them: those are checked against their (BLAKE3) digests when read back,
+before anything is built from them. Every configured secret is tried, so a
 worker given ``"new,old"`` accepts payloads signed with either and signs its own with ``new``.
 Signing does not stop a payload from being stored again at its *own* key and field (a replay).
 Since the MAC covers the frames, the head can only be verified once they are read: a reader
 bounds what it announces first (at most ``MAX_FRAMES`` frames, ``max_payload`` bytes in all, and
-:mod:`rtq.backend.store` checks each big frame against what Redis holds), so a forged head costs nothing.
+:mod:`rtq.backend.store` checks each big frame against what Redis holds), so a forged head costs
+nothing. Buffers named by digest are fetched only once the head verified (and are sized against
+what Redis holds before anything is allocated for them).
+
+``max_payload`` counts what a payload sends: its pickle stream, its frames, and the buffers named
+by digest that Redis does not hold yet; a buffer already there costs its digest.
 
 What this is NOT for: storage. A payload is meant to be read back by the same code, on the same
 Python major.minor and cloudpickle version, within a task's lifetime.
@@ -30,22 +41,22 @@ from __future__ import annotations
 
 import hashlib
 import hmac
-import io
 import os
 import pickle
 import struct
-import types
 from collections.abc import Iterable, Sequence
-from typing import Any, cast
+from dataclasses import dataclass, field
+from typing import Any, Protocol, cast
 
-import cloudpickle
-
-from . import sources
+from . import digests, sources
+from .culprits import describe_unpicklable
+from .digests import DIGEST_MIN, Ref
 from .errors import ConfigurationError, SerializationError, SignatureError
 
 MAGIC = b"RTQ"
 VERSION = 1
 FLAG_SIGNED = 0x01
+FLAG_DIGESTS = 0x02
 MAC_SIZE = hashlib.sha256().digest_size
 CHUNK = 64 * 1024 * 1024
 """Largest single frame written to Redis; bigger buffers are split into several fields."""
@@ -64,6 +75,37 @@ Frames = list[bytes | memoryview]
 
 class UnreadablePayload(SerializationError):
     """Raised when a payload is a sound envelope (verified, when signed) but fails to unpickle."""
+
+
+@dataclass
+class Packed:
+    """A payload as :meth:`Serializer.pack` made it: frames to store with it, buffers to store by digest.
+
+    Attributes:
+        frames: The first frame (envelope and pickle stream), then the other buffers' chunks.
+        blobs: ``(ref, buffer)`` of each buffer named by digest: stored under its digest's keys
+            unless Redis holds it already.
+    """
+
+    frames: Frames
+    blobs: list[tuple[Ref, memoryview]] = field(default_factory=list)
+
+    @property
+    def inline_size(self) -> int:
+        """Bytes of the frames (what is sent whatever Redis holds)."""
+        return sum(memoryview(f).nbytes for f in self.frames)
+
+
+class BlobSource(Protocol):
+    """Where a reader gets the buffers a payload names by digest (:class:`rtq.backend.blobs.Blobs`)."""
+
+    def fetch(self, refs: list[Ref], where: str) -> list[Any]:
+        """The buffer of each ref, in order, each checked against its digest (:func:`rtq.digests.check`).
+
+        It is asked only for the refs of a verified envelope (under a secret), and raises
+        ``SignatureError`` (signed) or ``SerializationError`` for bytes that do not match.
+        """
+        ...
 
 
 def normalize_secrets(secret: str | bytes | Sequence[str | bytes] | None) -> tuple[bytes, ...]:
@@ -143,11 +185,23 @@ class Serializer:
 
     # -- writing ---------------------------------------------------------------------------
     def dumps(self, obj: Any, *, key: str, field: str, what: str = "value") -> Frames:
-        """Envelope ``obj`` for storing at ``key``/``field``; returns the frames to store.
+        """Envelope ``obj`` for storing at ``key``/``field``, every buffer among its frames.
+
+        Raises:
+            SerializationError: as :meth:`pack`.
+        """
+        return self.pack(obj, key=key, field=field, what=what, by_digest=False).frames
+
+    def pack(self, obj: Any, *, key: str, field: str, what: str = "value", by_digest: bool = True) -> Packed:
+        """Envelope ``obj`` for storing at ``key``/``field``.
+
+        With ``by_digest``, buffers of at least ``DIGEST_MIN`` bytes are named by digest (the
+        caller stores them, or finds them held already); the rest are frames.
 
         Raises:
             SerializationError: ``obj`` cannot be pickled (the message names the culprit and
-                where it sits inside ``obj``), or it is larger than ``max_payload``.
+                where it sits inside ``obj``), or what it sends besides the buffers named by
+                digest is larger than ``max_payload``.
         """
         buffers: list[pickle.PickleBuffer] = []
         try:
@@ -156,26 +210,38 @@ class Serializer:
         except Exception as exc:
             raise SerializationError(describe_unpicklable(obj, what, exc)) from exc
         raws = [b.raw() for b in buffers]
-        total = len(body) + sum(r.nbytes for r in raws)
-        if total > self.max_payload:
-            raise SerializationError(
-                f"{what} is {size_text(total)} pickled, over the {size_text(self.max_payload)} payload limit "
-                "(raise it with max_payload=... on both sides, or ship less)"
-            )
+        named = [i for i, r in enumerate(raws) if by_digest and r.nbytes >= DIGEST_MIN]
+        inline = [r for i, r in enumerate(raws) if i not in set(named)]
+        self.check_size(len(body) + sum(r.nbytes for r in inline), what)
         if len(body) > MAX_VALUE:
             raise SerializationError(
                 f"{what} pickles to a {size_text(len(body))} stream, over the {size_text(MAX_VALUE)} a single "
                 "Redis value can hold; only out-of-band buffers (numpy arrays, big bytes-like objects) are split"
             )
-        flags = FLAG_SIGNED if self.secrets else 0
+        algo = digests.algorithm(self.signed)
+        blobs = [(Ref(i, raws[i].nbytes, algo, digests.digest(algo, raws[i])), raws[i]) for i in named]
+        flags = (FLAG_SIGNED if self.secrets else 0) | (FLAG_DIGESTS if blobs else 0)
         head = _HEAD.pack(MAGIC, VERSION, flags, len(raws)) + b"".join(_SIZE.pack(r.nbytes) for r in raws)
+        head += digests.pack_refs([ref for ref, _ in blobs])
         frames: Frames = []
-        for raw in raws:
+        for raw in inline:
             frames.extend(raw[i : i + CHUNK] for i in range(0, max(raw.nbytes, 1), CHUNK))
         if self.secrets:
             mac = _mac(self.secrets[0], key, field, head, body, frames)
-            return [head + mac + body, *frames]
-        return [head + body, *frames]
+            return Packed([head + mac + body, *frames], blobs)
+        return Packed([head + body, *frames], blobs)
+
+    def check_size(self, sent: int, what: str) -> None:
+        """Refuse a payload that sends ``sent`` bytes, over ``max_payload``.
+
+        Raises:
+            SerializationError: it is over.
+        """
+        if sent > self.max_payload:
+            raise SerializationError(
+                f"{what} is {size_text(sent)} pickled, over the {size_text(self.max_payload)} payload limit "
+                "(raise it with max_payload=... on both sides, or ship less)"
+            )
 
     # -- reading ---------------------------------------------------------------------------
     @staticmethod
@@ -185,12 +251,12 @@ class Serializer:
         Raises:
             SerializationError: ``first`` is not an envelope, or claims more than ``MAX_FRAMES``.
         """
-        return _frame_count(_parse_head(first, where)[2], where)
+        return _frame_count(_parse_head(first, where).inline, where)
 
     @staticmethod
     def buffer_sizes(first: bytes, where: str = "") -> list[int]:
-        """Sizes of the out-of-band buffers the envelope ``first`` announces."""
-        return _parse_head(first, where)[2]
+        """Sizes of the out-of-band buffers the envelope ``first`` carries as frames (not by digest)."""
+        return _parse_head(first, where).inline
 
     def frame_sizes(self, first: bytes, where: str = "") -> list[int]:
         """The size of each frame stored after ``first``, as its envelope announces them.
@@ -202,73 +268,102 @@ class Serializer:
             SerializationError: ``first`` is not an envelope, claims more than ``MAX_FRAMES``
                 frames, or more bytes than ``max_payload``.
         """
-        sizes = self._head(first, where)[2]
+        sizes = self._head(first, where).inline
         _frame_count(sizes, where)
         chunks = []
         for size in sizes:
             chunks += [CHUNK] * (size // CHUNK) + ([size % CHUNK] if size % CHUNK or not size else [])
         return chunks
 
-    def _head(self, first: bytes, where: str) -> tuple[int, int, list[int]]:
-        """``(flags, offset, buffer sizes)`` of ``first``, refused when it claims over ``max_payload``."""
-        flags, offset, sizes, _ = _parse_head(first, where)
-        body = len(first) - offset - (MAC_SIZE if flags & FLAG_SIGNED else 0)
-        total = max(body, 0) + sum(sizes)
+    def _head(self, first: bytes, where: str) -> _Head:
+        """The parsed head of ``first``, refused when what it carries inline claims over ``max_payload``."""
+        head = _parse_head(first, where)
+        body = len(first) - head.offset - (MAC_SIZE if head.flags & FLAG_SIGNED else 0)
+        total = max(body, 0) + sum(head.inline)
         if total > self.max_payload:
             raise SerializationError(
                 f"payload{where} claims {size_text(total)}, over the {size_text(self.max_payload)} payload limit of "
                 "this side (raise it with max_payload=... on both sides, or ship less)"
             )
-        return flags, offset, sizes
+        return head
 
-    def loads(self, frames: Sequence[Any], *, key: str, field: str, joined: bool = False) -> Any:
+    def loads(
+        self,
+        frames: Sequence[Any],
+        *,
+        key: str,
+        field: str,
+        joined: bool = False,
+        blobs: BlobSource | None = None,
+    ) -> Any:
         """Verify and unpickle the frames stored at ``key``/``field``.
 
         With ``joined``, the frames after the first are the whole buffers (each already read
-        into one piece), not their stored chunks; the signature covers the same bytes.
+        into one piece), not their stored chunks; the signature covers the same bytes. Buffers
+        the envelope names by digest come from ``blobs``, asked only once the envelope verified,
+        and are checked against their digests before unpickling begins.
 
         Raises:
             SignatureError: a secret is configured and the payload is unsigned or its MAC does
-                not verify (nothing was unpickled).
-            SerializationError: the bytes are not an rtq envelope, have an unknown version, or
-                fail to unpickle.
+                not verify, or a buffer it names by digest is not the one signed (nothing was
+                unpickled).
+            SerializationError: the bytes are not an rtq envelope, have an unknown version, a
+                buffer named by digest is missing or corrupted, or they fail to unpickle.
         """
         if not frames or frames[0] is None:
             raise SerializationError(f"no payload stored at {key} [{field}]")
         first = frames[0]
-        flags, offset, sizes = self._head(first, f" at {key} [{field}]")
+        where = f" at {key} [{field}]"
+        head = self._head(first, where)
+        flags, offset, sizes = head.flags, head.offset, head.inline
         rest = list(frames[1:])
         if any(f is None for f in rest):
-            raise SerializationError(f"payload at {key} [{field}] is missing a frame")
+            raise SerializationError(f"payload{where} is missing a frame")
         if self.secrets:
             if not flags & FLAG_SIGNED:
                 raise SignatureError(
-                    f"payload at {key} [{field}] is not signed, and this side requires signatures "
+                    f"payload{where} is not signed, and this side requires signatures "
                     "(a secret is set): was it written without RTQ_SECRET, or forged?"
                 )
             mac = bytes(first[offset : offset + MAC_SIZE])
-            head, body = first[:offset], first[offset + MAC_SIZE :]
+            signed, body = first[:offset], first[offset + MAC_SIZE :]
             if len(mac) != MAC_SIZE or not any(
-                hmac.compare_digest(mac, _mac(s, key, field, head, body, rest)) for s in self.secrets
+                hmac.compare_digest(mac, _mac(s, key, field, signed, body, rest)) for s in self.secrets
             ):
                 raise SignatureError(
-                    f"payload at {key} [{field}] has a bad signature: signed with another secret, "
+                    f"payload{where} has a bad signature: signed with another secret, "
                     "tampered with, or copied from another key"
                 )
         else:
             body = first[offset + MAC_SIZE :] if flags & FLAG_SIGNED else first[offset:]
         if joined:
             if [len(b) for b in rest] != sizes:
-                raise SerializationError(f"payload at {key} [{field}] has a frame of the wrong size")
+                raise SerializationError(f"payload{where} has a frame of the wrong size")
             buffers = rest
         else:
             buffers = _join(rest, sizes, key, field)
+        if head.refs:
+            buffers = self._with_blobs(head, buffers, blobs, where)
         try:
             return pickle.loads(body, buffers=buffers)
         except Exception as exc:
-            raise UnreadablePayload(
-                f"payload at {key} [{field}] cannot be unpickled here: {type(exc).__name__}: {exc}"
-            ) from exc
+            raise UnreadablePayload(f"payload{where} cannot be unpickled here: {type(exc).__name__}: {exc}") from exc
+
+    def _with_blobs(self, head: _Head, inline: list[Any], blobs: BlobSource | None, where: str) -> list[Any]:
+        """All the payload's buffers in order: ``inline`` ones and those named by digest, each checked."""
+        if blobs is None:
+            raise SerializationError(f"payload{where} names buffers by digest, and this reader has no store for them")
+        if self.signed != (head.refs[0].algo == digests.algorithm(True)):
+            # A signed payload's digests must be BLAKE3's: an XXH3 digest can be forged to match.
+            raise (SignatureError if self.signed else SerializationError)(
+                f"payload{where} names buffers by a digest function this side does not accept"
+            )
+        fetched = blobs.fetch(head.refs, where)
+        if [memoryview(b).nbytes for b in fetched] != [ref.size for ref in head.refs]:
+            raise SerializationError(f"payload{where} got a buffer of the wrong size from its store")
+        named = {ref.index: buffer for ref, buffer in zip(head.refs, fetched, strict=True)}
+        rest = iter(inline)
+        return [named[i] if i in named else next(rest) for i in range(len(head.sizes))]
 
 
 def size_text(n: int) -> str:
@@ -279,7 +374,23 @@ def size_text(n: int) -> str:
     return f"{n} bytes"
 
 
-def _parse_head(first: bytes, where: str = "") -> tuple[int, int, list[int], int]:
+@dataclass
+class _Head:
+    """An envelope's head as parsed (unverified): its flags, where the MAC or pickle starts, its buffers."""
+
+    flags: int
+    offset: int
+    sizes: list[int]
+    refs: list[Ref]
+
+    @property
+    def inline(self) -> list[int]:
+        """Sizes of the buffers carried as frames, in order."""
+        named = {r.index for r in self.refs}
+        return [s for i, s in enumerate(self.sizes) if i not in named]
+
+
+def _parse_head(first: bytes, where: str = "") -> _Head:
     if not isinstance(first, (bytes, bytearray, memoryview)) or len(first) < _HEAD.size:
         raise SerializationError(f"payload{where} is not an rtq envelope (too short)")
     magic, version, flags, count = _HEAD.unpack_from(first)
@@ -297,7 +408,10 @@ def _parse_head(first: bytes, where: str = "") -> tuple[int, int, list[int], int
     if len(first) < offset:
         raise SerializationError(f"payload{where} is not an rtq envelope (truncated header)")
     sizes = list(struct.unpack_from(f">{count}Q", first, _HEAD.size))
-    return flags, offset, sizes, count
+    refs: list[Ref] = []
+    if flags & FLAG_DIGESTS:
+        refs, offset = digests.unpack_refs(first, offset, sizes, where)
+    return _Head(flags, offset, sizes, refs)
 
 
 def _frame_count(sizes: list[int], where: str) -> int:
@@ -341,75 +455,3 @@ def _join(chunks: list[bytes], sizes: list[int], key: str, field: str) -> list[b
     if pos != len(chunks):
         raise SerializationError(f"payload at {key} [{field}] has extra frames")
     return out
-
-
-def describe_unpicklable(obj: Any, what: str, exc: BaseException) -> str:
-    """Say which part of ``obj`` could not be pickled, e.g. ``args[0]: _thread.lock``."""
-    path, culprit = _find_culprit(obj, what, depth=0)
-    path = path or what
-    kind = f"{type(culprit).__module__}.{type(culprit).__qualname__}"
-    if kind.startswith("builtins."):
-        kind = kind[len("builtins.") :]
-    return f"cannot ship {path}: {kind} cannot be pickled ({type(exc).__name__}: {exc})"
-
-
-def _picklable(obj: Any) -> bool:
-    try:
-        cloudpickle.dump(obj, _NullWriter(), protocol=5, buffer_callback=lambda b: None)
-    except Exception:
-        return False
-    return True
-
-
-def _find_culprit(obj: Any, path: str, depth: int) -> tuple[str, Any]:
-    if depth > 8:
-        return path, obj
-    for child_path, child in _parts(obj, path):
-        if not _picklable(child):
-            return _find_culprit(child, child_path, depth + 1)
-    return path, obj
-
-
-def _parts(obj: Any, path: str) -> list[tuple[str, Any]]:
-    """The parts of ``obj`` pickling descends into, each with the path that names it."""
-    from .calls import Call
-
-    if isinstance(obj, Call):  # a shipped call reads best as the call the user wrote
-        name = getattr(obj.fn, "__qualname__", None) or type(obj.fn).__qualname__
-        return [
-            (f"function {name}", obj.fn),
-            *((f"args[{i}]", v) for i, v in enumerate(obj.args)),
-            *((f"kwargs[{k!r}]", v) for k, v in obj.kwargs.items()),
-        ]
-    if isinstance(obj, (list, tuple)):
-        return [(f"{path}[{i}]", v) for i, v in enumerate(obj)]
-    if isinstance(obj, dict):
-        return [(f"{path}[{k!r}]", v) for k, v in obj.items()]
-    if isinstance(obj, types.MethodType):
-        return [(f"{path}.__self__", obj.__self__)]
-    if isinstance(obj, types.FunctionType):
-        # A function shipped by value carries its captured cells and the globals it names.
-        names = obj.__code__.co_freevars
-        cells = zip(names, obj.__closure__ or (), strict=True)
-        parts = [(f"{path} (captured {n!r})", c.cell_contents) for n, c in cells if _cell_filled(c)]
-        parts += [(f"{path} (global {n!r})", obj.__globals__[n]) for n in obj.__code__.co_names if n in obj.__globals__]
-        return parts
-    if hasattr(obj, "__dict__") and not isinstance(obj, type) and not callable(obj):
-        return [(f"{path}.{k}", v) for k, v in vars(obj).items()]
-    return []
-
-
-def _cell_filled(cell: Any) -> bool:
-    try:
-        _ = cell.cell_contents  # an empty cell (a name not yet bound) raises
-    except ValueError:
-        return False
-    return True
-
-
-class _NullWriter(io.RawIOBase):
-    def writable(self) -> bool:
-        return True
-
-    def write(self, b: Any) -> int:
-        return len(b)

@@ -7,7 +7,8 @@ the host's load, the worker's resident memory, and each GPU's memory, load and t
 Redis reads: the workers' set and records, the queues (``SCAN``, ``LLEN``), each live worker's
 in-progress list, and, for each task in one, four fields of its record in one pipelined round
 trip: its queue, its progress, its label (what it runs: ``train(3)``, ``%%rtq cell In[12]``,
-written when it was submitted) and when it was claimed (how long it has run).
+written when it was submitted) and when it was claimed (how long it has run); then how many
+buffers the namespace holds by digest, in how many keys and bytes (``SCAN``, then ``STRLEN``s).
 """
 
 from __future__ import annotations
@@ -44,7 +45,8 @@ def gather_status(queue: RedisTaskQueue) -> dict[str, Any]:
         # The worker's in-progress list is the truth; its record's copy is a heartbeat old.
         worker["running"] = snapshot.claimed.get(worker["id"], [])
         running += [_running(t, worker["id"], snapshot.fields[t]) for t in worker["running"]]
-    return {"workers": workers, "queues": snapshot.queues, "running": running, "dead": snapshot.dead}
+    held = queue.store.blobs.usage()
+    return {"workers": workers, "queues": snapshot.queues, "running": running, "dead": snapshot.dead, "digests": held}
 
 
 def _record(worker_id: str, raw: Any) -> dict[str, Any]:
@@ -119,6 +121,12 @@ def format_status(status: dict[str, Any]) -> str:
             f"  worker {t['worker']}  task {t['id']}"
         )
     lines.append(f"dead letters: {status['dead']}")
+    held = status.get("digests")
+    if held:
+        lines.append(
+            f"buffers by digest: {held['buffers']} ({size_text(held['bytes'])} in {held['keys']} "
+            f"key{'' if held['keys'] == 1 else 's'})"
+        )
     return "\n".join(lines)
 
 

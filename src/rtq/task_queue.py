@@ -188,7 +188,7 @@ class RedisTaskQueue:
 
         Each task it claims runs through :meth:`execute_task_locally`. ``options`` are the
         :class:`~rtq.worker.listener.Listener`'s (``workers``, ``event``, ``lease``, ``grace``,
-        ``info``, ``worker_id``, ``heartbeat_process``).
+        ``info``, ``worker_id``, ``heartbeat_process``, ``sessions``, ``session_idle``, ``cache_bytes``).
         """
         from .worker.listener import Listener
 

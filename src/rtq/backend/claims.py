@@ -74,7 +74,11 @@ class Claims:
     # -- claiming --------------------------------------------------------------------------
     def move(self, channel: Channel, queue: str, wait: float) -> str | None:
         """Move the next id of queue ``queue`` into this worker's list, waiting up to ``wait`` s."""
-        moved = channel.execute("BLMOVE", self.keys.queue(queue), self.running_key, "LEFT", "RIGHT", max(0.01, wait))
+        return self.move_from(channel, self.keys.queue(queue), wait)
+
+    def move_from(self, channel: Channel, key: str, wait: float) -> str | None:
+        """Move the next id of the list ``key`` (a queue, a session's calls) into this worker's list."""
+        moved = channel.execute("BLMOVE", key, self.running_key, "LEFT", "RIGHT", max(0.01, wait))
         return None if moved is None else text(moved)
 
     def claim(
@@ -167,7 +171,7 @@ class Claims:
             dead_entry,
             *flatten(first),
         ]
-        if not rest and not enc.frames:
+        if not rest and not enc.frames and not enc.blobs:
             # Tasks ending together share one round trip (a lone one is sent at once).
             try:
                 return bool(self.finisher.call(finish, keys=keys, args=args))
@@ -182,13 +186,19 @@ class Claims:
         if rest:
             commands.append(("HSET", key, *flatten(rest)))
         commands += enc.frame_commands(held.expiry)
+        named = enc.named
+        if named:  # were they all still there when the outcome went in? (see below)
+            commands.append(("EVAL", self.store.scripts["touch"].script, len(named), *named, 1))
         commands += [("EVAL", finish.script, len(keys), *keys, *args), ("EXEC",)]
-        payload = [*enc.fields.values(), *enc.frames.values()]
+        payload = [*enc.fields.values(), *enc.frames.values(), *(b for ref, b, _ in enc.blobs if ref.name in enc.send)]
         size = sum(memoryview(v).nbytes for v in payload if isinstance(v, (bytes, bytearray, memoryview)))
         ack = self.store.outcome_ack
         if ack is not None:
             commands.append(ack.command)
         with self.store.channels.channel() as channel:
+            blobs = enc.blob_commands(held.expiry)
+            if blobs:  # first, alone: a buffer Redis refuses must stop the outcome naming it
+                raise_errors(channel.pipeline(blobs), f"{what} ({size_text(size)})")
             if self.pause_in_outcome and enc.frames:
                 replies = self._pause_for_tests(channel, commands, task_id)
             else:
@@ -196,6 +206,14 @@ class Claims:
         if ack is not None:
             ack.check(replies.pop(), what)
         raise_errors(replies, f"{what} ({size_text(size)})")
+        if named and not all(replies[-1][-2]):
+            # A buffer Redis held when asked vanished before the transaction (evicted, deleted):
+            # send it now, so the caller finds it. (Expiry cannot do this: asking kept it.)
+            flags = iter(replies[-1][-2])
+            gone = [blob for blob in enc.blobs if not all([next(flags) for _ in blob[2]])]
+            resend = Encoded({}, blobs=gone, send={ref.name for ref, _, _ in gone})
+            with self.store.channels.channel() as channel:
+                raise_errors(channel.pipeline(resend.blob_commands(held.expiry)), what)
         return bool(replies[-1][-1])
 
     def failed(self, entry: str) -> None:

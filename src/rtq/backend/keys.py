@@ -21,6 +21,12 @@ key                                            type      holds
 ``<p>|<s>|task-dead``                          list      JSON entries of tasks that failed for good
 ``<p>|<s>|task-failed``                        list      JSON entries of the newest failed tasks
 ``<p>|<s>|inbox:<client>``                     list      ids of a client's finished tasks
+``<p>|<s>|session:<sid>``                      hash      a session or actor: where it lives, its state
+``<p>|<s>|session-queue|<worker>``             list      ids of sessions to open in one worker process
+``<p>|<s>|session-queue|<worker>|<sid>``       list      ids of calls queued to one session in one
+                                                         worker process (served in order, one at a time)
+``<p>|<s>|blob:<digest>:<i>``                  string    part ``i`` of a buffer stored once by its
+                                                         digest (``x3-…``/``b3-…``); expires
 =============================================  ========  ==========================================
 """
 
@@ -125,3 +131,22 @@ class Keys:
 
     def inbox(self, client_id: str) -> str:
         return f"{self.head}inbox:{client_id}"
+
+    def session(self, session_id: str) -> str:
+        """A session's (or actor's) record: its worker, host, state, the names it holds."""
+        return f"{self.head}session:{session_id}"
+
+    def session_opens(self, worker_id: str) -> str:
+        """The sessions (and actors) to open in worker process ``worker_id``: its own queue."""
+        return f"{self.head}session-queue{SEPARATOR}{worker_id}"
+
+    def session_queue(self, worker_id: str, session_id: str) -> str:
+        """The calls queued to session ``session_id``, which lives in worker process ``worker_id`` alone."""
+        return f"{self.head}session-queue{SEPARATOR}{worker_id}{SEPARATOR}{session_id}"
+
+    def blob(self, name: str, part: int) -> str:
+        """Part ``part`` of the buffer whose digest is named ``name`` (see :mod:`rtq.backend.blobs`)."""
+        return f"{self.head}blob:{name}:{part}"
+
+    def blob_pattern(self) -> str:
+        return f"{self.head}blob:*"

@@ -10,6 +10,7 @@ expiry        absolute deadline (Unix seconds)
 token         random id of this submission; a reused task id gets a new one
 state         queued | running | done | failed | cancelled
 notify        list to push the id to when the task ends (done list or a client inbox)
+session       the session (or actor) a call is aimed at: it runs there or nowhere, at most once
 attempt       how many times a worker claimed it; owner / claimed: the current claim
 max_attempts  claims it may use before it fails with ``WorkerLost``: the submitter's limit,
               which every reaper applies (to a record an older rtq wrote without it, its own)
@@ -29,6 +30,11 @@ attempt's result. With 1 MiB of buffers or more the frames go under keys of thei
 value it stores in a hash (Redis 7.0 and Valkey 8.1 both take twice as long to HSET 64 MiB as to
 SET it), and keeps a plain string as it came. They expire a while after the record can, and are
 deleted with it where rtq deletes a record (a consumed outcome, ``once``, a reused id).
+
+Out-of-band buffers of 1 MiB or more are not frames at all: the envelope names them by digest,
+and :mod:`rtq.backend.blobs` stores each once per namespace, sending only those Redis does not
+hold yet (an :class:`Encoded` lists them; its records are queued by ``enqueue.lua`` only once all
+of them are there).
 """
 
 from __future__ import annotations
@@ -37,7 +43,6 @@ import json
 import time
 import uuid
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
 from typing import Any
 
 import redis as redis_py
@@ -47,16 +52,16 @@ from ..serialization import CHUNK, Serializer, UnreadablePayload
 from ..task import FINAL_STATES, RedisTask, TaskState, current_task
 from . import scripts
 from .batching import GroupCommit, SendAhead
+from .blobs import Blobs, keep_ms
 from .connections import block_cap, raw_client
 from .durability import Ack
+from .encoded import KEEP_S, Encoded, frames_until
 from .failures import RemoteTraceback, describe_error, error_info
 from .keys import Keys
 from .replies import out_of_memory, raise_errors
 from .routing import is_cluster
 from .wire import ChannelPool
 
-KEEP_S = 300.0
-"""Seconds a finished task's outcome stays readable at least, even past its deadline."""
 EVENTS_MAXLEN = 1000
 _OUTCOME_FIELDS = ("state", "result", "result#", "error", "error#", "error_text")
 OUTCOME_FIELDS = list(_OUTCOME_FIELDS)
@@ -100,13 +105,29 @@ class TaskStore:
         self.cap = block_cap(self.redis)
         self.channels = ChannelPool(self.redis)  # held connections for the hot paths
         self.submitter = GroupCommit(self.redis, ack=self.submit_ack)  # submit.lua calls of concurrent submitters
+        self.blobs = Blobs(self.redis, keys, self.channels, self.scripts, signed=serializer.signed)
         self.ahead = SendAhead(self.redis)  # submit.lua calls whose submitter goes on (Executor.submit)
 
     # -- payload fields --------------------------------------------------------------------
-    def encode(self, key: str, name: str, value: Any, tag: str, what: str) -> Encoded:
-        """``value`` as the fields of the task's hash at ``key`` (and big frames' own keys)."""
-        frames = self.serializer.dumps(value, key=key, field=name, what=what)
+    def encode(self, key: str, name: str, value: Any, tag: str, what: str, *, expiry: float = 0.0) -> Encoded:
+        """``value`` as the fields of the task's hash at ``key`` (and big frames' own keys).
+
+        Its big buffers go by digest: one round trip asks which Redis holds (keeping them as
+        long as a record due at ``expiry`` can be read), and only the others are to be sent.
+
+        Raises:
+            SerializationError: ``value`` cannot be pickled, or what it sends is over ``max_payload``.
+        """
+        packed = self.serializer.pack(value, key=key, field=name, what=what)
+        frames = packed.frames
         out = Encoded({name: frames[0]})
+        if packed.blobs:
+            refs = [ref for ref, _ in packed.blobs]
+            held = self.blobs.held(refs, keep_ms(frames_until(expiry)))
+            out.blobs = [(ref, buffer, self.blobs.part_keys(ref)) for ref, buffer in packed.blobs]
+            out.send = {ref.name for ref in refs if ref.name not in held}
+            sent = sum(ref.size for ref in refs if ref.name in out.send)
+            self.serializer.check_size(packed.inline_size + sent, what)
         extra = frames[1:]
         if extra:
             apart = sum(memoryview(f).nbytes for f in extra) >= FRAME_KEYS_MIN
@@ -157,11 +178,11 @@ class TaskStore:
                 raise SerializationError(f"payload at {key} [{name}] lists {count} frames; its envelope says otherwise")
             names = [f"{name}.{tag}.{i}" for i in range(count)]
             if not names:
-                return self.serializer.loads(frames, key=key, field=name)
+                return self.serializer.loads(frames, key=key, field=name, blobs=self.blobs)
             if apart or sum(lengths) >= DIRECT_READ_MIN:
                 return self._decode_direct(key, name, first, names, apart, lengths)
             frames += self.redis.hmget(key, names)
-        return self.serializer.loads(frames, key=key, field=name)
+        return self.serializer.loads(frames, key=key, field=name, blobs=self.blobs)
 
     def _decode_direct(
         self, key: str, name: str, first: bytes, names: list[str], apart: bool, lengths: list[int]
@@ -201,13 +222,16 @@ class TaskStore:
             complete = channel.read_into(command, targets, measure=measure)
         if not complete:  # changed between its length and its read
             raise SerializationError(f"{where} is missing a frame, or one has the wrong size")
-        return self.serializer.loads([first, *buffers], key=key, field=name, joined=True)
+        return self.serializer.loads([first, *buffers], key=key, field=name, joined=True, blobs=self.blobs)
 
     # -- caller side -----------------------------------------------------------------------
-    def record(self, task: RedisTask, *, token: str, state: str, notify: str | None) -> Encoded:
+    def record(
+        self, task: RedisTask, *, token: str, state: str, notify: str | None, extra: dict[str, str] | None = None
+    ) -> Encoded:
         key = self.keys.task(task.id)
         out = Encoded(
             {
+                **(extra or {}),
                 "name": task.name,
                 "expiry": repr(task.expiry),
                 "token": token,
@@ -221,14 +245,21 @@ class TaskStore:
         label = getattr(task.params, "label", None)  # a shipped call's: what `rtq status` lists it as
         if isinstance(label, str) and label:
             out.fields["label"] = label
-        out.add(self.encode(key, "params", task.params, token, "params"))
+        out.add(self.encode(key, "params", task.params, token, "params", expiry=task.expiry))
         if task.error is not None:
             out.add(self.encode_error(key, task.error, token))
         elif task.result is not None or state == TaskState.DONE:
-            out.add(self.encode(key, "result", task.result, token, "result"))
+            out.add(self.encode(key, "result", task.result, token, "result", expiry=task.expiry))
         return out
 
-    def submit(self, tasks: Sequence[tuple[RedisTask, str, str | None]], *, listened: str | None = None) -> bool:
+    def submit(
+        self,
+        tasks: Sequence[tuple[RedisTask, str, str | None]],
+        *,
+        listened: str | None = None,
+        into: str | None = None,
+        extra: dict[str, str] | None = None,
+    ) -> bool:
         """Store and enqueue tasks in one round trip: ``(task, token, notify)`` each.
 
         A reused id starts clean: its old record, done list and events are replaced in the same
@@ -241,12 +272,16 @@ class TaskStore:
             tasks: What to store.
             listened: A queue name: store only if a listener marks that queue (the check and
                 the enqueue are one atomic step); returns False, storing nothing, if none does.
+            into: The list to queue the ids on instead of their queue's (a session's call list).
+            extra: More fields for every record (``session``: the session a call is aimed at).
         """
-        records = [(t, self.record(t, token=tok, state=TaskState.QUEUED, notify=n)) for t, tok, n in tasks]
-        return self._submit_records(records, listened)
+        records = [(t, self.record(t, token=tok, state=TaskState.QUEUED, notify=n, extra=extra)) for t, tok, n in tasks]
+        return self._submit_records(records, listened, into)
 
-    def _submit_records(self, records: list[tuple[RedisTask, Encoded]], listened: str | None) -> bool:
-        if any(enc.frames or _payload_size(enc.fields) > SCRIPT_ARGS_MAX for _, enc in records):
+    def _submit_records(
+        self, records: list[tuple[RedisTask, Encoded]], listened: str | None, into: str | None = None
+    ) -> bool:
+        if any(enc.frames or enc.named or _payload_size(enc.fields) > SCRIPT_ARGS_MAX for _, enc in records):
             # One round trip first: the listener check, and the frame lists of records replaced.
             with self.channels.channel() as channel:
                 looked = channel.pipeline(
@@ -255,7 +290,10 @@ class TaskStore:
                 )
             if listened is not None and not looked[0]:
                 return False
+            # A buffer several tasks of the batch name (ex.map(f, parts, repeat(table))) goes once.
+            blobs = list({c[1]: c for t, enc in records for c in enc.blob_commands(t.expiry)}.values())
             commands: list[tuple[Any, ...]] = [("MULTI",)]
+            queueing = []  # where each record's enqueue command sits among EXEC's replies
             for (task, enc), old in zip(records, looked[1:], strict=True):
                 key = self.keys.task(task.id)
                 stale = self.frame_keys(key, old) if isinstance(old, list) else []
@@ -264,15 +302,19 @@ class TaskStore:
                     ("HSET", key, *flatten(enc.fields)),
                     ("PEXPIREAT", key, int(task.expiry * 1000) + 1),
                     *enc.frame_commands(task.expiry),
-                    ("RPUSH", self.keys.queue(task.name), task.id),
+                    self.blobs.enqueue(task, enc, into),
                 ]
+                queueing.append(len(commands) - 2)
             commands.append(("EXEC",))
             with self.channels.channel() as channel:  # sends the frames as they are, uncopied
+                if blobs:  # first, alone: a buffer Redis refuses must stop the records naming it
+                    raise_errors(channel.pipeline(blobs), _what_submit(records))
                 replies = self._acked(channel.pipeline(self._with_ack(commands)), _what_submit(records))
             raise_errors(replies, _what_submit(records))
+            self.blobs.enqueue_the_rest(records, [replies[-1][i] for i in queueing], _what_submit, into)
             return True
         script = self.scripts["submit"]
-        calls = [self._submit_call(task, enc, listened) for task, enc in records]
+        calls = [self._submit_call(task, enc, listened, into) for task, enc in records]
         if len(calls) == 1:
             # Concurrent submits (a thousand threads in query()) share one connection and leave
             # together in one write, instead of taking a connection each.
@@ -307,7 +349,8 @@ class TaskStore:
         move refuses is sent again where the slot went).
         """
         records = [(task, self.record(task, token=token, state=TaskState.QUEUED, notify=notify))]
-        big = records[0][1].frames or _payload_size(records[0][1].fields) > SCRIPT_ARGS_MAX
+        enc = records[0][1]
+        big = enc.frames or enc.named or _payload_size(enc.fields) > SCRIPT_ARGS_MAX
         if big or self.submit_ack is not None or is_cluster(self.redis):
             self.ahead.flush()  # in the order they were submitted
             self._submit_records(records, None)
@@ -325,9 +368,16 @@ class TaskStore:
 
         self.ahead.call(self.scripts["submit"], *self._submit_call(task, records[0][1], None), replied)
 
-    def _submit_call(self, task: RedisTask, enc: Encoded, listened: str | None) -> tuple[list[str], list[Any]]:
-        """The keys and arguments of ``submit.lua`` for one task."""
-        keys = [self.keys.task(task.id), self.keys.done(task.id), self.keys.events(task.id), self.keys.queue(task.name)]
+    def _submit_call(
+        self, task: RedisTask, enc: Encoded, listened: str | None, into: str | None = None
+    ) -> tuple[list[str], list[Any]]:
+        """The keys and arguments of ``submit.lua`` for one task (queued on ``into`` when given)."""
+        keys = [
+            self.keys.task(task.id),
+            self.keys.done(task.id),
+            self.keys.events(task.id),
+            into or self.keys.queue(task.name),
+        ]
         if listened is not None:
             keys.append(self.keys.listen(listened))
         return keys, [task.id, int(task.expiry * 1000) + 1, *flatten(enc.fields)]
@@ -399,6 +449,10 @@ class TaskStore:
             )
         enc = self.record(task, token=token, state=state, notify=None)
         ttl_ms = max(int((task.expiry - time.time()) * 1000), int(KEEP_S * 1000) if state in FINAL_STATES else 1)
+        blobs = enc.blob_commands(task.expiry)
+        if blobs:
+            with self.channels.channel() as channel:
+                raise_errors(channel.pipeline(blobs), f"the buffers of task {task.id}")
         # One transaction on a held connection (a cluster client's pipelines have none).
         commands: list[tuple[Any, ...]] = [
             ("MULTI",),
@@ -535,32 +589,9 @@ DIRECT_READ_MIN = 1 << 20
 """Payloads with at least this many bytes of buffers are read straight into place (rtq.backend.wire)."""
 FRAME_KEYS_MIN = 1 << 20
 """Payloads with at least this many bytes of buffers keep their extra frames under keys of their own."""
-FRAME_SLACK_S = 60.0
-"""Seconds a big frame outlives the longest its record can live (the deadline plus ``KEEP_S``)."""
 LIST_NAMES = ("params", "result", "error")
 """The payload fields of a record, whose ``<name>#`` fields list their extra frames."""
 LIST_FIELDS = [f"{name}#" for name in LIST_NAMES]
-
-
-@dataclass
-class Encoded:
-    """Payloads as stored: fields of the task's hash, and big frames under keys of their own."""
-
-    fields: dict[str, Any]
-    frames: dict[str, Any] = field(default_factory=dict)
-
-    def add(self, other: Encoded) -> None:
-        self.fields.update(other.fields)
-        self.frames.update(other.frames)
-
-    def frame_commands(self, expiry: float) -> list[tuple[Any, ...]]:
-        """The ``SET`` commands of the big frames (sent as they are, uncopied).
-
-        They expire after the record can: a record lives until its deadline, or ``KEEP_S``
-        past the moment it ends when that is later.
-        """
-        at_ms = int((max(expiry, time.time()) + KEEP_S + FRAME_SLACK_S) * 1000)
-        return [("SET", key, frame, "PXAT", at_ms) for key, frame in self.frames.items()]
 
 
 SCRIPT_ARGS_MAX = 256 * 1024

@@ -185,11 +185,11 @@ class WorkerRegistry:
         pipe.pexpire(notify, int(KEEP_S * 1000))
         pipe.execute()
 
-    def lost_task(self, task_id: str) -> tuple[str, str, str, str]:
-        """``(name, notify, attempt, max_attempts)`` of a task being given back ('' when absent)."""
-        fields = ["name", "notify", "attempt", "max_attempts"]
-        name, notify, attempt, limit = (text(v) for v in self.redis.hmget(self.keys.task(task_id), fields))
-        return name, notify, attempt, limit
+    def lost_task(self, task_id: str) -> tuple[str, str, str, str, str]:
+        """``(name, notify, attempt, max_attempts, session)`` of a task being given back ('' when absent)."""
+        fields = ["name", "notify", "attempt", "max_attempts", "session"]
+        name, notify, attempt, limit, session = (text(v) for v in self.redis.hmget(self.keys.task(task_id), fields))
+        return name, notify, attempt, limit, session
 
     def give_back(
         self,
@@ -202,6 +202,7 @@ class WorkerRegistry:
         error: BaseException,
         entry: str,
         refund: bool,
+        never_requeue: bool = False,
     ) -> str:
         """Requeue one task of ``worker_id`` (``recover.lua``), or fail it with ``error`` for good.
 
@@ -214,6 +215,7 @@ class WorkerRegistry:
             error: The ``WorkerLost`` it fails with once its attempts are used up.
             entry: Its dead-letter entry (JSON) in that case.
             refund: Give the attempt back (the worker stopped on purpose; the task did not fail).
+            never_requeue: Fail it with ``error`` now, whatever its attempts (a session's call).
 
         Returns:
             ``'requeued'``, ``'failed'``, or ``'skipped'`` when another reaper got it first.
@@ -233,6 +235,7 @@ class WorkerRegistry:
                     payload["error_text"],
                     entry,
                     "1" if refund else "0",
+                    "1" if never_requeue else "0",
                 ],
             )
         )

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import ast
 import builtins
+import collections
 import importlib
 import io
 import pickle
@@ -35,8 +36,18 @@ from typing import Any
 from ..frames import annotate
 from ..sources import Pickler, register_source
 from ..task import RedisTask
+from .devices import cpu_dispatch
 
-__all__ = ["CellAnalysis", "CellResult", "CellSpec", "RemoteDisplay", "ShippedValues", "analyze", "run_cell"]
+__all__ = [
+    "CellAnalysis",
+    "CellResult",
+    "CellSpec",
+    "RemoteDisplay",
+    "ShippedValues",
+    "analyze",
+    "run_cell",
+    "ship_back",
+]
 
 
 # -- reading a cell ----------------------------------------------------------------------------
@@ -236,12 +247,13 @@ class ShippedValues(dict):  # type: ignore[type-arg]
     end, and an array two variables hold travels once. It unpickles as a plain ``dict``.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, *, cpu: bool = False) -> None:
         super().__init__()
         self._file = io.BytesIO()
         self._buffers: list[pickle.PickleBuffer] = []
         # rtq's pickler: a helper function from another cell keeps its cell's file name and lines.
-        self._pickler = Pickler(self._file, protocol=5, buffer_callback=self._buffers.append)
+        pickler = _cpu_pickler() if cpu else Pickler
+        self._pickler = pickler(self._file, protocol=5, buffer_callback=self._buffers.append)
 
     def add(self, name: str, value: Any) -> int:
         """Pickle ``value`` as ``name``; returns the bytes it takes (its out-of-band buffers included).
@@ -257,6 +269,15 @@ class ShippedValues(dict):  # type: ignore[type-arg]
 
     def __reduce__(self) -> tuple[Any, ...]:
         return _load_values, (tuple(self), pickle.PickleBuffer(self._file.getbuffer()), self._buffers)
+
+
+def _cpu_pickler() -> type[Pickler]:
+    """rtq's pickler, moving CUDA tensors to the CPU as it goes (when torch is loaded here)."""
+    moves = cpu_dispatch()
+    if not moves:
+        return Pickler
+    # The C pickler reads its dispatch table once, when made: it must be the class's.
+    return type("CpuPickler", (Pickler,), {"dispatch_table": collections.ChainMap(moves, Pickler.dispatch_table)})
 
 
 def _load_values(names: tuple[str, ...], stream: Any, buffers: list[Any]) -> dict[str, Any]:
@@ -284,6 +305,9 @@ class CellSpec:
         modules: Variables that are modules: variable name -> module name to import.
         pull: Names to bring back (those present when the cell ends).
         display: Whether to return the value of a last bare expression.
+        cpu: Move CUDA tensors in what comes back to the CPU (the notebook has no CUDA).
+        replace: In a session: the shipped values replace the names it holds (``--push``);
+            otherwise what it holds wins.
     """
 
     source: str
@@ -294,6 +318,8 @@ class CellSpec:
     modules: dict[str, str] = field(default_factory=dict)
     pull: tuple[str, ...] = ()
     display: bool = True
+    cpu: bool = False
+    replace: bool = False
 
 
 @dataclass
@@ -307,6 +333,7 @@ class CellResult:
         has_value: Whether the cell ended with an expression whose value is in ``value``.
         value: That value (a :class:`RemoteDisplay` when the object itself cannot travel).
         host: The worker host that ran the cell.
+        held: In a session: ``[name, type, bytes]`` of every name it holds now; else None.
     """
 
     values: dict[str, Any] = field(default_factory=dict)
@@ -315,6 +342,7 @@ class CellResult:
     has_value: bool = False
     value: Any = None
     host: str = ""
+    held: list[list[Any]] | None = None
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__dict__.update(state)
@@ -386,8 +414,13 @@ def compile_cell(spec: CellSpec) -> tuple[types.CodeType, types.CodeType | None]
     return body, (compile(last, spec.filename, "eval", dont_inherit=True) if last else None)
 
 
-def run_cell(spec: CellSpec) -> CellResult:
+def run_cell(spec: CellSpec, namespace: dict[str, Any] | None = None) -> CellResult:
     """Run a ``%%rtq`` cell here (on a worker) and return what the notebook gets back.
+
+    Args:
+        spec: The cell.
+        namespace: Where it runs (a session's, which keeps the names it holds over the shipped
+            ones); a fresh one by default.
 
     Raises:
         Exception: whatever the cell raised, carrying its frames from the cell on and a note
@@ -396,11 +429,18 @@ def run_cell(spec: CellSpec) -> CellResult:
     """
     host = socket.gethostname()
     register_source(spec.filename, spec.text)
-    namespace: dict[str, Any] = {"__name__": "__main__", "__builtins__": builtins}
+    fresh = namespace is None
+    if namespace is None:
+        namespace = {"__name__": "__main__", "__builtins__": builtins}
     try:
         for var, module in spec.modules.items():
-            namespace[var] = _import(module, var, host)
-        namespace.update(spec.values)
+            if fresh or var not in namespace:
+                namespace[var] = _import(module, var, host)
+        if fresh or spec.replace:
+            namespace.update(spec.values)
+        else:  # what the session holds wins: the notebook's copy was sent only because it looked missing
+            for var, value in spec.values.items():
+                namespace.setdefault(var, value)
         body, last = compile_cell(spec)
         exec(body, namespace)
         value = eval(last, namespace) if last is not None else None
@@ -419,18 +459,18 @@ def run_cell(spec: CellSpec) -> CellResult:
             result.modules[name] = obj.__name__
             continue
         pulled.append((name, obj))
-    result.values, problems = _ship_back(pulled)
+    result.values, problems = ship_back(pulled, cpu=spec.cpu)
     if result.has_value and VALUE_KEY in problems:
         result.value = _display_of(value)
     result.skipped = {name: why for name, why in problems.items() if name != VALUE_KEY}
     return result
 
 
-def _ship_back(pulled: list[tuple[str, Any]]) -> tuple[ShippedValues, dict[str, str]]:
+def ship_back(pulled: list[tuple[str, Any]], *, cpu: bool = False) -> tuple[ShippedValues, dict[str, str]]:
     """The values that can go back, pickled once; and why each of the others cannot."""
     problems: dict[str, str] = {}
     while True:  # a failed pickle spoils the stream: start over without that value
-        shipped = ShippedValues()
+        shipped = ShippedValues(cpu=cpu)
         for name, obj in pulled:
             if name in problems:
                 continue

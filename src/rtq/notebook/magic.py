@@ -20,7 +20,7 @@ import re
 import subprocess
 import sys
 import types
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from IPython.core import magic as _ipython_magic
 from IPython.core.displayhook import DisplayHook
@@ -31,11 +31,16 @@ from IPython.core.magic_arguments import argument, magic_arguments, parse_argstr
 from ..backend.keys import check_name
 from ..closures import ship_local_modules
 from ..connection import connect, redact_url
-from ..errors import RtqError, SerializationError
-from ..serialization import describe_unpicklable
+from ..culprits import describe_unpicklable
+from ..errors import RtqError, SerializationError, SessionLost
 from .cells import CellSpec, ShippedValues, analyze
+from .devices import notebook_has_cuda
+from .session_magic import NotebookSessions, check_session_name
 from .tracebacks import short_error
 from .waiting import CellContext, CellExecutor, CellFuture, RemoteModule, deferred_interrupts, wait_cell
+
+if TYPE_CHECKING:
+    from ..sessions import SessionHandle
 
 # IPython < 8.12 lacks it: a trailing `;` then silences nothing.
 output_can_be_silenced: Any = getattr(_ipython_magic, "output_can_be_silenced", lambda fn: fn)
@@ -58,6 +63,7 @@ class _Session:
         self.default = default
         self.executors: dict[tuple[str, float | None], CellExecutor] = {}
         self.worker: subprocess.Popen[bytes] | None = None
+        self.sessions = NotebookSessions(self.executor)
 
     def executor(self, name: str, timeout: float | None) -> CellExecutor:
         key = (name, timeout)
@@ -72,8 +78,9 @@ class _Session:
             served.update(record.get("queues", []))
         return served
 
-    def close(self) -> None:
-        """Stop submitting; cells already sent still finish and can still be waited on."""
+    def close(self, reason: str = "closed: its notebook reconnected (%rtq connect)") -> None:
+        """Close its sessions; stop submitting; cells already sent still finish and can still be waited on."""
+        self.sessions.close_all(reason)
         for ex in self.executors.values():
             ex.shutdown(wait=False)
         self.executors.clear()
@@ -159,7 +166,7 @@ def _wait_args(line: str) -> None:
 
 @magics_class
 class RtqMagics(Magics):
-    """``%rtq connect|status|wait`` and ``%%rtq``."""
+    """``%rtq connect|status|wait|session|pull|push`` and ``%%rtq``."""
 
     def __init__(self, shell: Any) -> None:
         super().__init__(shell)
@@ -174,12 +181,16 @@ class RtqMagics(Magics):
     @no_var_expand
     @line_magic("rtq")  # type: ignore[arg-type]  # IPython's annotations are stricter than its use
     def rtq_line(self, line: str) -> Any:
-        """%rtq connect [URL] [--prefix P] [--queue NAME] | %rtq status | %rtq wait NAME
+        """%rtq connect [URL] [--prefix P] [--queue NAME] | status | wait NAME | session [close S] | pull|push S a b
 
         connect: connect the magics to Redis at URL (default: RTQ_REDIS_URL; else an embedded
             server and a local worker that stops with this kernel).
         status:  show workers, queues and running tasks.
         wait:    wait for a cell started with %%rtq --no-wait -o NAME; bring its variables back.
+        session: list this kernel's sessions (worker, host, GPU, age, idle, the names they hold);
+            session close S ends one.
+        pull:    pull S a b brings names a and b from session S into the notebook.
+        push:    push S a b sends notebook variables a and b into session S.
 
         Run a cell remotely with %%rtq [NAME] (see %%rtq?).
         """
@@ -190,10 +201,29 @@ class RtqMagics(Magics):
             return self._status()
         if command == "wait":
             return self._wait_cmd(_parse(_wait_args, rest))
+        if command in ("session", "sessions"):
+            return self._session_cmd(rest.split())
+        if command in ("pull", "push"):
+            words = rest.split()
+            if not words:
+                raise UsageError(f"%rtq {command}: name the session and the variables: %rtq {command} S a b")
+            sessions = self._require().sessions
+            name = check_session_name(words[0], f"%rtq {command}")
+            move = sessions.pull if command == "pull" else sessions.push
+            return move(self.ip, name, tuple(n for w in words[1:] for n in _names(w)))
         raise UsageError(
             (f"%rtq: unknown command {command!r}" if command else "%rtq: missing command")
-            + "; use %rtq connect [URL] [--prefix P], %rtq status or %rtq wait NAME (and %%rtq [NAME] for cells)"
+            + "; use %rtq connect [URL] [--prefix P], %rtq status, %rtq wait NAME, %rtq session [close S], "
+            "%rtq pull S a b or %rtq push S a b (and %%rtq [NAME] [--session S] for cells)"
         )
+
+    def _session_cmd(self, words: list[str]) -> None:
+        sessions = self._require().sessions
+        if not words:
+            return sessions.show()
+        if words[0] == "close" and len(words) == 2:
+            return sessions.close(check_session_name(words[1], "%rtq session close"))
+        raise UsageError("%rtq session: use %rtq session (list them) or %rtq session close S")
 
     def _connect(self, args: Any) -> None:
         url: str = args.url or os.environ.get("RTQ_REDIS_URL") or ""
@@ -280,6 +310,7 @@ class RtqMagics(Magics):
     @argument("--timeout", type=float, default=None, help="stop the cell after S seconds")
     @argument("--size-warn", default="100MB", help="warn about variables bigger than this (default 100MB)")
     @argument("--progress-after", type=float, default=2.0, help="show the progress bar after S seconds (default 2)")
+    @argument("--session", metavar="S", help="run in session S, a namespace that stays on its worker between cells")
     @output_can_be_silenced
     @no_var_expand
     @cell_magic("rtq")  # type: ignore[arg-type]
@@ -295,15 +326,24 @@ class RtqMagics(Magics):
         if args.timeout is not None and not (math.isfinite(args.timeout) and args.timeout > 0):
             raise UsageError(f"%%rtq: --timeout must be a finite number of seconds above zero, not {args.timeout:g}")
         self._check_served(session, name)
-        spec, explicit_pull = self._spec(args, line, cell)
+        handle = None
+        if args.session is not None:
+            sname = check_session_name(args.session)
+            handle = session.sessions.for_cell(sname, name)
+        spec, explicit_pull = self._spec(args, line, cell, handle)
         ex = session.executor(name, args.timeout)
         label = f"%%rtq cell In[{cell_number(self.ip)}]"
         with deferred_interrupts() as interrupt:
             try:
-                fut = ex.submit_cell(spec, label)
+                if handle is None:
+                    fut = ex.submit_cell(spec, label)
+                else:
+                    fut = ex.submit_session_cell(handle, spec, label)
             except SerializationError as exc:
                 raise short_error(exc, str(exc)) from None
-            fut._cell = CellContext(self.ip, spec.pull, explicit_pull)
+            except SessionLost as exc:
+                raise session.sessions.lost(exc, handle.label if handle else "") from None
+            fut._cell = CellContext(self.ip, spec.pull, explicit_pull, handle)
             if args.out:
                 self.ip.user_ns[args.out] = fut
         if args.no_wait and not interrupt.hit:
@@ -328,7 +368,11 @@ class RtqMagics(Magics):
             f"`rtq worker {name} --url {redact_url(session.url)} --prefix {session.queue.prefix}`"
         )
 
-    def _spec(self, args: Any, line: str, cell: str) -> tuple[CellSpec, bool]:
+    def _spec(self, args: Any, line: str, cell: str, session: SessionHandle | None = None) -> tuple[CellSpec, bool]:
+        """The cell to ship, and whether ``--pull`` named what comes back.
+
+        In a ``session`` the names it holds are not shipped, and only ``--pull``-ed names come back.
+        """
         shell = self.ip
         text_ = f"%%rtq {line}".rstrip() + "\n" + cell
         number = cell_number(shell)
@@ -348,7 +392,10 @@ class RtqMagics(Magics):
             if missing:
                 raise UsageError(f"%%rtq --push: not defined in the notebook: {', '.join(missing)}")
         else:
-            push = tuple(n for n in analysis.reads if n in ns and not (n in hidden and hidden[n] is ns[n]))
+            held = {str(n[0]) for n in session.held} if session is not None else set()
+            push = tuple(
+                n for n in analysis.reads if n in ns and n not in held and not (n in hidden and hidden[n] is ns[n])
+            )
         values = ShippedValues()  # pickled here once: measured, checked, and shipped as is
         modules: dict[str, str] = {}
         threshold = parse_size(args.size_warn)
@@ -370,7 +417,7 @@ class RtqMagics(Magics):
                     file=sys.stderr,
                 )
         explicit_pull = args.pull is not None
-        pull = _names(args.pull) if explicit_pull else analysis.assigns
+        pull = _names(args.pull) if explicit_pull else () if session is not None else analysis.assigns
         display = analysis.last_expr and not DisplayHook.semicolon_at_end_of_expression(cell)
         spec = CellSpec(
             source=cell,
@@ -381,7 +428,12 @@ class RtqMagics(Magics):
             modules=modules,
             pull=tuple(pull),
             display=display,
+            cpu=not notebook_has_cuda(),
+            replace=args.push is not None,
         )
+        if session is not None:  # until it ends (a --no-wait cell), count what it assigns as held
+            known = {str(n[0]) for n in session.held}
+            session.held = session.held + [[n, "?", 0] for n in analysis.assigns if n not in known]
         return spec, explicit_pull
 
 
@@ -409,5 +461,5 @@ def load_ipython_extension(ipython: Any) -> None:
 def unload_ipython_extension(ipython: Any) -> None:
     magics = ipython.magics_manager.registry.get("RtqMagics")
     if magics is not None and magics.session is not None:
-        magics.session.close()
+        magics.session.close("closed: %unload_ext rtq in its notebook")
         magics.session = None

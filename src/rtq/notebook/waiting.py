@@ -18,7 +18,7 @@ import importlib
 import signal
 import sys
 import threading
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ..calls import Call
 from ..display import follow_cell
@@ -27,7 +27,11 @@ from ..executor import Executor, TaskFuture
 from ..frames import remote_frames
 from ..task import TaskState
 from .cells import CellResult, CellSpec, run_cell
+from .session_cells import missing_names, run_session_cell
 from .tracebacks import prepare, short_error
+
+if TYPE_CHECKING:
+    from ..sessions import SessionHandle
 
 __all__ = ["CellExecutor", "CellFuture", "RemoteModule", "deferred_interrupts", "wait_cell"]
 
@@ -91,14 +95,21 @@ class CellExecutor(Executor):
         assert isinstance(fut, CellFuture)
         return fut
 
+    def submit_session_cell(self, session: SessionHandle, spec: CellSpec, label: str) -> CellFuture:
+        """Ship a cell to run in ``session``'s namespace (on its worker process alone)."""
+        fut = session.submit(Call(run_session_cell, (spec,), label=label), executor=self)
+        assert isinstance(fut, CellFuture)
+        return fut
+
 
 class CellContext:
     """Where a cell's variables go when its future's result is read."""
 
-    def __init__(self, shell: Any, pull: tuple[str, ...], explicit: bool) -> None:
+    def __init__(self, shell: Any, pull: tuple[str, ...], explicit: bool, session: SessionHandle | None = None) -> None:
         self.shell = shell
         self.pull = pull
         self.explicit = explicit
+        self.session = session  # a --session cell's: what it holds is updated from the result
         self._lock = threading.Lock()
         self._applied = False
 
@@ -119,10 +130,14 @@ class CellContext:
                 ns[name] = RemoteModule(module)
         for name, why in outcome.skipped.items():
             print(f"rtq: {name!r} stays on the worker: {why}", file=sys.stderr)
+        if self.session is not None and outcome.held is not None:
+            self.session.held = outcome.held
         if self.explicit:
             got = set(outcome.values) | set(outcome.modules) | set(outcome.skipped)
             missing = [n for n in self.pull if n not in got]
-            if missing:
+            if missing and self.session is not None:
+                print(f"rtq: --pull: {missing_names(self.session.label, missing, outcome.held or [])}", file=sys.stderr)
+            elif missing:
                 print(f"rtq: --pull {', '.join(missing)}: not defined when the cell ended", file=sys.stderr)
 
 

@@ -9,7 +9,9 @@ pool thread runs it. Around that loop:
   process a task holding the GIL cannot starve), gives back the tasks of lapsed workers, and
   stops running tasks nobody wants any more;
 * :mod:`rtq.worker.outcome` stores each task's result or exception, fenced by its claim;
-* :mod:`rtq.worker.capture` sends what a task prints, and progress goes through ``progress.lua``.
+* :mod:`rtq.worker.capture` sends what a task prints, and progress goes through ``progress.lua``;
+* :mod:`rtq.worker.sessions` holds the sessions and actors opened here, each served by a thread
+  of its own from its own call list (:meth:`Listener.claim_from`).
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ from ..backend.keys import check_name
 from ..backend.store import text
 from ..backend.wire import Channel
 from ..backoff import Backoff
+from ..buffercache import BufferCache, default_cache_bytes
 from ..errors import RtqError, SerializationError, SignatureError, TaskCancelled
 from ..task import RedisTask, Reporter, TaskState, outcome_stored_by_runner, running
 from .capture import capturing
@@ -37,6 +40,7 @@ from .heartbeat import HelperSettings
 from .outcome import OutcomeWriter
 from .recovery import Reaper
 from .run import Run
+from .sessions import DEFAULT_IDLE, DEFAULT_LIMIT, SessionHost
 from .slots import Slots
 from .state import WorkerState
 from .watchdog import Watchdog
@@ -77,6 +81,11 @@ class Listener:
         info: Extra fields announced in this worker's heartbeat record.
         heartbeat_process: Also keep the lease alive from a helper process, which a task holding
             the GIL cannot starve (see :mod:`rtq.worker.heartbeat`).
+        sessions: Most sessions and actors this worker holds at once (see :mod:`rtq.worker.sessions`).
+        session_idle: Seconds a session may go unused before it is closed.
+        cache_bytes: Keep buffers read by digest in memory, up to this many bytes (see
+            :mod:`rtq.buffercache`), so a task given the same array again skips reading it from
+            Redis; 0 keeps none; None: a quarter of the machine's memory, at most 4 GiB.
     """
 
     def __init__(
@@ -95,6 +104,9 @@ class Listener:
         info: dict[str, Any] | None = None,
         worker_id: str | None = None,
         heartbeat_process: bool = True,
+        sessions: int = DEFAULT_LIMIT,
+        session_idle: float = DEFAULT_IDLE,
+        cache_bytes: int | None = None,
     ) -> None:
         if not names:
             raise ValueError("listen() needs at least one queue name")
@@ -113,6 +125,8 @@ class Listener:
         self.id = worker_id or new_worker_id()
         self.keys = store.keys
         self.store = store
+        cache_bytes = default_cache_bytes() if cache_bytes is None else cache_bytes
+        store.blobs.cache = BufferCache(cache_bytes) if cache_bytes else None
         self.redis = store.redis
         self.info = {
             "id": self.id,
@@ -120,6 +134,8 @@ class Listener:
             "pid": os.getpid(),
             "queues": names,
             "workers": workers,
+            "session_limit": sessions,
+            "sessions": [],
             "started": time.time(),
             **(info or {}),
         }
@@ -137,6 +153,7 @@ class Listener:
         self.abandoned: list[str] = []  # tasks still running after shutdown requeued them
         helper = HelperSettings.of(self.redis, self.keys) if heartbeat_process else None
         self.watchdog = Watchdog(self.state, self.registry, self.reaper, helper)
+        self.sessions = SessionHost(self, store, limit=sessions, idle=session_idle)
         # Test hook: pause right after BLMOVE, before claim.lua, writing the id to this file.
         self.pause_after_move = os.environ.get("RTQ_TEST_PAUSE_AFTER_MOVE")
 
@@ -156,9 +173,12 @@ class Listener:
         warning = eviction_warning(self.redis)
         if warning:
             logger.warning("%s", warning)
+        # The record first (the first beat writes it with the markers): a caller that sees a queue
+        # marked finds the worker that marks it, with room for sessions, among the live ones.
+        self.watchdog.start()
+        self.sessions.start()
         for name in self.names:
             self.store.mark_listened(name, self.marker_ttl)
-        self.watchdog.start()
         # A thread per slot, and one per queue for the claiming that goes on meanwhile.
         pool = ThreadPoolExecutor(self.workers + len(self.names), thread_name_prefix="rtq-task")
         contended = self.workers < len(self.names)
@@ -176,6 +196,8 @@ class Listener:
                 for claiming in claims:
                     claiming.ended.wait()
                 self._drain(pool)
+                host = self.info["host"]
+                self.sessions.close_all(f"worker stopped: its worker {self.id} on {host} was shut down")
                 self.watchdog.stop()
             finally:
                 self.watchdog.close()
@@ -267,7 +289,9 @@ class Listener:
                     self.free.release()
         return None
 
-    def _claim_batch(self, channel: Channel, queue_name: str, task_id: str, more: int) -> list[Run]:
+    def _claim_batch(
+        self, channel: Channel, queue_name: str, task_id: str, more: int, *, stopping: bool = False
+    ) -> list[Run]:
         """Claim ``task_id`` (just moved into our list) and up to ``more`` ids still queued.
 
         Two round trips at most (:meth:`Claims.claim`); returns the attempts now ours, in queue order.
@@ -282,7 +306,7 @@ class Listener:
             moved.extend(extra)
 
         try:
-            if self.event.is_set():  # stopped during the blocking move: put it back
+            if self.event.is_set() and not stopping:  # stopped during the blocking move: put it back
                 self.reaper.give_back(self.id, refund=True, only=[task_id])
                 return []
             if self.pause_after_move:
@@ -305,6 +329,36 @@ class Listener:
         finally:
             with self.lock:
                 self.claiming.difference_update(moved)
+
+    def claim_from(
+        self, channel: Channel, key: str, queue_name: str, wait: float, *, stopping: bool = False
+    ) -> Run | None:
+        """Claim the next id of the list ``key`` (a session's calls), waiting up to ``wait`` s; None if none.
+
+        The attempt returned is held (in ``active``) but takes no task slot: a session's thread runs it.
+        ``stopping``: claim it even though the worker stops (to fail it, not to run it).
+        """
+        moved = self.claims.move_from(channel, key, wait)
+        if moved is None:
+            return None
+        runs = self._claim_batch(channel, queue_name, moved, 0, stopping=stopping)
+        if not runs:
+            return None
+        runs[0].slot = False
+        return runs[0]
+
+    def announce(self) -> None:
+        """Write this worker's heartbeat record now (the sessions it holds changed)."""
+        self.watchdog.beat()
+
+    def refuse(self, run: Run, exc: BaseException) -> None:
+        """Fail a claimed attempt with ``exc`` without running it (a call to a session that closed)."""
+        try:
+            self.outcomes.finish(run, TaskState.FAILED, exc)
+        finally:
+            with self.idle:
+                self.active.pop(run.id, None)
+                self.idle.notify_all()
 
     def _pause_for_tests(self, task_id: str) -> None:
         """Hold a moved-but-unclaimed id until stopped, so a test can kill the worker right here."""
@@ -350,6 +404,10 @@ class Listener:
         return run
 
     # -- running ---------------------------------------------------------------------------
+    def execute(self, run: Run) -> None:
+        """Run a claimed attempt and store its outcome (a session's thread runs its calls so)."""
+        self._execute(run)
+
     def _execute(self, run: Run) -> None:
         task, held, stopper = run.task, run.held, run.stopper
 
@@ -377,6 +435,7 @@ class Listener:
                 with (
                     running(task),
                     capturing(self.store, run, self.id),
+                    self.sessions.hosting(run.session),
                     stopper.armed(),
                     outcome_stored_by_runner(task),
                 ):
@@ -384,8 +443,10 @@ class Listener:
             except BaseException as exc:  # a task must never take its worker down
                 if stopper.exc_type is not None and isinstance(exc, stopper.exc_type) and not str(exc):
                     exc = stopper.exc_type(f"Task {task.id} in {task.name} {stopper.reason}")  # raised bare
+                _call(run.ran)
                 self.outcomes.finish(run, TaskState.FAILED, exc)
             else:
+                _call(run.ran)
                 self.outcomes.finish(run, TaskState.DONE, result)
         except Exception:
             logger.exception("could not store the outcome of task %s", task.id)
@@ -394,7 +455,17 @@ class Listener:
                 self.active.pop(task.id, None)
                 self.state.tasks_done += 1
                 self.idle.notify_all()
-            self.free.release()
+            if run.slot:
+                self.free.release()
+
+
+def _call(hook: Callable[[], object] | None) -> None:
+    if hook is None:
+        return
+    try:
+        hook()
+    except Exception:  # a bookkeeping hook must never cost a task its outcome
+        logger.exception("a hook after running a task failed")
 
 
 class _Claiming:

@@ -67,7 +67,7 @@ class OutcomeWriter:
         tag = f"a{run.attempt}"
         if state == TaskState.DONE:
             try:
-                enc = self.store.encode(key, "result", value, tag, "result")
+                enc = self.store.encode(key, "result", value, tag, "result", expiry=task.expiry)
             except SerializationError as exc:
                 state, value = TaskState.FAILED, exc
         if state == TaskState.FAILED:

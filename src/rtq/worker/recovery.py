@@ -4,7 +4,9 @@ A worker's lease is its heartbeat key, which expires on the Redis server's clock
 sorted set only says *when to look* (its score is when the lease should end, on the worker's
 clock). Any live worker — and any caller waiting on a task — can reap a lapsed worker: each of
 its claimed tasks goes back to the front of its queue, or fails with ``WorkerLost`` once it has
-used up its ``max_attempts`` (the limit it was submitted under, stored with it, whoever reaps).
+used up its ``max_attempts`` (the limit it was submitted under, stored with it, whoever reaps) —
+except a call to a session, whose state died with the worker: it fails with ``SessionLost`` at
+once and never runs again (at most once).
 Each step is one Lua call that first removes the id from the dead worker's list, so two reapers
 never requeue the same task twice. A worker that died while sending a result leaves none of it:
 a result with extra frames is one transaction with ``finish.lua`` (see :mod:`rtq.worker.outcome`).
@@ -16,9 +18,10 @@ import json
 import logging
 import time
 
+from ..backend.sessions import SessionRecords, died_reason
 from ..backend.store import TaskStore
 from ..backend.workers import WorkerRegistry
-from ..errors import WorkerLost
+from ..errors import SessionLost, WorkerLost
 from ..task import TaskState
 
 logger = logging.getLogger("rtq.worker")
@@ -34,6 +37,7 @@ class Reaper:
 
     def __init__(self, store: TaskStore, max_attempts: int) -> None:
         self.registry = WorkerRegistry(store)
+        self.sessions = SessionRecords(store)
         self.max_attempts = max_attempts
 
     def lapsed(self, exclude: str | None = None) -> list[str]:
@@ -62,11 +66,15 @@ class Reaper:
         """
         moved = 0
         for task_id in self.registry.claimed(worker) if only is None else only:
-            name, notify, attempt, limit = self.registry.lost_task(task_id)
-            error = WorkerLost(
-                f"task {task_id} in {name} was lost with its worker {worker} "
-                f"after {attempt or '?'} attempt(s) (max_attempts={_limit(limit, self.max_attempts)})"
-            )
+            name, notify, attempt, limit, session = self.registry.lost_task(task_id)
+            error: BaseException
+            if session:  # it ran against state that lived in that worker alone: never run it again
+                error = self._session_lost(session, task_id, worker, refund)
+            else:
+                error = WorkerLost(
+                    f"task {task_id} in {name} was lost with its worker {worker} "
+                    f"after {attempt or '?'} attempt(s) (max_attempts={_limit(limit, self.max_attempts)})"
+                )
             outcome = self.registry.give_back(
                 task_id,
                 worker,
@@ -76,6 +84,7 @@ class Reaper:
                 error=error,
                 entry=self._entry(task_id, name, error, worker),
                 refund=refund,
+                never_requeue=bool(session),
             )
             if outcome != "skipped":
                 moved += 1
@@ -83,6 +92,18 @@ class Reaper:
         if not refund and only is None:
             self.registry.forget(worker)
         return moved
+
+    def _session_lost(self, session_id: str, task_id: str, worker: str, stopped: bool) -> SessionLost:
+        """The error of a call to a session whose worker died (or stopped before it ended)."""
+        label, host = self.sessions.label(session_id)
+        if stopped:
+            reason = f"worker stopped: its worker {worker} on {host or '?'} shut down before the call ended"
+        else:
+            reason = died_reason(worker, host)
+            self.sessions.close(session_id, reason, only_if_open=True)
+        return SessionLost(
+            f"session {label or session_id!r} is lost: {reason}; call {task_id} did not complete and is never run again"
+        )
 
     def dead_letter(self, task_id: str, name: str, error: BaseException, worker: str = "") -> None:
         """Keep a failed task's id and error in the dead-letter list for inspection."""

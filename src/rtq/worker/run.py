@@ -10,12 +10,16 @@ The watchdog reads runs (through :class:`~rtq.worker.state.WorkerState`) to stop
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 from ..backend.claims import Held
 from ..task import RedisTask
 from .stopper import Stopper
+
+if TYPE_CHECKING:
+    from .sessions import Session
 
 __all__ = ["OutputSink", "Run"]
 
@@ -42,6 +46,12 @@ class Run:
         notify: The list its caller is woken on when it ends.
         stopper: Ends the task from outside its thread (cancel, takeover, deadline).
         output: The sink of its captured output, while capture is on.
+        slot: Whether it holds one of the worker's task slots (a call to a session does not:
+            the session's own thread runs it).
+        session: The session a call is aimed at (:func:`rtq.worker.sessions.current_session`
+            while it runs), or None.
+        ran: Called once it ran, before its outcome is stored (a session's record is updated
+            before its caller wakes).
     """
 
     task: RedisTask
@@ -50,6 +60,9 @@ class Run:
     notify: str = ""
     stopper: Stopper = field(default_factory=Stopper)
     output: OutputSink | None = None
+    slot: bool = True
+    session: Session | None = None
+    ran: Callable[[], object] | None = None
 
     @property
     def id(self) -> str:

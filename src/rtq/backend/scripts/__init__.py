@@ -10,7 +10,19 @@ from __future__ import annotations
 from importlib.resources import files
 from typing import Any
 
-NAMES = ("claim", "finish", "progress", "cancel", "recover", "heartbeat", "output", "submit", "consume")
+NAMES = (
+    "claim",
+    "finish",
+    "progress",
+    "cancel",
+    "recover",
+    "heartbeat",
+    "output",
+    "submit",
+    "consume",
+    "touch",
+    "enqueue",
+)
 
 
 def load(client: Any) -> dict[str, Any]:

@@ -16,6 +16,8 @@
 -- ARGV[7]  the error as JSON text (type, message, traceback)
 -- ARGV[8]  the dead-letter entry (JSON)
 -- ARGV[9]  '1' to give the attempt back (the worker stopped on purpose, the task did not fail)
+-- ARGV[10] '1' to never requeue it (a call to a session, which lived in that worker alone: it
+--          fails with the error given, at most once), else '0' (optional)
 --
 -- Returns 'requeued', 'failed', or 'skipped' when another worker recovered it first or the task
 -- is no longer the dead worker's.
@@ -23,18 +25,19 @@ if redis.call('LREM', KEYS[2], -1, ARGV[1]) == 0 then
   return 'skipped'
 end
 local cur = redis.call('HMGET', KEYS[1], 'state', 'owner', 'attempt', 'max_attempts')
-if cur[1] == 'queued' then
+local never = ARGV[10] == '1'
+if cur[1] == 'queued' and not never then
   -- Moved into the worker's list but never claimed (the worker died between BLMOVE and
   -- claim.lua): it left the queue, so it must go back; it used no attempt.
   redis.call('LPUSH', KEYS[3], ARGV[1])
   return 'requeued'
 end
-if cur[1] ~= 'running' or cur[2] ~= ARGV[2] then
+if cur[1] ~= 'queued' and (cur[1] ~= 'running' or cur[2] ~= ARGV[2]) then
   return 'skipped'
 end
-if ARGV[9] == '1' then
+if ARGV[9] == '1' and not never then
   redis.call('HINCRBY', KEYS[1], 'attempt', -1)
-elseif tonumber(cur[3] or '0') >= (tonumber(cur[4] or '') or tonumber(ARGV[3])) then
+elseif never or tonumber(cur[3] or '0') >= (tonumber(cur[4] or '') or tonumber(ARGV[3])) then
   redis.call('HDEL', KEYS[1], 'result', 'result#', 'error#')
   redis.call('HSET', KEYS[1], 'state', 'failed', 'finished', ARGV[4], 'error', ARGV[6], 'error_text', ARGV[7])
   local keep = tonumber(ARGV[5])
