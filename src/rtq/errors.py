@@ -12,6 +12,7 @@ import concurrent.futures
 __all__ = [
     "ConfigurationError",
     "DashboardError",
+    "NotReplicated",
     "RedisFull",
     "RemoteTaskError",
     "ResultFreed",
@@ -91,6 +92,10 @@ class ResultFreed(RtqError, LookupError):
 
 class RedisFull(RtqError):
     """Raised when Redis refused to store a task or its outcome for lack of memory (``maxmemory``)."""
+
+
+class NotReplicated(RtqConnectionError):
+    """Raised when ``durable=True`` and no replica acknowledged a submit in time (a failover could lose it)."""
 
 
 class TaskLost(RtqError):

@@ -144,12 +144,18 @@ def _parse(fn: Any, line: str) -> Any:
 
 
 @magic_arguments(name="rtq connect")
-@argument("url", nargs="?", help="redis://HOST:PORT[/DB] (default: RTQ_REDIS_URL, else embedded + local worker)")
+@argument(
+    "url",
+    nargs="?",
+    help="redis://HOST:PORT[/DB] or redis+sentinel://HOST:PORT[,HOST:PORT...]/SERVICE "
+    "(default: RTQ_REDIS_URL, else embedded + local worker)",
+)
 @argument("--prefix", default="rtq", help="key prefix the workers use (default: rtq)")
+@argument("--cluster", action="store_true", help="URL is a node of a Redis Cluster (workers use --cluster too)")
 @argument("--queue", default=DEFAULT_QUEUE, help="queue %%%%rtq uses when given no NAME (default: default)")
 @argument("--secret", help="sign payloads with this secret (default: RTQ_SECRET)")
 def _connect_args(line: str) -> None:
-    """%rtq connect [URL] [--prefix P] [--queue NAME]: connect the magics to Redis."""
+    """%rtq connect [URL] [--prefix P] [--queue NAME] [--cluster]: connect the magics to Redis."""
 
 
 @magic_arguments(name="rtq wait")
@@ -228,7 +234,9 @@ class RtqMagics(Magics):
                 from ..server import default_server
 
                 url = default_server().url
-            queue = connect(url, args.prefix, secret=args.secret)
+            if args.cluster and embedded:
+                raise UsageError("%rtq connect --cluster needs the URL of a cluster node")
+            queue = connect(url, args.prefix, secret=args.secret, cluster=args.cluster)
         except (RtqError, ValueError) as exc:
             raise UsageError(f"%rtq connect: {exc}") from None
         session = _Session(queue, url, args.queue)
