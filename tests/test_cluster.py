@@ -183,3 +183,103 @@ def test_a_resharded_queue_is_followed_to_its_new_node(cluster, procs):
     assert time.monotonic() - started < 30
     assert redis.Redis(host="127.0.0.1", port=target).exists(q.keys.listen("q"))  # markers are there too
     cluster.move_slot(key, before)  # back where it was, for the other tests
+
+
+class Counter:
+    """An actor that says what each call saw before it."""
+
+    def __init__(self) -> None:
+        self.n = 0
+        self.weights = bytearray(2 * 1024 * 1024)
+
+    def add(self) -> tuple[int, int]:
+        before = self.n
+        self.n = before + 1
+        return before, self.n
+
+    def big(self) -> bytes:
+        return bytes(3 * 1024 * 1024)  # large: held on the worker until its caller asks
+
+    def wait(self, marker: str, seconds: float) -> str:
+        with open(marker, "a") as fh:
+            fh.write(f"{os.getpid()}\n")
+        end = time.time() + seconds
+        while time.time() < end:
+            time.sleep(0.01)
+        return "finished"
+
+
+def test_an_actor_on_a_cluster_runs_calls_in_order_and_is_lost_with_its_worker(cluster, procs, tmp_path):
+    worker = start_worker(cluster.url, "act", prefix="actor", args=("--cluster", "--lease", "2"))
+    procs.append(worker)
+    q = rtq.connect(cluster.url, "actor", cluster=True, timeout=60, interval=0.5)
+    with rtq.Executor(q, "act") as ex:
+        counter = ex.actor(Counter)
+        assert f":{worker.pid}:" in counter.session.worker
+        calls = [counter.add() for _ in range(30)]
+        assert [c.result(30) for c in calls] == [(i, i + 1) for i in range(30)]
+        kept = counter.big()
+        wait_for(lambda: counter.session.state().results, 30, "the record to list the held result")
+        assert kept.result(30) == bytes(3 * 1024 * 1024)  # fetched from the actor through the cluster
+        marker = tmp_path / "started"
+        running = counter.wait(str(marker), 30)
+        wait_for(marker.exists, 30, "the call to start")
+        os.kill(worker.pid, signal.SIGKILL)
+        killed = time.monotonic()
+        with pytest.raises(rtq.errors.SessionLost, match="died"):
+            running.result(30)
+        assert time.monotonic() - killed < 10
+        with pytest.raises(rtq.errors.SessionLost, match="died"):
+            counter.add()
+
+
+def test_a_buffer_sent_twice_on_a_cluster_goes_once(cluster, procs):
+    import numpy
+
+    procs.append(start_worker(cluster.url, "dig", prefix="digest", args=("--cluster",)))
+    q = rtq.connect(cluster.url, "digest", cluster=True, timeout=60, interval=0.5)
+    node = redis.Redis(host="127.0.0.1", port=cluster.node_of(q.keys.queue("dig")))
+    data = numpy.random.default_rng(0).integers(0, 255, size=16 << 20, dtype=numpy.uint8)
+    sent = []
+    with rtq.Executor(q, "dig") as ex:
+        for _ in range(2):
+            before = int(node.info("stats")["total_net_input_bytes"])
+            assert ex.submit(len, data).result(60) == 16 << 20
+            sent.append(int(node.info("stats")["total_net_input_bytes"]) - before)
+    assert sent[0] > 16 << 20 and sent[1] < 1 << 20, sent
+    held = list(node.scan_iter(match=q.keys.blob_pattern()))
+    assert len(held) == 1 and node.strlen(held[0]) == 16 << 20  # one copy, on the queue's node
+    node.close()
+
+
+def test_the_dashboard_and_rtq_status_show_an_actor_on_a_cluster(cluster, procs, tmp_path):
+    from rtq.web.board import Board
+
+    worker = start_worker(cluster.url, "dash", prefix="board", args=("--cluster",))
+    procs.append(worker)
+    q = rtq.connect(cluster.url, "board", cluster=True, timeout=60, interval=0.5)
+    board = Board(q)
+    assert board.where.startswith("cluster 127.0.0.1:")
+    with rtq.Executor(q, "dash") as ex, ex.actor(Counter) as counter:
+        flag = tmp_path / "go"
+        running = ex.submit(progressfns.wait_for_file, str(flag), 60.0)
+        wait_for(lambda: _state(q, running.task_id) == "running", 20, "the task to start")
+
+        def shown() -> dict:
+            board.refresh()
+            return board.state()
+
+        state = wait_for(lambda: (s := shown())["running"] and s["sessions"] and s, 30, "the board to show both")
+        assert [w["pid"] for w in state["workers"]] == [worker.pid]
+        assert [t["id"] for t in state["running"]] == [running.task_id]
+        assert [s["id"] for s in state["sessions"]] == [counter.session.id]
+        assert any(q["name"] == "dash" for q in state["queues"])
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(TESTS), str(ROOT / "src")])}
+        cmd = [sys.executable, "-m", "rtq", "status", "--url", cluster.url, "--prefix", "board", "--cluster"]
+        done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=60)
+        assert done.returncode == 0, done.stderr
+        assert f"sessions and actors (1):\n  actor 'Counter'  worker {counter.session.worker}" in done.stdout
+        assert "weights (bytearray, 2.0 MiB)" in done.stdout, done.stdout
+        flag.touch()
+        assert running.result(30) is None
+

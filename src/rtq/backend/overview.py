@@ -23,6 +23,8 @@ from typing import Any
 from .failures import error_info
 from .keys import Keys
 from .store import TaskStore, text
+from .topology import is_cluster, is_sentinel
+from .topology import where as deployment
 
 __all__ = ["Layout", "Overview"]
 
@@ -63,7 +65,12 @@ class Overview:
         self._failures: tuple[Any, list[dict[str, Any]]] = (None, [])  # the list's head, and what it held
 
     def where(self) -> str:
-        """``host:port/db`` of the server (never its password), for the page's header."""
+        """``host:port/db`` of the server (never its password), for the page's header.
+
+        A cluster's first nodes (``cluster host:port,…``) or a Sentinel service (``sentinel NAME``).
+        """
+        if is_cluster(self.redis) or is_sentinel(self.redis):
+            return deployment(self.redis)
         kwargs = self.redis.connection_pool.connection_kwargs
         if kwargs.get("path"):
             return f"unix:{kwargs['path']}/{kwargs.get('db', 0)}"

@@ -21,7 +21,9 @@ from typing import Any
 import redis as redis_py
 
 from .keys import Keys
-from .store import TaskStore, text
+from .replies import raise_errors
+from .store import TaskStore, flatten, text
+from .wire import ChannelPool
 
 __all__ = ["CLOSED", "CLOSED_KEEP_S", "OPEN", "SessionRecords", "SessionState", "died_reason"]
 
@@ -84,15 +86,13 @@ class SessionRecords:
     def __init__(self, store: TaskStore) -> None:
         self.keys: Keys = store.keys
         self.redis: redis_py.Redis = store.redis
+        self.channels: ChannelPool = store.channels  # transactions on a held connection (also on a cluster)
 
     def open(self, session_id: str, fields: dict[str, Any], ttl: float) -> None:
         """Write a new session's record (it lives ``ttl`` seconds unless touched)."""
         key = self.keys.session(session_id)
-        pipe = self.redis.pipeline(transaction=True)
-        pipe.delete(key)
-        pipe.hset(key, mapping={**{k: _str(v) for k, v in fields.items()}, "state": OPEN})
-        pipe.pexpire(key, int(ttl * 1000))
-        pipe.execute()
+        record = {**{k: _str(v) for k, v in fields.items()}, "state": OPEN}
+        self._transaction([("DEL", key), ("HSET", key, *flatten(record)), ("PEXPIRE", key, int(ttl * 1000))])
 
     def touch(self, session_id: str, fields: dict[str, Any], ttl: float) -> None:
         """Update an open session's record (last use, names held) and give it ``ttl`` more seconds."""
@@ -113,11 +113,15 @@ class SessionRecords:
             state = self.redis.hget(key, "state")
             if state is not None and text(state) == CLOSED:
                 return False
-        pipe = self.redis.pipeline(transaction=True)
-        pipe.hset(key, mapping={"state": CLOSED, "reason": reason, "closed": repr(time.time())})
-        pipe.pexpire(key, int(CLOSED_KEEP_S * 1000))
-        pipe.execute()
+        closed = {"state": CLOSED, "reason": reason, "closed": repr(time.time())}
+        self._transaction([("HSET", key, *flatten(closed)), ("PEXPIRE", key, int(CLOSED_KEEP_S * 1000))])
         return True
+
+    def _transaction(self, commands: list[tuple[Any, ...]]) -> None:
+        """``commands`` as one ``MULTI``/``EXEC`` on a held connection (a cluster client's pipelines have none)."""
+        with self.channels.channel() as channel:
+            replies = channel.pipeline([("MULTI",), *commands, ("EXEC",)])
+        raise_errors(replies, "a session record")
 
     def state(self, session_id: str, worker_id: str) -> SessionState:
         """The record of ``session_id`` and whether ``worker_id`` holds its lease (one round trip)."""
