@@ -283,3 +283,39 @@ def test_the_dashboard_and_rtq_status_show_an_actor_on_a_cluster(cluster, procs,
         flag.touch()
         assert running.result(30) is None
 
+
+def test_a_local_worker_serves_a_cluster_queue(cluster):
+    q = rtq.connect(cluster.url, "local", cluster=True, timeout=60, interval=0.5)
+    with rtq.local_worker(q, "here", workers=1) as worker, rtq.Executor(q, "here") as ex:
+        assert ex.submit(os.getpid).result(30) == worker.pid
+        assert q.is_listened("here")
+    assert not worker.running
+
+
+def test_the_cell_magic_connects_to_a_cluster(cluster, procs):
+    import nbformat
+    from nbclient import NotebookClient
+
+    from conftest import child_env
+
+    procs.append(start_worker(cluster.url, "cells", prefix="magic", args=("--cluster",)))
+    client = NotebookClient(nbformat.v4.new_notebook(), kernel_name="python3", timeout=60, allow_errors=True)
+    env = {k: v for k, v in child_env().items() if k not in ("RTQ_REDIS_URL", "RTQ_SECRET")}
+
+    def run(source: str) -> tuple[str, list[str]]:
+        cell = nbformat.v4.new_code_cell(source)
+        client.nb.cells.append(cell)
+        client.execute_cell(cell, len(client.nb.cells) - 1)
+        out = "".join(o.get("text", "") for o in cell.outputs if o.output_type == "stream")
+        out += "".join(o.data.get("text/plain", "") for o in cell.outputs if o.output_type == "execute_result")
+        return out, [o.ename for o in cell.outputs if o.output_type == "error"]
+
+    with client.setup_kernel(env=env):
+        out, failed = run(f"%load_ext rtq\n%rtq connect --cluster {cluster.url} --prefix magic --queue cells")
+        assert not failed and "live workers serve 'cells'" in out, out
+        out, failed = run("%%rtq\nimport os\nwhere = os.getpid()")
+        assert not failed, out
+        out, failed = run("where")
+        assert out.strip() == str(procs[0].pid), out
+        out, failed = run("%rtq status")
+        assert not failed and "workers (1):" in out, out

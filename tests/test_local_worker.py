@@ -128,3 +128,10 @@ def test_interrupting_the_kernel_leaves_the_embedded_server_and_local_worker_run
                 os.kill(pid, 9)
             except ProcessLookupError:
                 pass
+
+
+def test_url_of_a_sentinel_client_names_its_sentinels_and_service() -> None:
+    from rtq.backend.connections import client_from_url
+
+    url = "redis+sentinel://:p%40ss@127.0.0.1:26390,127.0.0.1:26391/mymaster/2"
+    assert url_of(client_from_url(url)) == url  # no sentinel is asked: the client connects lazily

@@ -24,6 +24,7 @@ from typing import IO, TYPE_CHECKING, Any
 from urllib.parse import quote
 
 from .backend.keys import check_name
+from .backend.topology import SENTINEL_SCHEME, is_cluster, pool_of, topology_of
 from .errors import ConfigurationError, RtqError
 
 if TYPE_CHECKING:
@@ -112,9 +113,11 @@ def local_worker(
     Args:
         queue: The queue whose Redis and namespace the worker serves (from :func:`rtq.connect`).
         *names: Queue names to serve.
-        url: Redis URL for the worker (default: built from ``queue``'s client; pass it for a
-            client made with TLS options or other settings a URL cannot carry). The worker gets
-            it in its environment (``RTQ_REDIS_URL``), never on its command line.
+        url: Redis URL for the worker (default: built from ``queue``'s client, one node's for a
+            Redis Cluster client, a ``redis+sentinel://`` one for a Sentinel-managed client; pass
+            it for a client made with TLS options, sentinel passwords or other settings a URL
+            cannot carry). The worker gets it in its environment (``RTQ_REDIS_URL``), never on
+            its command line; on a cluster it runs with ``--cluster``.
         workers: Tasks the worker runs at once.
         timeout: Seconds to wait for the worker to come up.
 
@@ -141,6 +144,8 @@ def local_worker(
         del env["RTQ_SECRET"]
     cmd = [sys.executable, "-m", "rtq", "worker", *names, "--prefix", queue.prefix]
     cmd += ["--suffix", queue.suffix, "--workers", str(workers), "--timeout", str(queue.timeout)]
+    if is_cluster(queue.redis):
+        cmd.append("--cluster")  # the URL is one node's: the worker discovers the others from it
     from .server import die_with_parent
 
     log = tempfile.TemporaryFile(prefix="rtq-worker-")
@@ -191,8 +196,13 @@ def _secret_env(queue: RedisTaskQueue) -> str:
 
 
 def url_of(client: Any) -> str:
-    """A ``redis://`` (or ``rediss://``, ``unix://``) URL for the server a redis-py client talks to."""
-    kwargs = client.connection_pool.connection_kwargs
+    """A URL for the server a redis-py client talks to: ``redis://`` (or ``rediss://``, ``unix://``).
+
+    A Redis Cluster client's is one node's (a worker started with ``--cluster`` finds the others
+    from it); a Sentinel-managed client's is ``redis+sentinel://`` with its sentinels and service.
+    """
+    pool = pool_of(client)
+    kwargs = pool.connection_kwargs
     user, password = kwargs.get("username"), kwargs.get("password")
     auth = ""
     if password:
@@ -200,11 +210,16 @@ def url_of(client: Any) -> str:
     elif user:
         auth = f"{quote(str(user), safe='')}@"
     db = kwargs.get("db", 0) or 0
+    topology = topology_of(client)
+    if topology and topology[0] == "sentinel":
+        hosts = ",".join(f"{_host(host)}:{port}" for host, port in topology[1])
+        return f"{SENTINEL_SCHEME}://{auth}{hosts}/{quote(topology[2], safe='')}/{db}"
     if kwargs.get("path"):
         return f"unix://{auth}{kwargs['path']}?db={db}"
-    cls = client.connection_pool.connection_class.__name__
-    scheme = "rediss" if "SSL" in cls else "redis"
-    host = kwargs.get("host", "localhost")
-    if ":" in host:  # an IPv6 address
-        host = f"[{host}]"
-    return f"{scheme}://{auth}{host}:{kwargs.get('port', 6379)}/{db}"
+    scheme = "rediss" if "SSL" in pool.connection_class.__name__ else "redis"
+    return f"{scheme}://{auth}{_host(kwargs.get('host', 'localhost'))}:{kwargs.get('port', 6379)}/{db}"
+
+
+def _host(host: str) -> str:
+    """``host`` as a URL spells it (an IPv6 address in brackets)."""
+    return f"[{host}]" if ":" in host else host
