@@ -19,7 +19,7 @@ import redis
 
 import progressfns
 import rtq
-from conftest import ROOT, TESTS, wait_for
+from conftest import ROOT, TESTS, in_thread, wait_for
 from rtq import TaskExecutePolicy as P
 from rtq.watch import watch
 from topologies import REDIS_SERVER, Cluster, start_worker, stop_workers, supports, valkey_server
@@ -319,3 +319,48 @@ def test_the_cell_magic_connects_to_a_cluster(cluster, procs):
         assert out.strip() == str(procs[0].pid), out
         out, failed = run("%rtq status")
         assert not failed and "workers (1):" in out, out
+
+
+def asked(port: int) -> int:
+    """How many ``ASKING`` commands the node at ``port`` has been sent."""
+    node = redis.Redis(host="127.0.0.1", port=port)
+    try:
+        return int(node.info("commandstats").get("cmdstat_asking", {}).get("calls", 0))
+    finally:
+        node.close()
+
+
+def test_a_queue_in_mid_migration_is_served_through_ask(cluster, procs):
+    procs.append(start_worker(cluster.url, "q", prefix="ask", args=("--cluster", "--task-fn", "taskfns:echo_task")))
+    procs.append(start_worker(cluster.url, "calls", prefix="ask", args=("--cluster",)))
+    q = rtq.connect(cluster.url, "ask", cluster=True, timeout=60, interval=0.5)
+    with rtq.Executor(q, "calls") as ex:  # shipped calls too: submit.lua, claims and outcomes on the held wire
+        assert q.query("a1", "q", {"action": "echo", "value": 1}, policy=P.Remote) == 1
+        assert ex.submit(pow, 2, 3).result(30) == 8
+        key = q.keys.queue("q")
+        before = cluster.node_of(key)
+        target = next(p for p in cluster.ports if p != before)
+        asked_before = asked(target)
+        migration = cluster.begin_move(key, target)
+        try:
+            migration.move_keys()  # every key is on the importing node; the slot still belongs to the source
+            assert migration.keys_at_source() == 0 and migration.keys_at_target() > 0
+            # Each command meets ASK at the source and goes to the importing node with ASKING; one
+            # that creates keys (a submit, a claim) is answered TRYAGAIN there until the slot has
+            # moved, and waits for that.
+            seeds = in_thread(
+                lambda: [q.query(f"a{i}", "q", {"action": "echo", "value": i}, policy=P.Remote) for i in (2, 3)]
+            )
+            calls = in_thread(lambda: [ex.submit(pow, 2, i).result(30) for i in range(4)])
+            wait_for(lambda: asked(target) > asked_before + 10, 20, "rtq to follow ASK to the importing node")
+            assert "error" not in seeds and "error" not in calls  # waiting, not failed
+        finally:
+            migration.finish()
+        wait_for(
+            lambda: ("value" in seeds and "value" in calls) or "error" in seeds or "error" in calls, 30, "the calls"
+        )
+        assert seeds.get("value") == [2, 3], seeds
+        assert calls.get("value") == [1, 2, 4, 8], calls
+        assert cluster.node_of(key) == target and migration.keys_at_target() > 0
+        assert q.query("a9", "q", {"action": "echo", "value": 9}, policy=P.Remote) == 9
+    cluster.move_slot(key, before)

@@ -137,26 +137,57 @@ class Cluster(Deployment):
 
     def move_slot(self, key: str, to_port: int) -> None:
         """Reshard ``key``'s slot, with its keys, onto the master at ``to_port`` (as redis-cli does)."""
-        from_port = self.node_of(key)
-        source, target = redis.Redis(host="127.0.0.1", port=from_port), redis.Redis(host="127.0.0.1", port=to_port)
+        migration = self.begin_move(key, to_port)
+        migration.move_keys()
+        migration.finish()
+
+    def begin_move(self, key: str, to_port: int) -> Migration:
+        """Start moving ``key``'s slot to the master at ``to_port``: ``IMPORTING`` there, ``MIGRATING`` here.
+
+        Until :meth:`Migration.finish`, the source answers ``ASK`` for a key it no longer holds
+        (or never held), and ``TRYAGAIN`` for a multi-key command whose keys are split.
+        """
+        return Migration(self, key, self.node_of(key), to_port)
+
+
+class Migration:
+    """One slot's move between two masters, step by step (``CLUSTER SETSLOT`` and ``MIGRATE``)."""
+
+    def __init__(self, cluster: Cluster, key: str, from_port: int, to_port: int) -> None:
+        self.cluster, self.from_port, self.to_port = cluster, from_port, to_port
+        self.source = redis.Redis(host="127.0.0.1", port=from_port)
+        self.target = redis.Redis(host="127.0.0.1", port=to_port)
+        self.slot = int(self.source.execute_command("CLUSTER", "KEYSLOT", key))
+        self.source_id = self.source.execute_command("CLUSTER", "MYID")
+        self.target_id = self.target.execute_command("CLUSTER", "MYID")
+        self.target.execute_command("CLUSTER", "SETSLOT", self.slot, "IMPORTING", self.source_id)
+        self.source.execute_command("CLUSTER", "SETSLOT", self.slot, "MIGRATING", self.target_id)
+
+    def keys_at_source(self) -> int:
+        return int(self.source.execute_command("CLUSTER", "COUNTKEYSINSLOT", self.slot))
+
+    def keys_at_target(self) -> int:
+        return int(self.target.execute_command("CLUSTER", "COUNTKEYSINSLOT", self.slot))
+
+    def move_keys(self) -> None:
+        """``MIGRATE`` every key the source holds in the slot now to the target."""
+        while True:
+            keys = self.source.execute_command("CLUSTER", "GETKEYSINSLOT", self.slot, 100)
+            if not keys:
+                return
+            self.source.execute_command("MIGRATE", "127.0.0.1", self.to_port, "", 0, 5000, "REPLACE", "KEYS", *keys)
+
+    def finish(self) -> None:
+        """Move what the source still holds, then give the slot to the target on every node."""
         try:
-            slot = int(source.execute_command("CLUSTER", "KEYSLOT", key))
-            source_id = source.execute_command("CLUSTER", "MYID")
-            target_id = target.execute_command("CLUSTER", "MYID")
-            target.execute_command("CLUSTER", "SETSLOT", slot, "IMPORTING", source_id)
-            source.execute_command("CLUSTER", "SETSLOT", slot, "MIGRATING", target_id)
-            while True:
-                keys = source.execute_command("CLUSTER", "GETKEYSINSLOT", slot, 100)
-                if not keys:
-                    break
-                source.execute_command("MIGRATE", "127.0.0.1", to_port, "", 0, 5000, "REPLACE", "KEYS", *keys)
-            for port in self.ports:
+            self.move_keys()
+            for port in self.cluster.ports:
                 node = redis.Redis(host="127.0.0.1", port=port)
-                node.execute_command("CLUSTER", "SETSLOT", slot, "NODE", target_id)
+                node.execute_command("CLUSTER", "SETSLOT", self.slot, "NODE", self.target_id)
                 node.close()
         finally:
-            source.close()
-            target.close()
+            self.source.close()
+            self.target.close()
 
 
 def _cluster_ok(client: redis.Redis, masters: int) -> bool:

@@ -122,7 +122,7 @@ class Inbox:
             return
         replies = channel.pipeline(commands)
         if any(isinstance(r, redis_py.exceptions.NoScriptError) for r in replies):  # a restarted server
-            channel.execute("SCRIPT", "LOAD", script.script)
+            channel.load(script)
             channel.pipeline(commands)
 
     def lapsed(self, channel: Channel, owners: Sequence[str]) -> set[str]:

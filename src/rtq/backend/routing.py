@@ -40,9 +40,15 @@ __all__ = [
 ]
 
 MAX_REDIRECTS = 32
-"""Most times one pipeline is sent again after ``MOVED``/``ASK``/``TRYAGAIN`` before the error stands."""
+"""Most times one pipeline is sent again after ``MOVED`` before the error stands."""
 TRYAGAIN_PAUSE_S = 0.02
-"""Seconds to let a slot's migration move on before a ``TRYAGAIN`` command goes again."""
+"""Seconds to let a slot's migration move on before a ``TRYAGAIN`` command goes again (doubling, to 0.2 s)."""
+TRYAGAIN_WAIT_S = 10.0
+"""Most seconds a command refused with ``TRYAGAIN`` goes again before the error stands.
+
+While a slot migrates, a command on several keys runs on neither node unless all its keys are
+on one of them (the importing node refuses one whose new keys might still be on the source):
+rtq's scripts, which create a task's keys, wait for the migration to end."""
 _LOST_MASTER = ("READONLY", "UNBLOCKED", "MASTERDOWN")
 _KEYLESS = {b"MULTI", b"EXEC", b"DISCARD", b"ASKING", b"PING", b"SCRIPT", b"WAIT", b"INFO", b"ROLE"}
 
@@ -164,10 +170,13 @@ def follow(channel: Any, commands: Sequence[Sequence[Any]], replies: list[Any]) 
     """``replies`` of ``commands`` sent on a cluster ``channel``, with each redirected unit sent again.
 
     ``MOVED``: the slot table learns the slot's new master and the channel reconnects there;
-    ``TRYAGAIN``: a pause while the slot moves; ``ASK``: the unit goes to the importing node,
-    announced by ``ASKING``. Up to :data:`MAX_REDIRECTS` rounds, then the errors stand.
+    ``TRYAGAIN``: a pause while the slot moves (for up to :data:`TRYAGAIN_WAIT_S`); ``ASK``: the
+    unit goes to the importing node, announced by ``ASKING`` (within the same time). Up to
+    :data:`MAX_REDIRECTS` rounds of ``MOVED``, then the errors stand.
     """
-    for _ in range(MAX_REDIRECTS):
+    redirects = 0
+    pause, deadline = TRYAGAIN_PAUSE_S, time.monotonic() + TRYAGAIN_WAIT_S
+    while True:
         redo: list[tuple[int, int, Redirect]] = []
         for start, end in units(commands):
             found = next((r for r in map(redirect_of, replies[start:end]) if r is not None), None)
@@ -176,15 +185,23 @@ def follow(channel: Any, commands: Sequence[Sequence[Any]], replies: list[Any]) 
         if not redo:
             return replies
         moved = next((r for *_, r in redo if r.kind == "MOVED"), None)
+        if all(r.kind == "TRYAGAIN" for *_, r in redo):
+            if time.monotonic() + pause > deadline:
+                return replies
+            time.sleep(pause)  # the slot is moving: give the migration a moment
+            pause = min(pause * 2, 0.2)
+        elif moved is not None:
+            redirects += 1
+            if redirects > MAX_REDIRECTS:
+                return replies
+        elif time.monotonic() > deadline:  # ASK: the importing node answers TRYAGAIN in turn
+            return replies
         if moved is not None:
             learn_moved(channel.client, moved)
             channel.reset()  # the next connection goes to the slot's new master
-        elif any(r.kind == "TRYAGAIN" for *_, r in redo):
-            time.sleep(TRYAGAIN_PAUSE_S)  # the slot is moving: give the migration a moment
         for start, end, found in redo:
             again = commands[start:end]
             replies[start:end] = _asking(channel, found, again) if found.kind == "ASK" else channel._exchange(again)
-    return replies
 
 
 def _asking(channel: Any, redirect: Redirect, commands: Sequence[Sequence[Any]]) -> list[Any]:

@@ -329,7 +329,7 @@ class TaskStore:
                 if any(isinstance(r, redis_py.exceptions.NoScriptError) for r in replies):
                     # The server lost its scripts (restart, flush): none ran (every call is the
                     # same script), so load it and send the batch again.
-                    channel.execute("SCRIPT", "LOAD", script.script)
+                    channel.load(script)
                     replies = self._send_batch(channel, script, calls, self.submit_ack)
         raise_errors(replies, _what_submit(records))
         self._unlink_replaced(records, replies)

@@ -211,6 +211,18 @@ class Channel:
             raise
         return ok
 
+    def load(self, script: Any) -> None:
+        """Load a registered ``Script`` where this channel's commands run (after a ``NOSCRIPT``).
+
+        On a cluster, on every master: a command sent again after ``ASK`` or ``MOVED`` runs on
+        another node than the one that answered, and a script loaded only here would be missing
+        there.
+        """
+        if self.cluster:
+            self.client.script_load(script.script)
+        else:
+            self.execute("SCRIPT", "LOAD", script.script)
+
     def reset(self) -> None:
         """Drop the held connection (disconnected); the next command gets a fresh one."""
         conn, self._conn = self._conn, None
@@ -510,7 +522,7 @@ def call_script(channel: Channel, script: Any, keys: Sequence[Any], args: Sequen
     command = ("EVALSHA", script.sha, len(keys), *keys, *args)
     reply = channel.pipeline([command])[0]
     if isinstance(reply, redis_py.exceptions.NoScriptError):  # a restarted or flushed server
-        channel.execute("SCRIPT", "LOAD", script.script)
+        channel.load(script)
         reply = channel.pipeline([command])[0]
     if isinstance(reply, Exception):
         raise reply
