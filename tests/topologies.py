@@ -200,10 +200,12 @@ class Sentinels(Deployment):
     """A master, one replica and three sentinels watching them as service ``mymaster``."""
 
     service = "mymaster"
+    # A replica's full sync starts at once, not after the default 5 s wait for more replicas.
+    data_args = ("--repl-diskless-sync-delay", "0")
 
     def start(self) -> Sentinels:
-        self.master = self.server()
-        self.replica = self.server("--replicaof", "127.0.0.1", str(self.master))
+        self.master = self.server(*self.data_args)
+        self.replica = self.server(*self.data_args, "--replicaof", "127.0.0.1", str(self.master))
         wait_for(lambda: _replicated(self.replica), 30, "the replica to sync")
         self.sentinels = []
         for _ in range(3):
@@ -212,7 +214,7 @@ class Sentinels(Deployment):
             conf.write_text(
                 f"sentinel monitor {self.service} 127.0.0.1 {self.master} 2\n"
                 f"sentinel down-after-milliseconds {self.service} 1000\n"
-                f"sentinel failover-timeout {self.service} 5000\n"
+                f"sentinel failover-timeout {self.service} 3000\n"
                 f"sentinel parallel-syncs {self.service} 1\n"
             )
             self.sentinels.append(self.server("--sentinel", conf=conf, port=port))
@@ -251,8 +253,29 @@ class Sentinels(Deployment):
         finally:
             client.close()
         new = self.wait_new_master(old)
-        wait_for(lambda: _replicated(old), 30, f"the server on {old} to replicate the new master")
+        self._follow(old, new)
         return new
+
+    def _follow(self, old: int, new: int) -> None:
+        """Make the old master replicate the new one now, and wait until it does.
+
+        The sentinels would do the same, but only once it has reported itself a master for a
+        while (about 15 s); the tests need a synced replica for the next failover, and a
+        ``WAIT`` to be answered, without that wait.
+        """
+
+        def following() -> bool:
+            client = redis.Redis(host="127.0.0.1", port=old, socket_timeout=2)
+            try:
+                if client.execute_command("ROLE")[0] == b"master":
+                    client.execute_command("REPLICAOF", "127.0.0.1", new)
+                return _replicated(old)
+            except redis.RedisError:  # the sentinels cut its clients while they reconfigure it
+                return False
+            finally:
+                client.close()
+
+        wait_for(following, 30, f"the server on {old} to replicate the new master")
 
     def wait_new_master(self, old: int, timeout: float = 30) -> int:
         def promoted() -> int | None:
@@ -270,16 +293,22 @@ class Sentinels(Deployment):
             finally:
                 role.close()
 
-        return int(wait_for(promoted, timeout, "a replica to be promoted"))  # type: ignore[arg-type]
+        new = int(wait_for(promoted, timeout, "a replica to be promoted"))  # type: ignore[arg-type]
+        # A client asks the sentinels in turn and takes the first healthy answer: until each has
+        # learnt of the switch (their hello messages, every 2 s) one may still name the old master.
+        wait_for(
+            lambda: all(_names_master(p, self.service, new) for p in self.sentinels), timeout, "the sentinels to agree"
+        )
+        return new
 
     def kill_master(self) -> int:
         """SIGKILL the master, wait for a replica to take over, and start the old one again (as a
-        replica, as the sentinels make it); returns the new master's port."""
+        replica of the new master, as the sentinels would make it); returns the new master's port."""
         old = self.current_master()
         self.kill(old)
         new = self.wait_new_master(old)
-        self.server(port=old)
-        wait_for(lambda: _replicated(old), 30, f"the server on {old} to replicate the new master")
+        self.server(*self.data_args, "--replicaof", "127.0.0.1", str(new), port=old)
+        self._follow(old, new)
         return new
 
 
@@ -288,6 +317,19 @@ def _replicated(port: int) -> bool:
     try:
         return client.info("replication").get("master_link_status") == "up"
     except redis.RedisError:  # the sentinels cut its clients while they reconfigure it
+        return False
+    finally:
+        client.close()
+
+
+def _names_master(port: int, service: str, master: int) -> bool:
+    """Whether the sentinel at ``port`` names ``master`` as ``service``'s master, and reaches it."""
+    client = redis.Redis(host="127.0.0.1", port=port, decode_responses=True)
+    try:
+        state = client.execute_command("SENTINEL", "MASTER", service)
+        fields = dict(zip(state[::2], state[1::2], strict=True)) if isinstance(state, list) else state
+        return int(fields["port"]) == master and fields["flags"] == "master"
+    except redis.RedisError:
         return False
     finally:
         client.close()
