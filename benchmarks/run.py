@@ -21,6 +21,7 @@ skipped (``pip install -e ".[bench]"`` installs them).
     python benchmarks/run.py                 # everything, a few minutes on 2 cores
     python benchmarks/run.py --quick         # fewer repetitions
     python benchmarks/run.py --only rtq      # the floor and rtq alone
+    python benchmarks/run.py --cluster --sentinel   # scale-out deployments (bench_scaleout.py)
 """
 
 from __future__ import annotations
@@ -883,6 +884,10 @@ def stop_on_sigterm() -> Iterator[None]:
 
 
 def main(argv: list[str] | None = None) -> int:
+    if {"--cluster", "--sentinel"} & set(sys.argv[1:] if argv is None else argv):
+        import bench_scaleout  # Redis Cluster and Sentinel deployments, apart from the peers
+
+        return bench_scaleout.main(sys.argv[1:] if argv is None else argv)
     args = parse_args(argv)
     from rtq.server import EmbeddedServer, find_server_binary
 

@@ -148,6 +148,45 @@ def test_a_worker_refuses_more_sessions_than_its_limit(r: redis.Redis, workers: 
     wait_for(lambda: _can_open(ex), 15, "the closed actor's place to be free")
 
 
+def test_two_callers_racing_for_a_last_place_both_get_one_while_another_worker_has_room(
+    r: redis.Redis, workers: Workers
+) -> None:
+    # Two workers with one place each, two callers opening at the same moment: each sees both
+    # workers empty and picks one at random, so in about half the rounds both pick the same one.
+    # The loser must open on the other worker, never get SessionRefused while it has room.
+    pids = {_start(workers, "--sessions", "1", name="race") for _ in range(2)}
+    ex = _executor(r, "race")
+    wait_for(lambda: len(ex.queue.live_workers()) == 2, 15, "both workers to announce themselves")
+
+    def caller(barrier: threading.Barrier, opened: list[rtq.Actor], failed: list[BaseException]) -> None:
+        barrier.wait()
+        try:
+            opened.append(ex.actor(Counter))
+        except BaseException as exc:
+            failed.append(exc)
+
+    for _ in range(8):
+        barrier = threading.Barrier(2)
+        opened: list[rtq.Actor] = []
+        failed: list[BaseException] = []
+        threads = [threading.Thread(target=caller, args=(barrier, opened, failed)) for _ in range(2)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(60)
+        assert not failed, failed
+        assert {a.pid().result(30) for a in opened} == pids  # one on each worker
+        for actor in opened:
+            actor.close()
+        wait_for(lambda: all(not w.get("sessions") for w in ex.queue.live_workers()), 15, "the places to be free")
+    # Both full: a third caller is refused, and the refusal says so.
+    a, b = ex.actor(Counter), ex.actor(Counter)
+    with pytest.raises(SessionRefused, match="--sessions"):
+        ex.actor(Counter)
+    a.close()
+    b.close()
+
+
 def _can_open(ex: rtq.Executor) -> bool:
     try:
         ex.actor(Counter).close()

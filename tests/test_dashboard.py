@@ -298,3 +298,39 @@ def _refused(base: str) -> bool:
     except OSError:
         return True
     return False
+
+
+class Holder:
+    """An actor holding 3 MiB under the name ``weights``."""
+
+    def __init__(self) -> None:
+        self.weights = bytearray(3 * 2**20)
+
+    def grow(self) -> int:
+        self.extra = list(range(10))
+        return len(self.weights)
+
+
+def test_sessions_panel_lists_each_actor_where_it_lives_and_what_it_holds(
+    browser: Any, dashboard: Dashboard, workers: Workers, redis_url: str
+) -> None:
+    import rtq
+
+    _serving(workers, 1)
+    queue = rtq.connect(redis_url, "test", secret=SECRET)
+    page = browser.new_page()
+    try:
+        with rtq.Executor(queue, "dash") as ex, ex.actor(Holder) as holder:
+            page.goto(dashboard.url)
+            row = page.locator(f'#sessions [data-session="{holder.session.id}"]')
+            row.wait_for(timeout=30_000)
+            text = row.inner_text()
+            assert "Holder" in text and "actor" in text and holder.session.host in text, text
+            assert "weights bytearray, 3.0 MiB" in row.locator('[data-name="weights"]').inner_text()
+            assert holder.grow().result(30) == 3 * 2**20
+            row.locator('[data-name="extra"]').wait_for(timeout=30_000)  # a later call's names show up live
+            assert page.locator("#sessions .count").inner_text() == "(1)"
+        page.wait_for_function("() => !document.querySelector('#sessions [data-session]')", timeout=30_000)
+        assert "no session or actor" in page.locator("#sessions").inner_text()
+    finally:
+        page.close()

@@ -87,6 +87,9 @@ def test_session_listing_and_pull(cells: Kernel) -> None:
     listing = streams(cells.run("%rtq session"))
     assert "session 's' (queue 'cells'): worker " in listing and "age " in listing and "idle " in listing, listing
     assert "blob  bytes  2.9 MiB" in listing and "pid " in listing and "x " in listing, listing
+    status = streams(cells.run("%rtq status"))
+    assert "sessions and actors (1):\n  cell 's'  worker " in status, status
+    assert "blob (bytes, 2.9 MiB)" in status and "idle " in status, status
     cell = cells.run("%rtq pull s pid x")
     assert not errors(cell), cell.outputs
     assert cells.value("pid == os.getpid() if (os := __import__('os')) else 0") == "False"
@@ -147,3 +150,22 @@ def test_kernel_shutdown_closes_its_sessions(workers: Workers, redis_url: str, r
         assert r.hget(record, "state") == b"open"
     wait_for(lambda: r.hget(record, "state") == b"closed", 30, "the kernel's session to close")
     assert b"kernel shut down" in r.hget(record, "reason")
+
+
+def test_a_big_notebook_array_read_by_session_cells_travels_once_by_digest(cells: Kernel, r: redis.Redis) -> None:
+    cell = cells.run("import numpy as np\narr = np.arange(8 * 2**20, dtype=np.int64)  # 64 MiB")
+    assert not errors(cell), traceback_text(cell)
+    before = _sent(r)
+    cell = cells.run("%%rtq cells --session s\nfirst = int(arr[-1])\nint(arr.sum() % 1000)")
+    assert not errors(cell), traceback_text(cell)
+    assert result(cell)["text/plain"] == str(sum(range(8 * 2**20)) % 1000)
+    assert _sent(r) - before >= 64 * 2**20  # the array went once...
+    stored = [k for k in r.scan_iter(match="rtq|task-queue|blob:*", count=1000)]
+    assert sum(r.strlen(k) for k in stored) >= 64 * 2**20, stored  # ...stored under its digest
+    # Another session reading the same array: only its digest travels; the cell sees the array.
+    before = _sent(r)
+    cell = cells.run("%%rtq cells --session t\nint(arr[-1]) + len(arr)")
+    assert not errors(cell), traceback_text(cell)
+    assert result(cell)["text/plain"] == str(8 * 2**20 - 1 + 8 * 2**20)
+    assert _sent(r) - before < 2**20, "the array was shipped again instead of by its digest"
+    cells.run("%rtq session close s\n%rtq session close t")

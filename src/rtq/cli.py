@@ -155,6 +155,10 @@ def _parser() -> argparse.ArgumentParser:
     worker.add_argument(
         "--gpus", help="one worker process per GPU: 'all' or indices like 0,1 (sets CUDA_VISIBLE_DEVICES)"
     )
+    worker.add_argument("--cluster", action="store_true", help="--url is a node of a Redis Cluster")
+    worker.add_argument(
+        "--durable", action="store_true", help="wait for a replica to acknowledge each outcome (Redis WAIT)"
+    )
     worker.add_argument(
         "--sessions",
         type=_whole(0),
@@ -192,6 +196,7 @@ def _parser() -> argparse.ArgumentParser:
     status.add_argument("--url", help="Redis URL (default: RTQ_REDIS_URL)")
     status.add_argument("--prefix", default="rtq", type=_key_part("prefix", glob=True))
     status.add_argument("--suffix", default="task-queue", type=_key_part("suffix", glob=True))
+    status.add_argument("--cluster", action="store_true", help="--url is a node of a Redis Cluster")
 
     board = sub.add_parser("dashboard", help="serve a live web page of workers, GPUs, queues and tasks")
     board.add_argument("--url", help="Redis URL (default: RTQ_REDIS_URL)")
@@ -284,6 +289,8 @@ def worker_main(args: argparse.Namespace) -> int:
             interval=args.interval,
             task_fn=task_fn,
             max_attempts=args.max_attempts,
+            cluster=args.cluster,
+            durable=args.durable,
             **({"max_payload": args.max_payload} if args.max_payload is not None else {}),
         )
     except RtqError as exc:
@@ -359,7 +366,7 @@ def status_main(args: argparse.Namespace) -> int:
 
     url = _url_or_exit(args.url, "status")
     try:
-        queue = connect(url, args.prefix, suffix=args.suffix)
+        queue = connect(url, args.prefix, suffix=args.suffix, cluster=args.cluster)
         print(format_status(gather_status(queue)))
     except RtqError as exc:
         print(f"rtq status: {exc}", file=sys.stderr)

@@ -155,6 +155,7 @@ class Collector:
         self.ends = Inbox(queue.store)  # the Redis half
         self._sessions = SessionRecords(queue.store)  # the records of sessions that calls are pinned to
         self._cond = threading.Condition()
+        self._here = threading.local()  # .settling: this thread runs a waiter's callback now
         self._reset()
 
     def _reset(self) -> None:
@@ -464,10 +465,17 @@ class Collector:
             if self._waits.get(wait.task_id) is not wait:
                 return
             del self._waits[wait.task_id]
+        self._here.settling = True
         try:
             wait.on_end(how)
         except Exception:
             logger.exception("a waiter of task %s failed", wait.task_id)
+        finally:
+            self._here.settling = False
+
+    def settling(self) -> bool:
+        """Whether this thread is settling a waiter (running a future's done-callbacks): it cannot wait for another."""
+        return bool(getattr(self._here, "settling", False))
 
 
 class Blocking:

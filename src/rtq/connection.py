@@ -12,6 +12,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from .backend.connections import RedisError, client_from_url, client_options
+from .backend.topology import SENTINEL_SCHEME, parse_sentinel_url
 from .errors import ConfigurationError, RtqConnectionError
 from .task_queue import RedisTaskQueue
 
@@ -93,6 +94,15 @@ def is_local_url(url: str) -> bool:
     parts = urlsplit(url)
     if parts.scheme == "unix":
         return True
+    if parts.scheme == SENTINEL_SCHEME:  # the master is wherever the sentinels say; here if they all are
+        try:
+            sentinels = parse_sentinel_url(url).sentinels
+        except ValueError:
+            return False
+        return all(
+            is_local_url(f"redis://[{host}]:{port}" if ":" in host else f"redis://{host}:{port}")
+            for host, port in sentinels
+        )
     host = _host(url)
     if host == "localhost" or host.endswith(".localhost"):
         return True
@@ -109,19 +119,25 @@ def connect(
     prefix: str = "rtq",
     *,
     secret: str | bytes | Sequence[str | bytes] | None = None,
+    cluster: bool = False,
     **options: Any,
 ) -> RedisTaskQueue:
     """Connect to Redis and return a queue.
 
     Args:
-        url: ``redis://[[user]:password@]host:port/db``, ``rediss://…`` (TLS) or
-            ``unix:///path.sock``. Default: ``RTQ_REDIS_URL``, else an embedded server that
-            this process starts (``pip install "rtq[server]"``).
+        url: ``redis://[[user]:password@]host:port/db``, ``rediss://…`` (TLS),
+            ``unix:///path.sock``, or ``redis+sentinel://[:password@]host:port[,host:port…]/SERVICE[/db]``
+            (the master that Sentinel names; a failover is followed). Default: ``RTQ_REDIS_URL``,
+            else an embedded server that this process starts (``pip install "rtq[server]"``).
         prefix: First part of every key; queues with different prefixes never meet.
         secret: Sign payloads (default: ``RTQ_SECRET``). See :class:`RedisTaskQueue`.
+        cluster: ``url`` is a node of a Redis Cluster: the queue's keys share the hash tag
+            ``{prefix}``, so they live in one slot (see docs/scale-out.md).
         **options: ``RedisTaskQueue`` options (``suffix``, ``timeout``, ``interval``,
-            ``task_fn``, ``max_payload``, ``max_attempts``); anything else goes to
-            ``redis.Redis.from_url`` (e.g. ``socket_timeout``, ``ssl_ca_certs``).
+            ``task_fn``, ``max_payload``, ``max_attempts``, ``durable``); anything else goes to
+            ``redis.Redis.from_url`` (e.g. ``socket_timeout``, ``ssl_ca_certs``), to
+            ``redis.cluster.RedisCluster.from_url`` with ``cluster``, or to
+            ``redis.sentinel.Sentinel`` for a Sentinel URL (``sentinel_kwargs`` for the sentinels).
 
     Raises:
         RtqConnectionError: Redis does not answer at ``url``.
@@ -130,9 +146,11 @@ def connect(
     queue_kwargs = {k: options.pop(k) for k in list(options) if k in _QUEUE_OPTIONS}
     resolved = resolve_url(url)
     try:
-        client = client_from_url(resolved, **options)
+        client = client_from_url(resolved, cluster=cluster, **options)
     except ValueError as exc:
         raise ConfigurationError(f"invalid Redis URL {redact_url(resolved)!r}: {_scrub(str(exc), resolved)}") from exc
+    except RedisError as exc:  # a cluster client discovers its nodes as it is made
+        raise RtqConnectionError(f"cannot reach Redis at {redact_url(resolved)}: {_scrub(str(exc), resolved)}") from exc
     unknown = sorted(set(options) - client_options(client))
     if unknown:
         client.close()
@@ -143,7 +161,8 @@ def connect(
         )
     try:
         client.ping()
-    except RedisError as exc:
+    except (RedisError, OSError) as exc:
+        client.close()
         raise RtqConnectionError(f"cannot reach Redis at {redact_url(resolved)}: {_scrub(str(exc), resolved)}") from exc
     return RedisTaskQueue(client, prefix, secret=secret, **queue_kwargs)
 

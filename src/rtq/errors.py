@@ -12,8 +12,10 @@ import concurrent.futures
 __all__ = [
     "ConfigurationError",
     "DashboardError",
+    "NotReplicated",
     "RedisFull",
     "RemoteTaskError",
+    "ResultFreed",
     "RtqConnectionError",
     "RtqError",
     "SerializationError",
@@ -80,8 +82,20 @@ class SessionRefused(RtqError):
     """Raised when a worker cannot open another session or actor (it holds its ``--sessions`` limit)."""
 
 
+class ResultFreed(RtqError, LookupError):
+    """Raised by ``result()`` of an actor call whose large value its worker no longer holds.
+
+    Large actor results stay on the worker until asked for; one asked for twice from another
+    future, or long after the call's deadline, was freed.
+    """
+
+
 class RedisFull(RtqError):
     """Raised when Redis refused to store a task or its outcome for lack of memory (``maxmemory``)."""
+
+
+class NotReplicated(RtqConnectionError):
+    """Raised when ``durable=True`` and no replica acknowledged a submit in time (a failover could lose it)."""
 
 
 class TaskLost(RtqError):

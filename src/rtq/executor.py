@@ -14,6 +14,7 @@ import itertools
 import logging
 import threading
 import time
+import weakref
 from collections.abc import Callable, Generator, Iterable, Iterator
 from functools import partial
 from typing import TYPE_CHECKING, Any
@@ -25,12 +26,13 @@ from .backend.store import text
 from .calls import Call
 from .closures import check_worker_versions, ship_local_modules
 from .collector import ERROR, Ended, Pin, Wait
-from .errors import TaskCancelled
+from .errors import RtqError, TaskCancelled
 from .task import RedisTask, TaskState, new_id
 from .validate import check_callable, check_count, check_seconds, check_wait, describe
+from .worker.held import HeldResult
 
 if TYPE_CHECKING:
-    from .sessions import Actor
+    from .sessions import Actor, SessionHandle
     from .task_queue import RedisTaskQueue
 
 __all__ = ["Executor", "TaskFuture"]
@@ -49,6 +51,10 @@ class TaskFuture(concurrent.futures.Future):  # type: ignore[type-arg]
     Works with ``concurrent.futures.wait``/``as_completed``, ``asyncio.wrap_future``, and can be
     awaited directly.
 
+    The future of an actor call whose value is large is done when the call ends, while the value
+    stays on the worker (:mod:`rtq.worker.held`): the first ``result()`` fetches it (so an
+    ``asyncio`` wait on it blocks its loop for the transfer), and dropping the future frees it.
+
     Attributes:
         task_id: The id of the task in Redis.
         label: The submitted call's label, e.g. ``train(3)`` (what ``rtq.progress`` and
@@ -66,6 +72,10 @@ class TaskFuture(concurrent.futures.Future):  # type: ignore[type-arg]
         # Redis answered its submission (stored it, or refused). Its own Event: notifying the
         # future's condition would end a result() wait early, which takes any wake-up for the end.
         self._sent = threading.Event()
+        self._session: SessionHandle | None = None  # the session a call was aimed at (holds large results)
+        self._fetch: TaskFuture | None = None  # the call fetching a held result home
+        self._fetch_lock = threading.Lock()
+        self._held_finalizer: weakref.finalize | None = None  # frees a held result nobody asked for
 
     def __repr__(self) -> str:
         return f"<TaskFuture {self.task_id} on {self.name!r} {self._state.lower()}>"
@@ -73,12 +83,37 @@ class TaskFuture(concurrent.futures.Future):  # type: ignore[type-arg]
     def result(self, timeout: float | None = None) -> Any:
         """The call's return value, waiting up to ``timeout`` seconds (None: until it ends).
 
+        A large value an actor held on its worker is fetched now, within the same ``timeout``.
+
         Raises:
             TimeoutError: It did not end within ``timeout`` (the call goes on).
             rtq.errors.TaskTimeout: The call ran past its own deadline (the Executor's ``timeout``).
+            rtq.errors.SessionLost: The actor holding its large value is gone, and the value with it.
             Exception: Whatever the call raised, as its own type.
         """
-        return super().result(check_wait("timeout", timeout))
+        timeout = check_wait("timeout", timeout)
+        end = None if timeout is None else time.monotonic() + timeout
+        value = super().result(timeout)
+        if isinstance(value, HeldResult) and self._session is not None:
+            return self._fetched(value, None if end is None else max(0.0, end - time.monotonic()))
+        return value
+
+    def _fetched(self, held: HeldResult, timeout: float | None) -> Any:
+        """The value ``held`` names, fetched once from the worker (later calls wait on that fetch)."""
+        session = self._session
+        assert session is not None
+        if self._executor.queue.collector.settling():
+            raise RtqError(
+                f"result() of call {self.task_id} must fetch its large value from the worker, which cannot "
+                "happen inside a done-callback: call result() from another thread"
+            )
+        with self._fetch_lock:
+            if self._fetch is None:
+                self._fetch = session.fetch(held)
+                if self._held_finalizer is not None:
+                    self._held_finalizer.detach()  # fetching frees it on the worker
+            fetch = self._fetch
+        return fetch.result(timeout)
 
     def exception(self, timeout: float | None = None) -> BaseException | None:
         """The exception the call raised (None if it returned), waiting as :meth:`result` does."""
@@ -341,6 +376,9 @@ class Executor(concurrent.futures.Executor):
         if how.progress:
             fut._keep_progress(how.progress)  # its final progress stays readable once the record is gone
         if how.state == TaskState.DONE:
+            if isinstance(how.value, HeldResult) and fut._session is not None:
+                # Its value stays on the worker until asked for; a future nobody holds frees it.
+                fut._held_finalizer = weakref.finalize(fut, fut._session.forget, how.value.task_id)
             _settle(fut, fut.set_result, how.value)
         elif how.state in (TaskState.FAILED, ERROR):
             _settle(fut, fut.set_exception, how.value)

@@ -14,6 +14,7 @@ elsewhere (at most once; see docs/reliability.md).
 
 from __future__ import annotations
 
+import concurrent.futures
 import random
 import time
 import uuid
@@ -24,7 +25,8 @@ from .backend.sessions import CLOSED, SessionRecords, SessionState, died_reason
 from .calls import Call, call_label
 from .collector import Pin
 from .errors import SessionLost, SessionRefused
-from .worker.sessions import call_method, close_session, open_session
+from .worker.held import HeldResult
+from .worker.sessions import call_method, close_session, fetch_result, open_session
 
 if TYPE_CHECKING:
     from .executor import Executor, TaskFuture
@@ -33,6 +35,14 @@ __all__ = ["Actor", "SessionHandle"]
 
 CLOSE_TIMEOUT = 30.0
 """Seconds ``close()`` waits for the calls queued before it and the close itself."""
+TRUST_S = 1.0
+"""Seconds after a call's outcome came back during which the next call skips the session check.
+
+The check only makes a lost session fail before its call is queued; the collector's check of
+pinned calls (every :data:`~rtq.collector.CHECK_PERIOD` s) fails a call queued to a lost session
+just as surely, within the lease, and cancels it. A session that just answered was not idle, and
+its owner's own close is known here, so a cell run right after the last skips a round trip.
+"""
 
 
 class SessionHandle:
@@ -56,6 +66,8 @@ class SessionHandle:
         self.records = SessionRecords(executor.queue.store)
         self.lost: SessionLost | None = None
         self.held: list[list[Any]] = []  # [name, type, bytes] of what it holds, as its last call said
+        self._drops: list[str] = []  # calls whose held results nobody can ask for any more
+        self._answered = -TRUST_S  # when (monotonic) a call's outcome last came back from its worker
 
     @classmethod
     def open(
@@ -71,30 +83,51 @@ class SessionHandle:
     ) -> SessionHandle:
         """Open a session on one of the workers serving ``executor``'s queue and wait until it lives.
 
+        A worker that refuses it (another caller took its last place first, or it is stopping)
+        is passed over for the next one with room, as its heartbeat says.
+
         Raises:
-            rtq.errors.SessionRefused: The worker that took it holds its ``--sessions`` limit.
+            rtq.errors.SessionRefused: No worker serving the queue has room (each refusal is listed).
             Exception: Whatever building the state raised (an actor's ``__init__``), as its own type.
         """
         handle = cls(executor, kind, label)
-        handle.where = {"worker": handle._choose_worker()}
+        end = time.monotonic() + (executor.timeout if timeout is None else timeout)
         call = Call(open_session, (handle.id, kind, label, factory, args, kwargs or {}), label=f"open {label}"[:40])
-        pin = Pin(handle.worker, handle.id, executor.queue.keys.session_opens(handle.worker), handle.error, True)
-        fut = executor._submit_calls([call], pin=pin, extra={"session": handle.id})[0]
-        where = fut.result(executor.timeout if timeout is None else timeout)
-        handle.where = dict(where)
-        handle.opened = time.time()
-        return handle
+        refused: dict[str, str] = {}  # worker id -> why it refused
+        while True:
+            handle.where = {"worker": handle._choose_worker(refused)}
+            pin = Pin(handle.worker, handle.id, executor.queue.keys.session_opens(handle.worker), handle.error, True)
+            fut = executor._submit_calls([call], pin=pin, extra={"session": handle.id})[0]
+            try:
+                where = fut.result(max(0.0, end - time.monotonic()))
+            except SessionRefused as exc:  # it built nothing: another worker may have room
+                refused[handle.worker] = str(exc)
+                continue
+            handle.where = dict(where)
+            handle.opened = time.time()
+            return handle
 
-    def _choose_worker(self) -> str:
+    def _choose_worker(self, refused: dict[str, str] | None = None) -> str:
         """The live worker serving the queue with the most room for sessions (fewest held).
 
+        Args:
+            refused: Workers that refused this session already (passed over), with why.
+
         Raises:
-            rtq.errors.SessionRefused: None serves the queue, or each holds its ``--sessions`` limit.
+            rtq.errors.SessionRefused: None serves the queue, or each holds its ``--sessions`` limit
+                or refused it.
         """
         name = self.executor.name
+        refused = refused or {}
         serving = [
-            r for r in self.executor.queue.live_workers() if name in r.get("queues", []) and not r.get("stopping")
+            r
+            for r in self.executor.queue.live_workers()
+            if name in r.get("queues", []) and not r.get("stopping") and r.get("id") not in refused
         ]
+        if not serving and refused:
+            raise SessionRefused(
+                f"no worker serving {name!r} has room for another session: {'; '.join(refused.values())}"
+            )
         if not serving:
             raise SessionRefused(
                 f"no live worker serves queue {name!r}: start one with `rtq worker {name}` to open a session there"
@@ -186,12 +219,54 @@ class SessionHandle:
             executor: Submit through this one (its timeout, its kind of future); default: the
                 executor the session was opened from.
 
+        The session is checked first (one round trip), unless a call's outcome came back from
+        its worker within :data:`TRUST_S` seconds (cells run one after another skip it).
+
         Raises:
             rtq.errors.SessionLost: The session is closed, expired, or its worker is gone.
         """
-        self.check()
+        if self.lost is not None:
+            raise SessionLost(str(self.lost))
+        if time.monotonic() - self._answered >= TRUST_S:
+            self.check()
         ex = executor or self.executor
-        return ex._submit_calls([call], pin=self.pin(), extra={"session": self.id})[0]
+        fut = ex._submit_calls([call], pin=self.pin(), extra={"session": self.id})[0]
+        fut._session = self
+        fut.add_done_callback(self._ended)
+        return fut
+
+    def _ended(self, fut: concurrent.futures.Future[Any]) -> None:
+        """A call's outcome came back: its worker served the session just now, or said it is lost."""
+        if fut.cancelled():
+            return
+        exc = fut.exception(0)
+        if isinstance(exc, SessionLost):
+            self.lost = self.lost or exc  # every later call raises at once
+        else:
+            self._answered = time.monotonic()
+
+    # -- large results held on the worker (rtq.worker.held) ------------------------------------------
+    def fetch(self, held: HeldResult) -> TaskFuture:
+        """Queue the call that brings the value ``held`` names home; its future.
+
+        Raises:
+            rtq.errors.SessionLost: The session (and the value it held) is gone.
+        """
+        return self.submit(Call(fetch_result, (held.task_id, self.drops()), label=f"fetch {self.label}"[:40]))
+
+    def forget(self, task_id: str) -> None:
+        """The future of call ``task_id`` is gone: its held value goes with the next call (GC-safe: no I/O)."""
+        self._drops.append(task_id)
+
+    def drops(self) -> tuple[str, ...]:
+        """The held values to free, taken: each goes with one call."""
+        taken = []
+        while self._drops:
+            try:
+                taken.append(self._drops.pop())
+            except IndexError:  # emptied by another thread meanwhile
+                break
+        return tuple(taken)
 
     def close(self, *, wait: bool = True, reason: str = "closed: by its owner") -> None:
         """Close it after the calls queued before (``wait``: until it is closed). Closing a lost one does nothing."""
@@ -211,6 +286,8 @@ class Actor:
 
     Made by :meth:`rtq.Executor.actor`. Calls run there one at a time, in the order they were
     made; a method that raises leaves the actor as it was and its future raises the exception.
+    A method's large value (1 MiB or more pickled) stays on the worker until its future's
+    ``result()`` asks for it (:mod:`rtq.worker.held`).
     ``close()`` (or leaving a ``with`` block) frees it. Once it is lost — closed, idle too long,
     or its worker stopped or died — every call raises :class:`~rtq.errors.SessionLost`.
 
@@ -258,8 +335,9 @@ class _Method:
 
     def __call__(self, *args: Any, **kwargs: Any) -> TaskFuture:
         fn = getattr(self.actor.cls, self.name)
-        call = Call(call_method, (self.name, args, kwargs), label=call_label(fn, args, kwargs))
-        return self.actor.session.submit(call)
+        session = self.actor.session
+        call = Call(call_method, (self.name, args, kwargs, session.drops()), label=call_label(fn, args, kwargs))
+        return session.submit(call)
 
     def __repr__(self) -> str:
         return f"<method {self.actor.cls.__qualname__}.{self.name} of {self.actor!r}>"

@@ -8,22 +8,26 @@ Redis reads: the workers' set and records, the queues (``SCAN``, ``LLEN``), each
 in-progress list, and, for each task in one, four fields of its record in one pipelined round
 trip: its queue, its progress, its label (what it runs: ``train(3)``, ``%%rtq cell In[12]``,
 written when it was submitted) and when it was claimed (how long it has run); then how many
-buffers the namespace holds by digest, in how many keys and bytes (``SCAN``, then ``STRLEN``s).
+buffers the namespace holds by digest, in how many keys and bytes (``SCAN``, then ``STRLEN``s);
+and the records of the sessions and actors the live workers announce holding (one round trip).
 """
 
 from __future__ import annotations
 
 import json
 import time
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
+from .backend.overview import Overview
+from .backend.sessions import SessionState
 from .backend.store import text
 from .serialization import size_text
 
 if TYPE_CHECKING:
     from .task_queue import RedisTaskQueue
 
-__all__ = ["format_status", "gather_status", "gpu_lines", "machine_text"]
+__all__ = ["format_status", "gather_status", "gpu_lines", "machine_text", "session_lines", "sessions_of"]
 
 RUNNING_FIELDS = ("name", "progress", "label", "claimed")
 """The record fields read for each running task."""
@@ -46,7 +50,86 @@ def gather_status(queue: RedisTaskQueue) -> dict[str, Any]:
         worker["running"] = snapshot.claimed.get(worker["id"], [])
         running += [_running(t, worker["id"], snapshot.fields[t]) for t in worker["running"]]
     held = queue.store.blobs.usage()
-    return {"workers": workers, "queues": snapshot.queues, "running": running, "dead": snapshot.dead, "digests": held}
+    sessions = sessions_of(workers, Overview(queue.store).sessions)
+    return {
+        "workers": workers,
+        "queues": snapshot.queues,
+        "running": running,
+        "dead": snapshot.dead,
+        "digests": held,
+        "sessions": sessions,
+    }
+
+
+def sessions_of(
+    workers: list[dict[str, Any]], read: Callable[[list[str]], dict[str, dict[str, str]]]
+) -> list[dict[str, Any]]:
+    """The sessions and actors the live ``workers`` announce, with what their records say.
+
+    ``read(ids)`` returns each session's record (text fields). Each is ``{id, kind, label,
+    worker, host, gpu, created, used, calls, names, results}``: ``created``/``used`` are Unix
+    seconds or None, ``names`` the ``[name, type, bytes]`` it holds, ``results`` the large call
+    results it keeps for their callers (``[task id, type, bytes]``). A field of the wrong type
+    (a record another program wrote) is left out as unknown.
+    """
+    announced: list[tuple[str, dict[str, Any]]] = []
+    for worker in workers:
+        held = worker.get("sessions")
+        for entry in held if isinstance(held, list) else []:
+            if isinstance(entry, dict) and isinstance(entry.get("id"), str):
+                announced.append((str(worker["id"]), entry))
+    records = read([entry["id"] for _, entry in announced]) if announced else {}
+    out = []
+    for worker_id, entry in announced:
+        record = records.get(entry["id"], {})
+        state = SessionState(record, True)
+        out.append(
+            {
+                "id": entry["id"],
+                "kind": str(record.get("kind") or entry.get("kind") or "?"),
+                "label": str(record.get("label") or entry.get("label") or "?"),
+                "worker": worker_id,
+                "host": record.get("host", ""),
+                "gpu": record.get("gpu", ""),
+                "created": _seconds(record.get("created")),
+                "used": _seconds(record.get("used")),
+                "calls": int(record["calls"]) if record.get("calls", "").isdigit() else None,
+                "names": [row for row in state.names if _row(row)],
+                "results": [row for row in state.results if _row(row)],
+            }
+        )
+    return sorted(out, key=lambda s: (s["worker"], s["created"] or 0))
+
+
+def session_lines(sessions: list[dict[str, Any]], now: float) -> list[str]:
+    """``sessions`` (from :func:`sessions_of`) as text, two or three lines each."""
+    lines = []
+    for s in sessions:
+        parts = [f"  {s['kind']} {s['label']!r}", f"worker {s['worker']}" + (f" on {s['host']}" if s["host"] else "")]
+        if s["gpu"]:
+            parts.append(f"GPU {s['gpu']}")
+        parts.append(f"age {_duration(now - s['created'])}" if s["created"] else "age ?")
+        parts.append(f"idle {_duration(now - s['used'])}" if s["used"] else "idle ?")
+        if s["calls"] is not None:
+            parts.append(f"calls {s['calls']}")
+        lines.append("  ".join(parts))
+        held = ", ".join(f"{name} ({kind}, {size_text(int(size))})" for name, kind, size in s["names"])
+        lines.append(f"    holds: {held or 'nothing'}")
+        if s["results"]:
+            total = sum(int(size) for _, _, size in s["results"])
+            lines.append(f"    results kept until asked for: {len(s['results'])} ({size_text(total)})")
+    return lines
+
+
+def _row(row: list[Any]) -> bool:
+    return isinstance(row[0], str) and isinstance(row[1], str) and _number(row[2])
+
+
+def _seconds(value: str | None) -> float | None:
+    try:
+        return float(value) if value else None
+    except ValueError:
+        return None
 
 
 def _record(worker_id: str, raw: Any) -> dict[str, Any]:
@@ -120,6 +203,9 @@ def format_status(status: dict[str, Any]) -> str:
             f"  {t['label'] or t['id']}  on {t['queue']}  {progress}  running {elapsed}"
             f"  worker {t['worker']}  task {t['id']}"
         )
+    sessions = status.get("sessions", [])
+    lines.append(f"sessions and actors ({len(sessions)}):")
+    lines += session_lines(sessions, now)
     lines.append(f"dead letters: {status['dead']}")
     held = status.get("digests")
     if held:

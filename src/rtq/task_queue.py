@@ -18,8 +18,9 @@ from threading import Event, Lock
 from typing import TYPE_CHECKING, Any
 
 from .backend.connections import CLIENT_TYPES, TRANSIENT, connection_error
-from .backend.keys import Keys, check_name
+from .backend.keys import Keys, check_name, hash_tagged
 from .backend.store import TaskStore, text
+from .backend.topology import is_cluster, where
 from .collector import ERROR, Blocking, Collector
 from .errors import TaskCancelled, TaskTimeout
 from .serialization import DEFAULT_MAX_PAYLOAD, Serializer, env_secret
@@ -54,6 +55,12 @@ class RedisTaskQueue:
         max_payload: Largest payload in bytes a task may ship.
         max_attempts: How many workers may claim a task before it fails with ``WorkerLost``; stored
             with each task this queue submits, and applied to it by whichever process reaps it.
+        durable: Wait until a replica has acknowledged each submit and each outcome stored
+            (``WAIT``), so a failover cannot lose them; costs a replication round trip each.
+
+    On a Redis Cluster (``redis`` a ``redis.cluster.RedisCluster``) the prefix is written as a
+    hash tag (``rtq`` becomes ``{rtq}``; a prefix holding a tag stays as it is), so every key of
+    the queue lives in one slot; queues of different prefixes spread over the nodes.
     """
 
     def __init__(
@@ -68,6 +75,7 @@ class RedisTaskQueue:
         secret: str | bytes | Sequence[str | bytes] | None = None,
         max_payload: int = DEFAULT_MAX_PAYLOAD,
         max_attempts: int = 3,
+        durable: bool = False,
     ) -> None:
         if not isinstance(redis, CLIENT_TYPES):  # never echo it: a URL may hold a password
             raise TypeError(
@@ -86,19 +94,18 @@ class RedisTaskQueue:
         self.interval = interval
         self.task_fn = task_fn
         self.max_attempts = max_attempts
-        self.keys = Keys(prefix, suffix)
+        self.durable = bool(durable)
+        self.keys = Keys(hash_tagged(prefix) if is_cluster(redis) else prefix, suffix)
         if secret is None:
             secret = env_secret()
         self.serializer = Serializer(secret, max_payload=max_payload)
-        self.store = TaskStore(redis, self.keys, self.serializer, max_attempts=max_attempts)
+        self.store = TaskStore(redis, self.keys, self.serializer, max_attempts=max_attempts, durable=self.durable)
         self.reaper = Reaper(self.store, max_attempts)
         self._collector: Collector | None = None
         self._collector_lock = Lock()
 
     def __repr__(self) -> str:
-        kwargs = self.redis.connection_pool.connection_kwargs
-        where = kwargs.get("path") or f"{kwargs.get('host')}:{kwargs.get('port')}"
-        return f"<RedisTaskQueue {where} prefix={self.prefix!r} suffix={self.suffix!r}>"
+        return f"<RedisTaskQueue {where(self.redis)} prefix={self.prefix!r} suffix={self.suffix!r}>"
 
     @property
     def signed(self) -> bool:

@@ -14,7 +14,8 @@ thread reads its reply; calls made meanwhile queue up, and the helper sends them
 pipeline as soon as that reply is in. Each reply goes to its call's callback.
 
 Calls go by SHA alone over one held connection (:mod:`rtq.backend.wire`); a call answered NOSCRIPT
-(a restarted or flushed server) did not run, and is made again once the script is loaded.
+(a restarted or flushed server) did not run, and is made again once the script is loaded. Durable
+writes (:mod:`rtq.backend.durability`) end each send with one ``WAIT``, in the same round trip.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ from typing import Any
 
 import redis as redis_py
 
+from .durability import Ack
 from .wire import Channel, call_script
 
 __all__ = ["GroupCommit", "SendAhead"]
@@ -62,10 +64,12 @@ class GroupCommit:
     Args:
         client: The redis-py client to send through.
         limit: Most calls in one pipeline.
+        ack: Wait for a replica to acknowledge each send (``durable=True``).
     """
 
-    def __init__(self, client: redis_py.Redis, limit: int = 256) -> None:
+    def __init__(self, client: redis_py.Redis, limit: int = 256, *, ack: Ack | None = None) -> None:
         self.client = client
+        self.ack = ack
         self.channel = Channel(client)  # used by the one sending thread at a time
         self.limit = limit
         self._cond = threading.Condition()
@@ -103,17 +107,21 @@ class GroupCommit:
         try:
             if self.channel.stale():  # the server closed it while it sat idle (a restart)
                 self.channel.reset()
-            if len(batch) == 1:
+            if len(batch) == 1 and self.ack is None:
                 only = batch[0]
                 only.reply = call_script(self.channel, only.script, only.keys, only.args)
                 return
-            replies = self.channel.pipeline([item.command() for item in batch])
+            commands = [item.command() for item in batch]
+            replies = self.channel.pipeline(commands if self.ack is None else [*commands, self.ack.command])
         except BaseException as exc:
             for item in batch:
                 item.error = exc
             return
+        acked = replies.pop() if self.ack is not None else None
+        reloaded = False
         for item, reply in zip(batch, replies, strict=True):
             if isinstance(reply, redis_py.exceptions.NoScriptError):
+                reloaded = True
                 try:
                     reply = call_script(self.channel, item.script, item.keys, item.args)
                 except BaseException as exc:
@@ -123,6 +131,19 @@ class GroupCommit:
                 item.error = reply
             else:
                 item.reply = reply
+        if self.ack is not None:
+            self._acknowledged(self.ack, batch, acked, again=reloaded)
+
+    def _acknowledged(self, ack: Ack, batch: list[_Call], acked: Any, *, again: bool) -> None:
+        """Check the send's ``WAIT`` (sent once more after calls made again past a NOSCRIPT)."""
+        try:
+            if again:
+                acked = self.channel.execute(*ack.command)
+            ack.check(acked, f"{len(batch)} write(s)")
+        except BaseException as exc:
+            for item in batch:
+                if item.error is None:
+                    item.error = exc
 
 
 class SendAhead:

@@ -65,7 +65,7 @@ class Claims:
         self.keys: Keys = store.keys
         self.worker_id = worker_id
         self.running_key = store.keys.running(worker_id)
-        self.finisher = GroupCommit(store.redis)  # finish.lua calls of tasks ending together
+        self.finisher = GroupCommit(store.redis, ack=store.outcome_ack)  # finish.lua calls of tasks ending together
         # Test hook: send an outcome with big frames only up to its first frame, write the task
         # id to this file, and hold the rest back until "<file>.go" exists (a test kills or
         # stops the worker there).
@@ -192,6 +192,9 @@ class Claims:
         commands += [("EVAL", finish.script, len(keys), *keys, *args), ("EXEC",)]
         payload = [*enc.fields.values(), *enc.frames.values(), *(b for ref, b, _ in enc.blobs if ref.name in enc.send)]
         size = sum(memoryview(v).nbytes for v in payload if isinstance(v, (bytes, bytearray, memoryview)))
+        ack = self.store.outcome_ack
+        if ack is not None:
+            commands.append(ack.command)
         with self.store.channels.channel() as channel:
             blobs = enc.blob_commands(held.expiry)
             if blobs:  # first, alone: a buffer Redis refuses must stop the outcome naming it
@@ -200,6 +203,8 @@ class Claims:
                 replies = self._pause_for_tests(channel, commands, task_id)
             else:
                 replies = channel.pipeline(commands)
+        if ack is not None:
+            ack.check(replies.pop(), what)
         raise_errors(replies, f"{what} ({size_text(size)})")
         if named and not all(replies[-1][-2]):
             # A buffer Redis held when asked vanished before the transaction (evicted, deleted):

@@ -1,6 +1,7 @@
 """Clients and their settings: the one place rtq builds or inspects a redis-py client.
 
-* :func:`client_from_url` builds the client ``rtq.connect`` returns a queue on;
+* :func:`client_from_url` builds the client ``rtq.connect`` returns a queue on (one server, a
+  Redis Cluster, or a master found through Sentinel: :mod:`rtq.backend.topology`);
 * :func:`raw_client` gives a bytes-returning twin of a user's ``decode_responses=True`` client;
 * :func:`block_cap` keeps blocking commands below the client's socket timeout;
 * :func:`connection_settings` and :func:`helper_client`: the plain settings another process
@@ -21,6 +22,16 @@ from redis.backoff import NoBackoff
 from redis.retry import Retry
 
 from ..errors import RtqConnectionError
+from .topology import (
+    SENTINEL_SCHEME,
+    client_of,
+    cluster_client,
+    is_cluster,
+    is_sentinel,
+    pool_of,
+    raw_twin,
+    sentinel_client,
+)
 
 __all__ = [
     "CLIENT_TYPES",
@@ -88,9 +99,11 @@ def raw_client(client: redis_py.Redis) -> redis_py.Redis:
     A user's client made with ``decode_responses=True`` would try to decode pickles as UTF-8;
     rtq then talks through a twin pool with decoding off, built from the same settings.
     """
-    pool = client.connection_pool
+    pool: Any = pool_of(client)
     if not pool.connection_kwargs.get("decode_responses"):
         return client
+    if is_cluster(client) or is_sentinel(client):
+        return raw_twin(client)  # type: ignore[no-any-return]
     kwargs = {**pool.connection_kwargs, "decode_responses": False}
     twin = type(pool)(connection_class=pool.connection_class, max_connections=pool.max_connections, **kwargs)
     return redis_py.Redis(connection_pool=twin)
@@ -98,7 +111,7 @@ def raw_client(client: redis_py.Redis) -> redis_py.Redis:
 
 def block_cap(client: redis_py.Redis) -> float:
     """Longest a blocking command may wait on ``client`` without its socket timing out."""
-    timeout = _socket_timeout(client.connection_pool)
+    timeout = _socket_timeout(pool_of(client))
     return math.inf if not timeout else max(0.05, timeout * 0.5)
 
 
@@ -135,7 +148,7 @@ def connection_settings(client: redis_py.Redis) -> tuple[type, dict[str, Any]]:
     helper then died on every connect). A credential provider travels as the plain user name
     and password it gives now.
     """
-    pool = client.connection_pool
+    pool = pool_of(client)
     kwargs: dict[str, Any] = {}
     for key, value in pool.connection_kwargs.items():
         if key not in _CONNECTION_SETTINGS and not key.startswith("ssl"):
@@ -198,8 +211,17 @@ def _redis_py_class(cls: type) -> type:
     return cls
 
 
-def helper_client(connection_class: type, connection_kwargs: dict[str, Any], timeout: float) -> redis_py.Redis:
-    """A client from :func:`connection_settings`, with short timeouts and no hidden retries."""
+def helper_client(
+    connection_class: type, connection_kwargs: dict[str, Any], timeout: float, topology: tuple[Any, ...] = ()
+) -> redis_py.Redis:
+    """A client from :func:`connection_settings`, with short timeouts and no hidden retries.
+
+    With a ``topology`` (:func:`rtq.backend.topology.topology_of`): a cluster client, or one that
+    finds the master through the same sentinels, so the helper follows a failover too.
+    """
+    if topology:
+        settings = {**connection_kwargs, "socket_timeout": timeout, "socket_connect_timeout": timeout}
+        return client_of(topology, settings)  # type: ignore[no-any-return]
     pool = redis_py.ConnectionPool(
         connection_class=connection_class,
         socket_timeout=timeout,
@@ -210,12 +232,19 @@ def helper_client(connection_class: type, connection_kwargs: dict[str, Any], tim
     return redis_py.Redis(connection_pool=pool)
 
 
-def client_from_url(url: str, **options: Any) -> redis_py.Redis:
-    """``redis.Redis.from_url(url, **options)``.
+def client_from_url(url: str, *, cluster: bool = False, **options: Any) -> redis_py.Redis:
+    """``redis.Redis.from_url(url, **options)``; a Sentinel-managed client for a ``redis+sentinel://`` URL,
+    a ``redis.cluster.RedisCluster`` with ``cluster``.
 
     Raises:
         ValueError: the URL or an option is malformed (redis-py's and urllib's own message).
     """
+    if url.lower().startswith(SENTINEL_SCHEME + "://"):
+        if cluster:
+            raise ValueError("a Sentinel URL names one master, not a cluster: drop cluster=True")
+        return sentinel_client(url, **options)
+    if cluster:
+        return cluster_client(url, **options)  # type: ignore[return-value]
     return redis_py.Redis.from_url(url, **options)
 
 
@@ -225,8 +254,10 @@ def client_options(client: redis_py.Redis) -> set[str]:
     Unknown ones are not refused there: redis-py hands them to each connection it makes, and
     the first command fails with a ``TypeError`` from deep inside it.
     """
-    pool = client.connection_pool
-    names = {"single_connection_client"}
+    pool = pool_of(client)
+    names = {"single_connection_client", "sentinel_kwargs"}
+    if is_cluster(client):
+        names |= set(inspect.signature(redis_py.RedisCluster.__init__).parameters)
     for cls in (*type(pool).__mro__, *pool.connection_class.__mro__):
         init = cls.__dict__.get("__init__")
         if init is None:

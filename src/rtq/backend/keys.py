@@ -2,7 +2,9 @@
 
 All keys share the ``<prefix>|<suffix>|`` head, so one ACL pattern (``~<prefix>|*``) confines a
 client to its queue, and a prefix written as a hash tag (``{team}``) keeps every key of a queue in
-one Redis Cluster slot. The first three rows are the seed's layout and are fixed.
+one Redis Cluster slot: on a cluster, :func:`hash_tagged` wraps a prefix that holds no tag
+(``rtq`` becomes ``{rtq}``), so every script and multi-key command of a queue runs on one node.
+The first three rows are the seed's layout and are fixed.
 
 =============================================  ========  ==========================================
 key                                            type      holds
@@ -50,6 +52,18 @@ def check_name(kind: str, value: str) -> str:
     if SEPARATOR in value:
         raise ValueError(f"{kind} {value!r} must not contain the key separator {SEPARATOR!r}")
     return value
+
+
+def hash_tagged(prefix: str) -> str:
+    """``prefix`` as a Redis Cluster hash tag (``{prefix}``), unless it already holds one.
+
+    A key's slot is the hash of the text between its first ``{`` and the next ``}`` (when not
+    empty): with the prefix in braces, all of a queue's keys share one slot.
+    """
+    start = prefix.find("{")
+    if start >= 0 and prefix.find("}", start + 2) > start:
+        return prefix
+    return "{" + prefix + "}"
 
 
 @dataclass(frozen=True)

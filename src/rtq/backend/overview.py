@@ -2,7 +2,8 @@
 
 The dashboard (:mod:`rtq.web`) polls :meth:`Overview.layout` once a refresh: worker ids and
 records, each live worker's in-progress list, each queue's length and head, the failures and
-dead-letter lists; it looks for new queue names (a ``SCAN``) far less often. A task is read
+dead-letter lists, and the records of the sessions and actors live workers hold; it looks for
+new queue names (a ``SCAN``) far less often. A task is read
 in full (:meth:`Overview.tasks`, :meth:`Overview.recent`) only when it is first seen running;
 after that only its new events come, for all running tasks in one non-blocking ``XREAD``
 (:class:`rtq.backend.events.Events`). So the commands per refresh grow with the number of
@@ -124,6 +125,14 @@ class Overview:
         for task_id in task_ids:
             pipe.xrevrange(self.keys.events(task_id), count=count)
         return [list(reversed(entries)) for entries in pipe.execute()] if task_ids else []
+
+    def sessions(self, session_ids: Sequence[str]) -> dict[str, dict[str, str]]:
+        """The records of these sessions and actors (text fields; {} for one gone), in one round trip."""
+        pipe = self.redis.pipeline(transaction=False)
+        for session_id in session_ids:
+            pipe.hgetall(self.keys.session(session_id))
+        replies = pipe.execute() if session_ids else []
+        return {sid: {text(k): text(v) for k, v in raw.items()} for sid, raw in zip(session_ids, replies, strict=True)}
 
     def error(self, task_id: str) -> dict[str, str]:
         """A failed task's error as text (``type``, ``message``, ``traceback``), never unpickled; {} when gone."""

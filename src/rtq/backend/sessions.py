@@ -59,11 +59,19 @@ class SessionState:
     @property
     def names(self) -> list[list[Any]]:
         """The held names as ``[name, type, bytes]`` triples (as the worker last wrote them)."""
+        return self._triples("names")
+
+    @property
+    def results(self) -> list[list[Any]]:
+        """The large call results held for their callers, as ``[task id, type, bytes]`` triples."""
+        return self._triples("results")
+
+    def _triples(self, field: str) -> list[list[Any]]:
         try:
-            names = json.loads(self.record.get("names") or "[]")
+            rows = json.loads(self.record.get(field) or "[]")
         except ValueError:
             return []
-        return [n for n in names if isinstance(n, list) and len(n) == 3] if isinstance(names, list) else []
+        return [n for n in rows if isinstance(n, list) and len(n) == 3] if isinstance(rows, list) else []
 
 
 class SessionRecords:

@@ -43,7 +43,7 @@ import json
 import time
 import uuid
 from collections.abc import Callable, Sequence
-from typing import Any, cast
+from typing import Any
 
 import redis as redis_py
 
@@ -54,10 +54,12 @@ from . import scripts
 from .batching import GroupCommit, SendAhead
 from .blobs import Blobs, keep_ms
 from .connections import block_cap, raw_client
+from .durability import Ack
 from .encoded import KEEP_S, Encoded, frames_until
 from .failures import RemoteTraceback, describe_error, error_info
 from .keys import Keys
-from .replies import raise_errors
+from .replies import out_of_memory, raise_errors
+from .routing import is_cluster
 from .wire import ChannelPool
 
 EVENTS_MAXLEN = 1000
@@ -81,17 +83,28 @@ class TaskStore:
         keys: The namespace's key names.
         serializer: Envelopes payloads.
         max_attempts: The attempt limit stored with each task this side submits.
+        durable: Wait for a replica to acknowledge submits and outcomes (:mod:`rtq.backend.durability`).
     """
 
-    def __init__(self, client: redis_py.Redis, keys: Keys, serializer: Serializer, *, max_attempts: int = 3) -> None:
+    def __init__(
+        self,
+        client: redis_py.Redis,
+        keys: Keys,
+        serializer: Serializer,
+        *,
+        max_attempts: int = 3,
+        durable: bool = False,
+    ) -> None:
         self.redis = raw_client(client)
+        self.submit_ack = Ack(strict=True) if durable else None
+        self.outcome_ack = Ack(strict=False) if durable else None
         self.keys = keys
         self.serializer = serializer
         self.max_attempts = max_attempts
         self.scripts = scripts.load(self.redis)
         self.cap = block_cap(self.redis)
         self.channels = ChannelPool(self.redis)  # held connections for the hot paths
-        self.submitter = GroupCommit(self.redis)  # submit.lua calls of concurrent submitters
+        self.submitter = GroupCommit(self.redis, ack=self.submit_ack)  # submit.lua calls of concurrent submitters
         self.blobs = Blobs(self.redis, keys, self.channels, self.scripts, signed=serializer.signed)
         self.ahead = SendAhead(self.redis)  # submit.lua calls whose submitter goes on (Executor.submit)
 
@@ -296,7 +309,7 @@ class TaskStore:
             with self.channels.channel() as channel:  # sends the frames as they are, uncopied
                 if blobs:  # first, alone: a buffer Redis refuses must stop the records naming it
                     raise_errors(channel.pipeline(blobs), _what_submit(records))
-                replies = channel.pipeline(commands)
+                replies = self._acked(channel.pipeline(self._with_ack(commands)), _what_submit(records))
             raise_errors(replies, _what_submit(records))
             self.blobs.enqueue_the_rest(records, [replies[-1][i] for i in queueing], _what_submit, into)
             return True
@@ -312,12 +325,12 @@ class TaskStore:
         else:
             with self.channels.channel() as channel:
                 # A batch is one transaction: a connection lost before EXEC queues none of it.
-                replies = self._send_batch(channel, script, calls)
+                replies = self._send_batch(channel, script, calls, self.submit_ack)
                 if any(isinstance(r, redis_py.exceptions.NoScriptError) for r in replies):
                     # The server lost its scripts (restart, flush): none ran (every call is the
                     # same script), so load it and send the batch again.
                     channel.execute("SCRIPT", "LOAD", script.script)
-                    replies = self._send_batch(channel, script, calls)
+                    replies = self._send_batch(channel, script, calls, self.submit_ack)
         raise_errors(replies, _what_submit(records))
         self._unlink_replaced(records, replies)
         return all(replies)
@@ -331,11 +344,14 @@ class TaskStore:
         through :class:`~rtq.backend.batching.SendAhead`; ``stored`` is called with None once
         Redis stored it, or with the error if it did not (``RedisFull``, a lost connection), from
         another thread. A big record (out-of-band frames) is stored before this returns, after
-        the calls sent ahead of it, and ``stored(None)`` is called here.
+        the calls sent ahead of it, and ``stored(None)`` is called here; so is every record of a
+        durable store (its submit waits for a replica) and of a cluster's (a submit the slot's
+        move refuses is sent again where the slot went).
         """
         records = [(task, self.record(task, token=token, state=TaskState.QUEUED, notify=notify))]
         enc = records[0][1]
-        if enc.frames or enc.named or _payload_size(enc.fields) > SCRIPT_ARGS_MAX:
+        big = enc.frames or enc.named or _payload_size(enc.fields) > SCRIPT_ARGS_MAX
+        if big or self.submit_ack is not None or is_cluster(self.redis):
             self.ahead.flush()  # in the order they were submitted
             self._submit_records(records, None)
             stored(None)
@@ -377,11 +393,33 @@ class TaskStore:
         if stale:
             self.redis.unlink(*stale)
 
+    def _with_ack(self, commands: list[tuple[Any, ...]]) -> list[tuple[Any, ...]]:
+        """``commands``, and a durable store's ``WAIT`` after them."""
+        return commands if self.submit_ack is None else [*commands, self.submit_ack.command]
+
+    def _acked(self, replies: list[Any], what: str) -> list[Any]:
+        """``replies`` without the ``WAIT``'s, which :meth:`_with_ack` added and which is checked here."""
+        if self.submit_ack is None:
+            return replies
+        *replies, acked = replies
+        if not out_of_memory(replies) and not any(isinstance(r, Exception) for r in replies):
+            self.submit_ack.check(acked, what)
+        return replies
+
     @staticmethod
-    def _send_batch(channel: Any, script: Any, calls: list[tuple[list[str], list[Any]]]) -> list[Any]:
-        """One MULTI/EXEC of ``script`` calls by SHA; the replies of the calls."""
+    def _send_batch(
+        channel: Any, script: Any, calls: list[tuple[list[str], list[Any]]], ack: Ack | None = None
+    ) -> list[Any]:
+        """One MULTI/EXEC of ``script`` calls by SHA (then ``ack``'s ``WAIT``); the replies of the calls."""
         commands = [("MULTI",), *(("EVALSHA", script.sha, len(k), *k, *a) for k, a in calls), ("EXEC",)]
-        replies = channel.pipeline(commands)
+        if ack is not None:
+            *replies, acked = channel.pipeline([*commands, ack.command])
+            if isinstance(replies[-1], list) and not any(
+                isinstance(r, redis_py.exceptions.NoScriptError) for r in replies[-1]
+            ):
+                ack.check(acked, f"a batch of {len(calls)} tasks")
+        else:
+            replies = channel.pipeline(commands)
         # MULTI's OK and each QUEUED, or an error queueing a call (then EXEC aborts); the calls'
         # own replies go back unchecked (a NOSCRIPT among them means: load, send again).
         *queued, result = replies
@@ -415,22 +453,29 @@ class TaskStore:
         if blobs:
             with self.channels.channel() as channel:
                 raise_errors(channel.pipeline(blobs), f"the buffers of task {task.id}")
-        pipe = self.redis.pipeline(transaction=True)
-        pipe.hdel(key, *_OUTCOME_FIELDS[1:])
-        pipe.hset(key, mapping=cast("dict[Any, Any]", enc.fields))
-        pipe.pexpire(key, ttl_ms)
-        for command in enc.frame_commands(task.expiry):
-            pipe.execute_command(*command)
-        pipe.execute()
+        # One transaction on a held connection (a cluster client's pipelines have none).
+        commands: list[tuple[Any, ...]] = [
+            ("MULTI",),
+            ("HDEL", key, *_OUTCOME_FIELDS[1:]),
+            ("HSET", key, *flatten(enc.fields)),
+            ("PEXPIRE", key, ttl_ms),
+            *enc.frame_commands(task.expiry),
+            ("EXEC",),
+        ]
+        with self.channels.channel() as channel:
+            replies = self._acked(channel.pipeline(self._with_ack(commands)), f"task {task.id}")
+        raise_errors(replies, f"task {task.id}")
 
     def read(self, task_id: str, *, once: bool = False) -> RedisTask | None:
         """The whole task record as a :class:`RedisTask`, or None when there is none."""
         key = self.keys.task(task_id)
-        pipe = self.redis.pipeline(transaction=True)
-        pipe.hgetall(key)
+        commands: list[tuple[Any, ...]] = [("MULTI",), ("HGETALL", key)]
         if once:
-            pipe.delete(key, self.keys.done(task_id), self.keys.events(task_id))
-        raw = {text(k): v for k, v in pipe.execute()[0].items()}
+            commands.append(("DEL", key, self.keys.done(task_id), self.keys.events(task_id)))
+        with self.channels.channel() as channel:
+            replies = channel.pipeline([*commands, ("EXEC",)])
+        raise_errors(replies, f"the read of task {task_id}")
+        raw = {text(k): v for k, v in _pairs(replies[-1][0])}
         if not raw:
             return None
         params = self.decode(key, "params", raw.get("params"), raw.get("params#")) if "params" in raw else None
@@ -561,6 +606,13 @@ def _what_submit(records: Sequence[tuple[RedisTask, Encoded]]) -> str:
 
 def _payload_size(fields: dict[str, Any]) -> int:
     return sum(len(v) if isinstance(v, (bytes, bytearray, memoryview, str)) else 32 for v in fields.values())
+
+
+def _pairs(reply: Any) -> list[tuple[Any, Any]]:
+    """An ``HGETALL`` reply as read off the wire (a flat list in RESP2, a map in RESP3) as pairs."""
+    if isinstance(reply, dict):
+        return list(reply.items())
+    return list(zip(reply[::2], reply[1::2], strict=True))
 
 
 def flatten(fields: dict[str, Any]) -> list[Any]:

@@ -34,6 +34,8 @@ from typing import Any
 
 import redis as redis_py
 
+from .routing import first_key, follow, is_cluster, lost_master, node_pool, slot_of
+
 hiredis: Any = None
 try:  # optional (the ``fast`` extra): RESP packing and parsing in C; 3.0 reads RESP3 too
     import hiredis as _hiredis
@@ -62,20 +64,33 @@ def _reading() -> Iterator[None]:
 
 
 class Channel:
-    """One held connection of ``client``'s pool, for one thread (or one lock-holder) at a time."""
+    """One held connection of ``client``'s pool, for one thread (or one lock-holder) at a time.
 
-    def __init__(self, client: redis_py.Redis) -> None:
+    On a Redis Cluster, a connection to the master of the slot its commands' keys hash to
+    (one slot per queue namespace), following ``MOVED`` and ``ASK`` (:mod:`rtq.backend.routing`).
+    """
+
+    def __init__(self, client: redis_py.Redis | redis_py.RedisCluster) -> None:
         self.client = client
-        self.pool = client.connection_pool
+        self.cluster = is_cluster(client)
+        self.pool: Any = None if self.cluster else client.connection_pool  # type: ignore[union-attr]
+        self.slot: int | None = None  # a cluster channel's, learnt from its first command with a key
         self._conn: Any = None
         self._reader: _Reader | None = None
         self._encoding = "utf-8"
         self._pid = os.getpid()
 
-    def _connection(self) -> Any:
+    def _connection(self, commands: Sequence[Sequence[Any]] = ()) -> Any:
         if self._pid != os.getpid():  # a forked child must not share the parent's socket
             self._conn, self._pid = None, os.getpid()
         if self._conn is None:
+            if self.cluster:
+                if self.slot is None:
+                    key = first_key(commands)
+                    if key is None:
+                        raise ValueError("a cluster channel's first command must name a key")
+                    self.slot = slot_of(key)
+                self.pool = node_pool(self.client, self.slot)  # type: ignore[arg-type]
             conn = _checkout(self.pool)  # connected, with nothing left to read on it
             self._conn = conn
             self._reader = _Reader(conn) if _readable(conn) else None
@@ -94,14 +109,23 @@ class Channel:
 
         A command answered with an error gets the ``ResponseError`` in its place; a blocking
         command holds back the replies of those behind it until it returns (the server runs
-        them in order), which is how a wake-up and a read share one round trip.
+        them in order), which is how a wake-up and a read share one round trip. A reply that
+        says the server is no longer the master (a failover) drops the connection and raises
+        ``ConnectionError``, which callers retry.
         """
+        replies = self._exchange(commands)
+        if self.cluster and any(isinstance(reply, redis_py.ResponseError) for reply in replies):
+            replies = follow(self, commands, replies)
+        return replies
+
+    def _exchange(self, commands: Sequence[Sequence[Any]]) -> list[Any]:
+        """:meth:`send` then :meth:`receive`."""
         self.send(commands)
         return self.receive(len(commands))
 
     def send(self, commands: Sequence[Sequence[Any]]) -> None:
         """Write ``commands`` in one write without reading their replies (:meth:`receive` them, in order)."""
-        conn = self._connection()
+        conn = self._connection(commands)
         try:
             packed = _pack(commands, self._encoding) if self._reader is not None else None
             conn.send_packed_command(packed if packed is not None else conn.pack_commands(commands))
@@ -110,7 +134,11 @@ class Channel:
             raise
 
     def receive(self, count: int) -> list[Any]:
-        """Read the replies of the ``count`` commands sent last (errors in their place, as :meth:`pipeline`)."""
+        """Read the replies of the ``count`` commands sent last (errors in their place, as :meth:`pipeline`).
+
+        A reply that says the server is no longer the master (a failover) drops the connection
+        and raises ``ConnectionError``, which callers retry.
+        """
         conn = self._connection()
         reader = self._reader
         replies: list[Any] = []
@@ -128,6 +156,11 @@ class Channel:
         except BaseException:
             self.reset()  # the rest of a reply may still be on the wire: never reuse this socket
             raise
+        for reply in replies:
+            lost = lost_master(reply) if isinstance(reply, redis_py.ResponseError) else None
+            if lost is not None:
+                self.reset()
+                raise lost
         return replies
 
     def read_into(
@@ -151,7 +184,7 @@ class Channel:
                 dropped).
             measure: Commands sent in the same write, just before ``command`` (``STRLEN``…).
         """
-        conn = self._connection()
+        conn = self._connection([command])
         reader = self._reader
         if reader is None:
             *held, values = self.pipeline([*measure, command])

@@ -144,12 +144,18 @@ def _parse(fn: Any, line: str) -> Any:
 
 
 @magic_arguments(name="rtq connect")
-@argument("url", nargs="?", help="redis://HOST:PORT[/DB] (default: RTQ_REDIS_URL, else embedded + local worker)")
+@argument(
+    "url",
+    nargs="?",
+    help="redis://HOST:PORT[/DB] or redis+sentinel://HOST:PORT[,HOST:PORT...]/SERVICE "
+    "(default: RTQ_REDIS_URL, else embedded + local worker)",
+)
 @argument("--prefix", default="rtq", help="key prefix the workers use (default: rtq)")
+@argument("--cluster", action="store_true", help="URL is a node of a Redis Cluster (workers use --cluster too)")
 @argument("--queue", default=DEFAULT_QUEUE, help="queue %%%%rtq uses when given no NAME (default: default)")
 @argument("--secret", help="sign payloads with this secret (default: RTQ_SECRET)")
 def _connect_args(line: str) -> None:
-    """%rtq connect [URL] [--prefix P] [--queue NAME]: connect the magics to Redis."""
+    """%rtq connect [URL] [--prefix P] [--queue NAME] [--cluster]: connect the magics to Redis."""
 
 
 @magic_arguments(name="rtq wait")
@@ -228,7 +234,9 @@ class RtqMagics(Magics):
                 from ..server import default_server
 
                 url = default_server().url
-            queue = connect(url, args.prefix, secret=args.secret)
+            if args.cluster and embedded:
+                raise UsageError("%rtq connect --cluster needs the URL of a cluster node")
+            queue = connect(url, args.prefix, secret=args.secret, cluster=args.cluster)
         except (RtqError, ValueError) as exc:
             raise UsageError(f"%rtq connect: {exc}") from None
         session = _Session(queue, url, args.queue)
@@ -317,10 +325,12 @@ class RtqMagics(Magics):
             raise UsageError(f"%%rtq: {exc}") from None
         if args.timeout is not None and not (math.isfinite(args.timeout) and args.timeout > 0):
             raise UsageError(f"%%rtq: --timeout must be a finite number of seconds above zero, not {args.timeout:g}")
-        self._check_served(session, name)
         handle = None
-        if args.session is not None:
-            sname = check_session_name(args.session)
+        sname = check_session_name(args.session) if args.session is not None else None
+        if sname is None or sname not in session.sessions.handles:
+            # An open session's own check (its worker's lease) stands for this one: no round trip.
+            self._check_served(session, name)
+        if sname is not None:
             handle = session.sessions.for_cell(sname, name)
         spec, explicit_pull = self._spec(args, line, cell, handle)
         ex = session.executor(name, args.timeout)
@@ -346,7 +356,12 @@ class RtqMagics(Magics):
                 f"%rtq wait {args.out} or {args.out}.result() brings its variables back"
             )
             return None
-        return wait_cell(fut, progress_after=args.progress_after, stop_on_interrupt=True, interrupted=interrupt.hit)
+        try:
+            return wait_cell(fut, progress_after=args.progress_after, stop_on_interrupt=True, interrupted=interrupt.hit)
+        except SessionLost as exc:
+            if handle is None:
+                raise
+            raise session.sessions.lost(exc, handle.label) from None
 
     def _check_served(self, session: _Session, name: str) -> None:
         if session.queue.is_listened(name):

@@ -79,7 +79,7 @@ class CellFuture(TaskFuture):
         elif self.cancelled():
             state = TaskState.CANCELLED
         else:
-            state = TaskState.FAILED if self.exception() else "done"
+            state = TaskState.FAILED if self.exception() else TaskState.DONE
         what = self.label or "rtq cell"
         return f"<{what} on {self.name!r} (task {self.task_id}): {state}>"
 

@@ -7,8 +7,10 @@ full once, when it is first seen running. :meth:`Board.state` is what the page r
 data, safe to show — labels, progress, output text, error lines, timestamps and machine
 metrics, never a payload, a password or a secret (worker records are read field by known field).
 
-Sessions and actors get a panel by adding a read to the layout and a key to :meth:`Board.state`
-(the page renders one panel per key it knows).
+The sessions and actors the live workers hold (:func:`rtq.status.sessions_of`: worker, host,
+kind, age, idle time, the names held with their types and sizes) are read from their records
+each refresh, one round trip. A new panel is a key of :meth:`Board.state` and an entry of the
+page's ``PANELS``.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from typing import TYPE_CHECKING, Any
 from ..backend.events import Events
 from ..backend.overview import Layout, Overview
 from ..backend.store import text
+from ..status import sessions_of
 
 if TYPE_CHECKING:
     from ..task_queue import RedisTaskQueue
@@ -125,6 +128,7 @@ class Board:
         self.queue_names: set[str] = set()
         self.refreshes = 0
         self.layout: Layout | None = None
+        self.sessions: list[dict[str, Any]] = []
 
     def refresh(self) -> None:
         """Read what changed since the last refresh (a handful of round trips)."""
@@ -154,6 +158,8 @@ class Board:
         if known:
             for task_id, entries in self.events.read(known, 1000, None):
                 self._apply(self.running[task_id], entries)
+        live = [{**_record(raw), "id": worker_id} for worker_id, raw in layout.records.items() if raw]
+        self.sessions = sessions_of(live, self.overview.sessions)
         self.layout = layout
 
     @staticmethod
@@ -205,6 +211,7 @@ class Board:
             "workers": sorted(workers, key=lambda w: (str(w.get("host")), w["id"])),
             "queues": queues,
             "running": running,
+            "sessions": self.sessions,
             "failures": [_entry(e) for e in layout.failures],
             "dead": {"count": layout.dead_count, "entries": [_entry(e) for e in layout.dead]},
         }

@@ -45,6 +45,7 @@ from typing import TYPE_CHECKING, Any
 
 from ..backend.connections import RedisError, connection_settings, helper_client
 from ..backend.keys import Keys
+from ..backend.topology import topology_of
 from ..backend.workers import LeaseKeeper
 from ..backoff import Backoff
 
@@ -75,6 +76,7 @@ class HeartbeatConfig:
     period: float
     parent_pid: int
     record: dict[str, Any] = field(default_factory=dict)
+    topology: tuple[Any, ...] = ()  # a cluster's nodes or the sentinels (see rtq.backend.topology)
 
 
 @dataclass(frozen=True)
@@ -85,12 +87,13 @@ class HelperSettings:
     connection_kwargs: dict[str, Any]
     prefix: str
     suffix: str
+    topology: tuple[Any, ...] = ()
 
     @classmethod
     def of(cls, client: Any, keys: Keys) -> HelperSettings:
         """The settings that reach the same server as ``client`` (see :func:`connection_settings`)."""
         connection_class, connection_kwargs = connection_settings(client)
-        return cls(connection_class, connection_kwargs, keys.prefix, keys.suffix)
+        return cls(connection_class, connection_kwargs, keys.prefix, keys.suffix, topology_of(client))
 
     def config(self, state: WorkerState, parent_pid: int) -> HeartbeatConfig:
         """What the helper of the worker ``state`` needs, now."""
@@ -106,6 +109,7 @@ class HelperSettings:
             period=state.period,
             parent_pid=parent_pid,
             record=dict(state.info),
+            topology=self.topology,
         )
 
 
@@ -220,7 +224,7 @@ class _Beater:
         self.config = config
         # Short socket timeouts and no hidden retries: a beat that hangs is a beat that is late.
         timeout = max(0.5, min(config.lease / 3, 5.0))
-        client = helper_client(config.connection_class, config.connection_kwargs, timeout)
+        client = helper_client(config.connection_class, config.connection_kwargs, timeout, config.topology)
         self.keeper = LeaseKeeper(client, Keys(config.prefix, config.suffix), config.worker_id, config.names)
         self.record = {**config.record, "heartbeat_pid": os.getpid()}
 

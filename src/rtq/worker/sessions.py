@@ -41,6 +41,7 @@ from ..backend.sessions import SessionRecords
 from ..backend.wire import Channel
 from ..errors import RtqError, SessionLost, SessionRefused
 from ..task import current_task
+from .held import HeldResults, is_large
 
 if TYPE_CHECKING:
     from ..backend.store import TaskStore
@@ -55,6 +56,7 @@ __all__ = [
     "call_method",
     "close_session",
     "current_session",
+    "fetch_result",
     "held_names",
     "open_session",
     "size_of",
@@ -106,6 +108,7 @@ class Session:
         used: When its last call ended (monotonic seconds).
         calls: How many calls it ran.
         closing: Why it is to close once the running call ends ('' while open).
+        results: The large results of its calls it holds until their callers ask (actors).
     """
 
     id: str
@@ -118,6 +121,7 @@ class Session:
     calls: int = 0
     closing: str = ""
     thread: threading.Thread | None = None
+    results: HeldResults = field(default_factory=HeldResults)
 
     @property
     def namespace(self) -> dict[str, Any]:
@@ -296,6 +300,8 @@ class SessionHost:
                     logger.warning("cannot take calls of session %s (%s); retrying", session.id, exc)
                     listener.event.wait(min(1.0, wait))
                     continue
+                if session.results.expire(time.time()):
+                    self._touch(session)
                 if run is None:
                     continue
                 run.session = session
@@ -326,7 +332,14 @@ class SessionHost:
     def _touch(self, session: Session) -> None:
         try:
             self.records.touch(
-                session.id, {"used": time.time(), "calls": session.calls, "names": held_names(session)}, self.ttl
+                session.id,
+                {
+                    "used": time.time(),
+                    "calls": session.calls,
+                    "names": held_names(session),
+                    "results": session.results.listing(),
+                },
+                self.ttl,
             )
         except RedisError as exc:
             logger.warning("could not update the record of session %s (%s)", session.id, exc)
@@ -363,6 +376,7 @@ class SessionHost:
             self._fail_queued(session, error)
         except RedisError as exc:  # its callers learn it from the record, or from the lapsed lease
             logger.warning("could not close session %s in Redis (%s)", session.id, exc)
+        session.results.clear()
         state, session.state = session.state, None
         if isinstance(state, dict):
             state.clear()  # the namespace may be shared with closures it made: free what it held
@@ -418,10 +432,30 @@ def open_session(
     return host.open(session_id, kind, label, task.name, build)
 
 
-def call_method(method: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
-    """An actor's method call: ``getattr(instance, method)(*args, **kwargs)`` on the session's instance."""
+def call_method(method: str, args: tuple[Any, ...], kwargs: dict[str, Any], drop: tuple[str, ...] = ()) -> Any:
+    """An actor's method call: ``getattr(instance, method)(*args, **kwargs)`` on the session's instance.
+
+    A large value stays here (:mod:`rtq.worker.held`): the call returns a :class:`~rtq.worker.held.HeldResult`
+    naming it, which its caller's ``result()`` fetches. ``drop``: held values whose futures are gone.
+    """
     session = current_session()
-    return getattr(session.state, method)(*args, **kwargs)
+    session.results.drop(drop)
+    value = getattr(session.state, method)(*args, **kwargs)
+    task = current_task()
+    if task is None or not is_large(value):
+        return value
+    return session.results.hold(task.id, value, _type_name(value), size_of(value), task.expiry)
+
+
+def fetch_result(task_id: str, drop: tuple[str, ...] = ()) -> Any:
+    """The call that fetches the large value call ``task_id`` left held, freeing it here.
+
+    Raises:
+        ResultFreed: It is not held any more (fetched already, or expired).
+    """
+    session = current_session()
+    session.results.drop(drop)
+    return session.results.take(task_id, session.label)
 
 
 def close_session(reason: str) -> None:

@@ -106,6 +106,22 @@ const PANELS = {
     });
     return [state.running.length, table(["task", "worker", "elapsed", "progress"], rows, "nothing running")];
   },
+  sessions(state) {
+    const rows = state.sessions.map((s) => el("tr", { "data-session": s.id },
+      el("td", {}, el("div", { class: "mono label" }, s.label), el("div", { class: "muted" }, s.kind)),
+      el("td", {}, el("div", { class: "mono" }, s.host || "?"), el("div", { class: "muted mono" }, s.worker),
+        s.gpu ? el("div", { class: "muted" }, `GPU ${s.gpu}`) : null),
+      el("td", {}, age(s.created)),
+      el("td", { class: "idle" }, age(s.used)),
+      el("td", { class: "held" }, s.names.length
+        ? el("ul", { class: "names" }, ...s.names.map(([name, type, bytes]) =>
+          el("li", { "data-name": name }, el("span", { class: "mono" }, name), ` ${type}, ${size(bytes)}`)))
+        : el("span", { class: "muted" }, "nothing"),
+        s.results.length ? el("div", { class: "muted" },
+          `${s.results.length} result(s) kept until asked for, ${size(s.results.reduce((n, r) => n + r[2], 0))}`) : null),
+    ));
+    return [state.sessions.length, table(["session / actor", "worker", "age", "idle", "holds"], rows, "no session or actor")];
+  },
   failures(state) {
     return [state.failures.length, entries(state.failures, "no failure kept")];
   },
