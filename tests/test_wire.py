@@ -129,3 +129,13 @@ def test_script_replies_keep_their_shape(channel: wire.Channel) -> None:
     script = "return {{1, 'tok', false}, {}, redis.call('EXISTS', KEYS[1]) == 1, tonumber(ARGV[1]) * 2}"
     reply = channel.execute("EVAL", script, 1, "nothing", 21)
     assert reply == [[1, b"tok", None], [], None, 42]
+
+
+def test_a_task_state_travels_as_its_text(channel: wire.Channel) -> None:
+    """Every submit and outcome carries a ``TaskState`` (a ``str`` subclass): packed as its text."""
+    from rtq.task import TaskState
+
+    assert channel.pipeline([("HSET", "h", "state", TaskState.DONE, "n", 1), ("HMGET", "h", "state", "n")]) == [
+        2,
+        [b"done", b"1"],
+    ]

@@ -315,14 +315,15 @@ def _small(args: Sequence[Any]) -> bool:
     """Whether hiredis may pack ``args``: only str, int, float and ``bytes`` up to ``BIG_ARG``.
 
     hiredis also takes buffers (memoryviews of payload frames), but copies them slowly: about
-    1 ms per MiB, three times the transfer itself.
+    1 ms per MiB, three times the transfer itself. A ``str`` subclass (a ``TaskState``, in every
+    submit and outcome) is packed as its text, as :func:`_pack` would.
     """
     for arg in args:
         kind = type(arg)
         if kind is bytes:
             if len(arg) > BIG_ARG:
                 return False
-        elif kind is not str and kind is not int and kind is not float:
+        elif kind is not str and kind is not int and kind is not float and not isinstance(arg, str):
             return False
     return True
 

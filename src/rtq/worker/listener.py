@@ -1,9 +1,9 @@
 """The loop behind :meth:`RedisTaskQueue.listen`: claim, run, report, recover.
 
-One claim thread per queue takes a task only while a slot is free, and moves its id atomically
-(BLMOVE) from the queue into this listener's in-progress list, so an id is never held only in
-memory; claim.lua then makes it this worker's (owner, attempt) and hands over its data, and a
-pool thread runs it. Around that loop:
+Claim threads (up to two per queue, :mod:`rtq.worker.claiming`) take a task only while a slot
+is free, and move its id atomically (BLMOVE) from the queue into this listener's in-progress
+list, so an id is never held only in memory; claim.lua then makes it this worker's (owner,
+attempt) and hands over its data, and the thread that claimed it runs it. Around that loop:
 
 * :mod:`rtq.worker.watchdog` keeps the worker's lease and its queues' markers fresh (with a helper
   process a task holding the GIL cannot starve), gives back the tasks of lapsed workers, and
@@ -31,11 +31,11 @@ from ..backend.eviction import eviction_warning
 from ..backend.keys import check_name
 from ..backend.store import text
 from ..backend.wire import Channel
-from ..backoff import Backoff
 from ..buffercache import BufferCache, default_cache_bytes
 from ..errors import RtqError, SerializationError, SignatureError, TaskCancelled
 from ..task import RedisTask, Reporter, TaskState, outcome_stored_by_runner, running
 from .capture import capturing
+from .claiming import WAITING, Claiming
 from .heartbeat import HelperSettings
 from .outcome import OutcomeWriter
 from .recovery import Reaper
@@ -179,11 +179,11 @@ class Listener:
         self.sessions.start()
         for name in self.names:
             self.store.mark_listened(name, self.marker_ttl)
-        # A thread per slot, and one per queue for the claiming that goes on meanwhile.
-        pool = ThreadPoolExecutor(self.workers + len(self.names), thread_name_prefix="rtq-task")
+        # A thread per slot, and those waiting on each queue while the slots' tasks run.
+        pool = ThreadPoolExecutor(self.workers + WAITING * len(self.names), thread_name_prefix="rtq-task")
         contended = self.workers < len(self.names)
         wait_cap = min(self.interval, self.store.cap, 0.1 if contended else float("inf"))
-        claims = [_Claiming(name, self.keys.queue(name), wait_cap, Channel(self.redis)) for name in self.names]
+        claims = [Claiming(name, self.keys.queue(name), wait_cap, lambda: Channel(self.redis)) for name in self.names]
         for claiming in claims:
             pool.submit(self._claim_and_run, claiming, pool)
         logger.info("worker %s listening on %s with %d slots", self.id, ", ".join(self.names), self.workers)
@@ -224,35 +224,41 @@ class Listener:
         pool.shutdown(wait=finished, cancel_futures=True)
 
     # -- claiming --------------------------------------------------------------------------
-    def _claim_and_run(self, claiming: _Claiming, pool: ThreadPoolExecutor) -> None:
-        """Claim from one queue until a task comes, then run that task in this very thread.
+    def _claim_and_run(self, claiming: Claiming, pool: ThreadPoolExecutor) -> None:
+        """Claim from one queue until a task comes, run that task in this very thread, and repeat.
 
-        The claiming goes on in another pool thread meanwhile, so a task starts in the thread
-        that claimed it, without waiting to be handed over (a thread wake-up and a GIL switch on
-        every task's path), while its queue is served on without a pause.
+        A task starts in the thread that claimed it, without waiting to be handed over (a
+        thread wake-up and a GIL switch on every task's path), while its queue is served on
+        without a pause by another thread waiting on it (see :mod:`rtq.worker.claiming`).
         """
-        try:
-            run = self._claim_next(claiming, pool)
-        except BaseException:
-            claiming.close()
-            raise
-        if run is None:  # stopped: this queue's claiming ends here
-            claiming.close()
-            return
-        try:
-            pool.submit(self._claim_and_run, claiming, pool)
-        except RuntimeError:  # the pool shut down; cannot happen while run() waits for claiming
-            logger.exception("claiming from %s ended early", claiming.name)
-            claiming.close()
-        self._execute(run)
+        channel = claiming.channel()
+        while True:
+            try:
+                run = self._claim_next(claiming, channel, pool)
+            except BaseException:
+                claiming.leave(channel)
+                raise
+            if run is None:  # stopped: this thread's claiming ends here
+                claiming.leave(channel)
+                return
+            if claiming.taken():  # nobody else waits on the queue: start someone
+                try:
+                    pool.submit(self._claim_and_run, claiming, pool)
+                except RuntimeError:  # the pool shut down; cannot happen while run() waits for claiming
+                    logger.exception("claiming from %s ended early", claiming.name)
+                    claiming.not_started()
+            self._execute(run)
+            if not claiming.rejoin(self.event.is_set()):
+                claiming.idle(channel)
+                return
 
-    def _claim_next(self, claiming: _Claiming, pool: ThreadPoolExecutor) -> Run | None:
-        """The next attempt claimed from ``claiming``'s queue (None once stopped).
+    def _claim_next(self, claiming: Claiming, channel: Channel, pool: ThreadPoolExecutor) -> Run | None:
+        """The next attempt claimed from ``claiming``'s queue on ``channel`` (None once stopped).
 
         It takes a task only while a slot is free, and with more free slots claims more queued
         tasks in the same round trips; those go to the pool. The task returned holds a slot.
         """
-        name, channel = claiming.name, claiming.channel
+        name = claiming.name
         while not self.event.is_set():
             if not self.free.acquire(timeout=self.interval):
                 continue
@@ -466,22 +472,6 @@ def _call(hook: Callable[[], object] | None) -> None:
         hook()
     except Exception:  # a bookkeeping hook must never cost a task its outcome
         logger.exception("a hook after running a task failed")
-
-
-class _Claiming:
-    """The claiming of one queue, handed on from pool thread to pool thread (one at a time)."""
-
-    def __init__(self, name: str, key: str, wait_cap: float, channel: Channel) -> None:
-        self.name = name
-        self.key = key
-        self.wait_cap = wait_cap  # longest BLMOVE
-        self.channel = channel  # its own connection: BLMOVE and the claims
-        self.backoff = Backoff(0.01, 5.0)  # after a failure, how long to wait before the next BLMOVE
-        self.ended = threading.Event()  # set when it stopped (the worker shuts down)
-
-    def close(self) -> None:
-        self.channel.close()
-        self.ended.set()
 
 
 __all__ = ["Listener", "RtqError"]

@@ -2,7 +2,7 @@
 
 ``threading.Semaphore`` lets the thread that releases a slot take it straight back before a
 thread it woke can run (the woken one needs the GIL, which the releaser still holds). A worker
-with fewer slots than queues has one claiming thread per queue waiting for a slot, and the one
+with fewer slots than queues has claiming threads of every queue waiting for a slot, and the one
 that holds it finds its queue empty every ``wait_cap`` (0.1 s), releases it, and takes it back:
 the other queues' tasks waited for minutes, or until their deadline. :class:`Slots` hands a
 released slot to the thread that has waited longest, so the queues take turns.
