@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 import redis
 
-from rtq.backend import wire
+from rtq.backend import resp, wire
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -25,10 +25,10 @@ def channel(
 ) -> Iterator[wire.Channel]:
     parser, protocol = request.param.split("-resp")
     if parser == "hiredis":
-        if wire.hiredis is None:
+        if resp.hiredis is None:
             pytest.skip("hiredis is not installed")
     else:
-        monkeypatch.setattr(wire, "hiredis", None)
+        monkeypatch.setattr(resp, "hiredis", None)
     client = redis.Redis.from_url(redis_url, protocol=int(protocol))
     ch = wire.Channel(client)
     yield ch
@@ -67,7 +67,7 @@ def test_a_noscript_inside_exec_is_typed(channel: wire.Channel) -> None:
 
 
 def test_big_values_travel_whole(channel: wire.Channel) -> None:
-    big = bytes(range(256)) * (wire.BIG_ARG // 128)  # two BIG_ARGs: sent uncopied
+    big = bytes(range(256)) * (resp.BIG_ARG // 128)  # two BIG_ARGs: sent uncopied
     view = memoryview(bytearray(big[::-1]))
     assert channel.pipeline([("SET", "big", big), ("SET", "view", view), ("GET", "big"), ("STRLEN", "view")]) == [
         b"OK",

@@ -14,12 +14,15 @@ from typing import Any
 from ..digests import Ref
 from ..serialization import CHUNK
 
-__all__ = ["FRAME_SLACK_S", "KEEP_S", "Encoded", "frames_until"]
+__all__ = ["FRAME_SLACK_S", "KEEP_S", "LIST_FIELDS", "LIST_NAMES", "Encoded", "flatten", "frames_until"]
 
 KEEP_S = 300.0
 """Seconds a finished task's outcome stays readable at least, even past its deadline."""
 FRAME_SLACK_S = 60.0
 """Seconds a big frame outlives the longest its record can live (the deadline plus ``KEEP_S``)."""
+LIST_NAMES = ("params", "result", "error")
+"""The payload fields of a record, whose ``<name>#`` fields list their extra frames."""
+LIST_FIELDS = [f"{name}#" for name in LIST_NAMES]
 
 
 @dataclass
@@ -77,3 +80,8 @@ class Encoded:
 def frames_until(expiry: float) -> float:
     """When the frames of a record due at ``expiry`` may go (Unix seconds): after the record can."""
     return max(expiry, time.time()) + KEEP_S + FRAME_SLACK_S
+
+
+def flatten(fields: dict[str, Any]) -> list[Any]:
+    """``{field: value}`` as ``[field, value, field, value, …]`` (HSET's and a script's arguments)."""
+    return [item for pair in fields.items() for item in pair]

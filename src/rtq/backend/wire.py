@@ -34,33 +34,10 @@ from typing import Any
 
 import redis as redis_py
 
+from . import resp
 from .routing import first_key, follow, is_cluster, lost_master, node_pool, slot_of
 
-hiredis: Any = None
-try:  # optional (the ``fast`` extra): RESP packing and parsing in C; 3.0 reads RESP3 too
-    import hiredis as _hiredis
-
-    if int(_hiredis.__version__.split(".")[0]) >= 3:
-        hiredis = _hiredis
-except (ImportError, ValueError):  # pragma: no cover - depends on the environment
-    pass
-
-BIG_ARG = 1 << 16
-"""Arguments bigger than this are sent as they are, not copied into the packed command."""
-READ_SIZE = 1 << 16
-
 __all__ = ["Channel", "ChannelPool", "call_script"]
-
-
-@contextmanager
-def _reading() -> Iterator[None]:
-    """Turn socket failures into the errors redis-py raises, which rtq's callers retry."""
-    try:
-        yield
-    except TimeoutError as exc:
-        raise redis_py.TimeoutError("Timeout reading from socket") from exc
-    except OSError as exc:
-        raise redis_py.ConnectionError(f"Error while reading from socket: {exc}") from exc
 
 
 class Channel:
@@ -76,7 +53,7 @@ class Channel:
         self.pool: Any = None if self.cluster else client.connection_pool  # type: ignore[union-attr]
         self.slot: int | None = None  # a cluster channel's, learnt from its first command with a key
         self._conn: Any = None
-        self._reader: _Reader | None = None
+        self._reader: resp.Reader | None = None
         self._encoding = "utf-8"
         self._pid = os.getpid()
 
@@ -93,7 +70,7 @@ class Channel:
                 self.pool = node_pool(self.client, self.slot)  # type: ignore[arg-type]
             conn = _checkout(self.pool)  # connected, with nothing left to read on it
             self._conn = conn
-            self._reader = _Reader(conn) if _readable(conn) else None
+            self._reader = resp.Reader(conn) if _readable(conn) else None
             self._encoding = getattr(getattr(conn, "encoder", None), "encoding", "utf-8")
         return self._conn
 
@@ -127,7 +104,7 @@ class Channel:
         """Write ``commands`` in one write without reading their replies (:meth:`receive` them, in order)."""
         conn = self._connection(commands)
         try:
-            packed = _pack(commands, self._encoding) if self._reader is not None else None
+            packed = resp.pack(commands, self._encoding) if self._reader is not None else None
             conn.send_packed_command(packed if packed is not None else conn.pack_commands(commands))
         except BaseException:
             self.reset()  # part of a command may be on the wire: never reuse this socket
@@ -198,7 +175,7 @@ class Channel:
                 target[:] = value
             return True
         try:
-            conn.send_packed_command(_pack([*measure, command], self._encoding))
+            conn.send_packed_command(resp.pack([*measure, command], self._encoding))
             if callable(targets):
                 # rtq's own parser, never hiredis's: hiredis may buffer the start of the read's
                 # reply, which bulks_into must find in rtq's buffer.
@@ -266,228 +243,6 @@ def _checkout(pool: Any) -> Any:
 def _readable(conn: Any) -> bool:
     """Whether rtq may read ``conn``'s replies itself (a plain redis-py socket connection)."""
     return isinstance(getattr(conn, "_sock", None), socket.socket)
-
-
-def _pack(commands: Sequence[Sequence[Any]], encoding: str) -> list[Any] | None:
-    """RESP for ``commands`` as pieces to send in order, big values as they are (never copied).
-
-    None when an argument is of a type redis-py should judge (it raises its own error).
-    """
-    pieces: list[Any] = []
-    small: list[bytes] = []
-    for args in commands:
-        if hiredis is not None and encoding == "utf-8" and _small(args):
-            small.append(hiredis.pack_command(tuple(args)))  # in C: several times faster
-            continue
-        small.append(b"*%d\r\n" % len(args))
-        for arg in args:
-            if isinstance(arg, str):
-                arg = arg.encode(encoding)
-            elif isinstance(arg, (bytes, bytearray, memoryview)):
-                pass
-            elif isinstance(arg, (int, float)) and not isinstance(arg, bool):
-                arg = repr(arg).encode()
-            else:
-                return None
-            size = arg.nbytes if isinstance(arg, memoryview) else len(arg)
-            if size > BIG_ARG:
-                small.append(b"$%d\r\n" % size)
-                pieces += (b"".join(small), arg)
-                small = [b"\r\n"]
-            else:
-                small += (b"$%d\r\n" % size, bytes(arg), b"\r\n")
-    pieces.append(b"".join(small))
-    return pieces
-
-
-def _typed_errors(reply: Any) -> Any:
-    """``reply`` with hiredis's plain ``ResponseError``s as redis-py's own kinds (NOSCRIPT…)."""
-    if isinstance(reply, redis_py.ResponseError):
-        message = str(reply)
-        kind = _ERRORS.get(message.split(" ", 1)[0])
-        return kind(message) if kind is not None else reply
-    if isinstance(reply, list):
-        return [_typed_errors(item) if isinstance(item, (list, redis_py.ResponseError)) else item for item in reply]
-    return reply
-
-
-def _small(args: Sequence[Any]) -> bool:
-    """Whether hiredis may pack ``args``: only str, int, float and ``bytes`` up to ``BIG_ARG``.
-
-    hiredis also takes buffers (memoryviews of payload frames), but copies them slowly: about
-    1 ms per MiB, three times the transfer itself. A ``str`` subclass (a ``TaskState``, in every
-    submit and outcome) is packed as its text, as :func:`_pack` would.
-    """
-    for arg in args:
-        kind = type(arg)
-        if kind is bytes:
-            if len(arg) > BIG_ARG:
-                return False
-        elif kind is not str and kind is not int and kind is not float and not isinstance(arg, str):
-            return False
-    return True
-
-
-_MORE = object()
-"""hiredis's answer while a reply is incomplete (its default, False, is also a RESP3 boolean)."""
-
-_ERRORS = {
-    "NOSCRIPT": redis_py.exceptions.NoScriptError,
-    "LOADING": redis_py.exceptions.BusyLoadingError,
-    "OOM": redis_py.exceptions.OutOfMemoryError,
-    "EXECABORT": redis_py.exceptions.ExecAbortError,
-}
-
-
-class _Reader:
-    """Reads RESP2/RESP3 replies from a connection's socket, with its own buffer."""
-
-    def __init__(self, conn: Any) -> None:
-        self.sock: socket.socket = conn._sock
-        self.buf = bytearray()
-        self.pos = 0
-        # hiredis parses whole replies in C (RESP2 and RESP3). Frames read straight into
-        # buffers (bulks_into) always go through rtq's own buffer.
-        self.fast = None
-        if hiredis is not None:
-            self.fast = hiredis.Reader(
-                replyError=redis_py.ResponseError, protocolError=redis_py.ConnectionError, notEnoughData=_MORE
-            )
-
-    def pending(self) -> bool:
-        """Whether bytes beyond the replies read are buffered (else the buffer is emptied)."""
-        if self.fast is not None and self.fast.has_data():
-            return True
-        if self.pos < len(self.buf):
-            return True
-        if len(self.buf) > READ_SIZE:
-            self.buf = bytearray()  # do not keep a big reply's buffer around
-        else:
-            self.buf.clear()
-        self.pos = 0
-        return False
-
-    def _fill(self) -> None:
-        if self.pos:
-            del self.buf[: self.pos]
-            self.pos = 0
-        with _reading():
-            chunk = self.sock.recv(READ_SIZE)
-        if not chunk:
-            raise redis_py.ConnectionError("Connection closed by server.")
-        self.buf += chunk
-
-    def _line(self) -> bytes:
-        while True:
-            end = self.buf.find(b"\r\n", self.pos)
-            if end >= 0:
-                line = bytes(self.buf[self.pos : end])
-                self.pos = end + 2
-                return line
-            self._fill()
-
-    def _exact(self, n: int) -> bytes:
-        while len(self.buf) - self.pos < n + 2:
-            self._fill()
-        with memoryview(self.buf) as view:
-            data = bytes(view[self.pos : self.pos + n])
-        self.pos += n + 2
-        return data
-
-    def reply(self) -> Any:
-        fast = self.fast
-        if fast is None or self.pos < len(self.buf):
-            return self._reply()
-        reply = fast.gets()
-        while reply is _MORE:
-            with _reading():
-                chunk = self.sock.recv(READ_SIZE)
-            if not chunk:
-                raise redis_py.ConnectionError("Connection closed by server.")
-            fast.feed(chunk)
-            reply = fast.gets()
-        return _typed_errors(reply)
-
-    def own_reply(self) -> Any:
-        """The next reply, parsed from rtq's own buffer (never through hiredis's)."""
-        return self._reply()
-
-    def _reply(self) -> Any:
-        line = self._line()
-        kind, rest = line[:1], line[1:]
-        if kind == b"$":
-            n = int(rest)
-            return None if n < 0 else self._exact(n)
-        if kind in (b"*", b"~", b">"):
-            n = int(rest)
-            return None if n < 0 else [self._reply() for _ in range(n)]
-        if kind == b":" or kind == b"(":
-            return int(rest)
-        if kind == b"+":
-            return rest
-        if kind == b"_":
-            return None
-        if kind in (b"-", b"!"):
-            message = (self._exact(int(rest)) if kind == b"!" else rest).decode(errors="replace")
-            return _ERRORS.get(message.split(" ", 1)[0], redis_py.ResponseError)(message)
-        if kind == b"%":
-            n = int(rest)
-            out = {}
-            for _ in range(n):
-                k = self._reply()
-                out[k] = self._reply()
-            return out
-        if kind == b",":
-            return float(rest)
-        if kind == b"#":
-            return rest == b"t"
-        if kind == b"=":
-            return self._exact(int(rest))[4:]
-        if kind == b"|":  # attributes: skip them, the reply follows
-            for _ in range(2 * int(rest)):
-                self._reply()
-            return self._reply()
-        raise redis_py.ConnectionError(f"unexpected reply from the server: {line[:40]!r}")
-
-    def bulks_into(self, targets: Sequence[memoryview]) -> bool:
-        """Read an array reply of bulk strings, each straight into its target."""
-        head = self._line()
-        if head[:1] not in (b"*", b"~") or int(head[1:]) != len(targets):
-            raise redis_py.ConnectionError(f"unexpected reply to a read of frames: {head[:40]!r}")
-        ok = True
-        for target in targets:
-            line = self._line()
-            if line[:1] != b"$" or int(line[1:]) != target.nbytes:
-                ok = False  # missing or another size: read it (and drop it) to stay in step
-                if line[:1] == b"$" and int(line[1:]) >= 0:
-                    self._skip(int(line[1:]) + 2)
-                continue
-            self._into(target)
-            self._skip(2)
-        return ok
-
-    def _into(self, target: memoryview) -> None:
-        have = min(len(self.buf) - self.pos, target.nbytes)
-        target[:have] = self.buf[self.pos : self.pos + have]
-        self.pos += have
-        done = have
-        while done < target.nbytes:
-            with _reading():
-                n = self.sock.recv_into(target[done:])
-            if not n:
-                raise redis_py.ConnectionError("Connection closed by server.")
-            done += n
-
-    def _skip(self, n: int) -> None:
-        while n:
-            if self.pos >= len(self.buf):
-                self._fill()
-            step = min(n, len(self.buf) - self.pos)
-            self.pos += step
-            n -= step
-        if self.pos == len(self.buf):
-            self.buf.clear()
-            self.pos = 0
 
 
 class ChannelPool:
