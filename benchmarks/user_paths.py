@@ -36,43 +36,62 @@ def _rate(size: int, samples: list[float]) -> dict[str, float]:
     return {"bytes": size, "n": len(samples), "median_s": median, "mb_s": size / median / MB}
 
 
-def _echo(ex: Any, value: Any, same: Callable[[Any], bool], raw: Callable[[], None], size: int, reps: int) -> Any:
-    back = ex.submit(bench_tasks.echo, value).result(300)
-    assert same(back), "the echoed value differs"
-    del back
+def _echo(
+    ex: Any, make: Callable[[int], Any], same: Callable[[Any, Any], bool], raw: Callable[[], None], size: int, reps: int
+) -> Any:
+    """Echo a fresh value each sample (``make(i)``): digests (#19) would make a repeat a second send."""
+    first = make(0)
+    back = ex.submit(bench_tasks.echo, first).result(300)
+    assert same(first, back), "the echoed value differs"
+    del back, first
     rtq_s: list[float] = []
     raw_s: list[float] = []
-    for _ in range(reps):  # alternating with the floor, as benchmarks/run.py does
+    for i in range(1, reps + 1):  # alternating with the floor, as benchmarks/run.py does
+        value = make(i)
         start = time.perf_counter()
         raw()
         raw_s.append(time.perf_counter() - start)
         start = time.perf_counter()
         ex.submit(bench_tasks.echo, value).result(300)
         rtq_s.append(time.perf_counter() - start)
+        del value
     return {"rtq": _rate(size, rtq_s), "raw": _rate(size, raw_s)}
 
 
 def echoes(ex: Any, floor: Any, size: int, reps: int) -> dict[str, Any]:
-    """Echo ``size`` bytes as ``bytes``, and as DataFrames when pandas is there."""
+    """Echo ``size`` bytes as ``bytes``, and as DataFrames when pandas is there (new contents every sample)."""
     import numpy as np
 
     data = np.random.default_rng(size).bytes(size)
-    same = lambda b: type(b) is bytes and b == data  # noqa: E731
-    out: dict[str, Any] = {"bytes": _echo(ex, data, same, lambda: floor.set_get(data, size), size, reps)}
+
+    def fresh_bytes(i: int) -> bytes:
+        return np.random.default_rng(i).bytes(size)
+
+    def same_bytes(sent: Any, back: Any) -> bool:
+        return type(back) is bytes and back == sent
+
+    out: dict[str, Any] = {"bytes": _echo(ex, fresh_bytes, same_bytes, lambda: floor.set_get(data, size), size, reps)}
     if importlib.util.find_spec("pandas") is None:
         out["dataframe"] = {"skipped": 'pandas is not installed (pip install -e ".[bench]")'}
         return out
     import pandas as pd
 
     rows = size // 16
-    numeric = pd.DataFrame({"x": np.arange(rows, dtype="f8"), "n": np.arange(rows, dtype="i8")})
-    nbytes = int(numeric.memory_usage(index=False).sum())
+
+    def numeric(i: int) -> Any:
+        return pd.DataFrame({"x": np.arange(rows, dtype="f8") + i, "n": np.arange(rows, dtype="i8") - i})
+
+    nbytes = int(numeric(0).memory_usage(index=False).sum())
     view = memoryview(bytearray(nbytes))
-    out["dataframe"] = _echo(ex, numeric, numeric.equals, lambda: floor.set_get(view, nbytes), nbytes, reps)
-    words = pd.DataFrame({"s": pd.Series([f"item-{i:08d}" for i in range(size // 64)], dtype=object)})
-    text_bytes = int(words["s"].str.len().sum())
+    equal = lambda sent, back: sent.equals(back)  # noqa: E731
+    out["dataframe"] = _echo(ex, numeric, equal, lambda: floor.set_get(view, nbytes), nbytes, reps)
+
+    def words(i: int) -> Any:
+        return pd.DataFrame({"s": pd.Series([f"item-{i}-{j:08d}" for j in range(size // 64)], dtype=object)})
+
+    text_bytes = int(words(0)["s"].str.len().sum())
     strings = memoryview(bytearray(text_bytes))
-    out["strings"] = _echo(ex, words, words.equals, lambda: floor.set_get(strings, text_bytes), text_bytes, reps)
+    out["strings"] = _echo(ex, words, equal, lambda: floor.set_get(strings, text_bytes), text_bytes, reps)
     return out
 
 

@@ -47,8 +47,10 @@ def test_rtq_status_lists_each_actor_with_where_it_lives_and_what_it_holds(
         kept = holder.big()
         wait_for(kept.done, 30, "the call to end")
         wait_for(lambda: holder.session.state().results, 30, "the record to list the kept result")
-        out = _status(redis_url)
         line = f"  actor 'Holder'  worker {holder.session.worker} on {holder.session.host}  age "
+        # Workers announce what they hold in their heartbeat record: the next beat lists it.
+        wait_for(lambda: "sessions and actors (1):\n" + line in _status(redis_url), 30, "rtq status to list the actor")
+        out = _status(redis_url)
         assert "sessions and actors (1):\n" + line in out, out
         assert "idle " in out and "calls 1" in out, out
         assert "holds: weights (bytearray, 3.0 MiB)" in out, out
