@@ -93,12 +93,18 @@ def test_numpy_array_64mib_round_trip(ex):
 
 def test_big_frames_are_gone_once_the_result_arrived(ex, r):
     np = pytest.importorskip("numpy")
-    data = np.arange(2**18, dtype=np.float64)  # 2 MiB: its frame goes under a key of its own
+    data = np.arange(2**18, dtype=np.float64)  # 2 MiB: stored by digest, under keys of its own
     fut = ex.submit(lambda a: a + 1, data)
     assert float(fut.result(30)[-1]) == float(data[-1]) + 1
-    frames = f"test|task-queue|task-result:{fut.task_id}|*"
-    wait_for(lambda: not list(r.scan_iter(match=frames)), 10, "the call's frames to be deleted")
-    assert not r.exists(f"test|task-queue|task-result:{fut.task_id}")
+    record = f"test|task-queue|task-result:{fut.task_id}"
+    # The record is consumed right after the result is handed over (not before result() returns).
+    wait_for(
+        lambda: not r.exists(record) and not list(r.scan_iter(match=f"{record}|*")),
+        10,
+        "the call's record and frames to be deleted",
+    )
+    blobs = list(r.scan_iter(match="test|task-queue|blob:*"))
+    assert blobs and all(r.pttl(key) > 0 for key in blobs)  # what is kept by digest expires
 
 
 def test_remote_exception_keeps_type(ex):
