@@ -14,7 +14,7 @@ import pytest
 
 from conftest import wait_for
 from rtq import TaskExecutePolicy
-from test_task_queue import hold, lines, make_queue, queue_key, running_ids
+from test_task_queue import hold, lines, make_queue, queue_key, running_ids, task_key
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -48,3 +48,45 @@ def test_a_worker_serves_calls_back_to_back_then_stops_promptly(r, workers) -> N
     assert proc.wait(15) == 0, proc.stdout.read() if proc.stdout else ""
     assert running_ids(r) == []
     assert r.llen(queue_key("q")) == 0
+
+
+def test_an_id_a_claim_never_took_from_a_landing_list_goes_back_to_the_front_of_its_queue(r) -> None:
+    # A claim thread's move landed "a" in its landing list, but the claim sent with it never ran
+    # (the connection dropped right between). The thread's next wake-up takes "b": its claim
+    # claims "a", the older, and puts "b" back at the head of the queue, unclaimed.
+    from rtq.backend.claims import Claims
+    from rtq.backend.wire import Channel
+
+    q = make_queue(r)
+    for task_id in ("a", "b", "c"):
+        q.submit(q.build_task(task_id, "q", {"value": task_id}), timeout=30)
+    claims = Claims(q.store, "w-test")
+    landing = q.keys.landing("w-test", 0)
+    r.lmove(queue_key("q"), landing, "LEFT", "RIGHT")
+    channel = Channel(q.store.redis)
+    try:
+        taken = claims.take(channel, "q", landing, 1.0, 0, lambda extra: None, register=True)
+    finally:
+        channel.close()
+    assert [task_id for task_id, _ in taken] == ["a"]
+    assert taken[0][1][5] == b"q"  # the claim: attempt, token, expiry, params, params#, name, notify
+    assert r.lrange(queue_key("q"), 0, -1) == [b"b", b"c"]
+    assert r.lrange(q.keys.running("w-test"), 0, -1) == [b"a"]
+    assert r.llen(landing) == 0
+    assert r.smembers(q.keys.landings("w-test")) == {landing.encode()}
+    assert r.hget(task_key("a"), "state") == b"running"
+    assert r.hget(task_key("b"), "state") == b"queued"
+
+
+def test_a_wake_up_that_times_out_claims_nothing(r) -> None:
+    from rtq.backend.claims import Claims
+    from rtq.backend.wire import Channel
+
+    q = make_queue(r)
+    claims = Claims(q.store, "w-test")
+    channel = Channel(q.store.redis)
+    try:
+        assert claims.take(channel, "q", q.keys.landing("w-test", 0), 0.05, 0, lambda extra: None) == []
+    finally:
+        channel.close()
+    assert r.llen(q.keys.running("w-test")) == 0

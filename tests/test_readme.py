@@ -42,7 +42,8 @@ def test_key_layout_table_matches_keys_module() -> None:
     built = {
         keys.queue("<name>"), keys.task("<id>"), keys.frame("<id>", "<frame>"), keys.listen("<name>"),
         keys.done("<id>"), keys.events("<id>"),
-        keys.running("<worker>"), keys.worker("<worker>"), keys.workers(), keys.dead(), keys.inbox("<client>"),
+        keys.running("<worker>"), keys.landing("<worker>", "<n>"), keys.landings("<worker>"),  # type: ignore[arg-type]
+        keys.worker("<worker>"), keys.workers(), keys.dead(), keys.inbox("<client>"),
         keys.session("<sid>"), keys.session_opens("<worker>"), keys.session_queue("<worker>", "<sid>"),
         keys.failures(),
         keys.blob("<digest>", "<i>"),  # type: ignore[arg-type]

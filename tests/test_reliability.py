@@ -117,15 +117,38 @@ def test_kill_between_move_and_claim_requeues_without_using_an_attempt(r, worker
     a = start(workers, "--max-attempts", "1", env={"RTQ_TEST_PAUSE_AFTER_MOVE": str(moved)})
     task = submit(queue, "m1", {"action": "echo", "value": "delivered"})
     wait_for(lambda: moved.exists() and moved.read_text().split() == ["m1"], what="the id to be moved")
-    # The window: the id left the queue for A's list, but A has not claimed it.
+    # The window: the id left the queue for A's landing list, but A has not claimed it.
+    a_id = (record_of(r, a.pid) or {})["id"]
     assert field(r, "m1", "state") == "queued"
     assert r.llen(K.queue(Q)) == 0
+    assert r.llen(K.running(a_id)) == 0
     a.kill()
     a.wait(10)
     start(workers, "--max-attempts", "1")
     assert queue.wait(task) == "delivered"
     assert field(r, "m1", "attempt") == "1"
     assert r.llen(K.dead()) == 0
+    # A's landing lists are gone with the rest of it.
+    wait_for(lambda: not list(r.scan_iter(match=f"{K.landings(a_id)}*")), what="A's landing lists to be removed")
+
+
+def test_a_worker_stopped_between_move_and_claim_puts_the_id_back(r, workers, tmp_path):
+    queue = make_queue(r, max_attempts=1)
+    moved = tmp_path / "moved"
+    a = start(workers, "--max-attempts", "1", env={"RTQ_TEST_PAUSE_AFTER_MOVE": str(moved)})
+    task = submit(queue, "m2", {"action": "echo", "value": "delivered"})
+    wait_for(lambda: moved.exists() and moved.read_text().split() == ["m2"], what="the id to be moved")
+    a_id = (record_of(r, a.pid) or {})["id"]
+    assert r.llen(K.queue(Q)) == 0
+    a.send_signal(signal.SIGTERM)
+    assert a.wait(15) == 0
+    # Back at the front of its queue, unclaimed and with no attempt used; nothing of A is left.
+    assert r.lrange(K.queue(Q), 0, -1) == [b"m2"]
+    assert field(r, "m2", "state") == "queued"
+    assert field(r, "m2", "attempt") in (None, "0")
+    assert not list(r.scan_iter(match=f"{K.landings(a_id)}*"))
+    start(workers, "--max-attempts", "1")
+    assert queue.wait(task) == "delivered"
 
 
 def test_sigstop_past_the_lease_keeps_only_the_newer_result(r, workers, tmp_path):

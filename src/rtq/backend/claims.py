@@ -4,10 +4,11 @@ Every write names the claim it was made under (the worker, the attempt, the subm
 the scripts refuse a write whose claim no longer holds, so a worker that was taken over, or a
 run of an earlier submission of the same id, can never overwrite a newer run's record.
 
-``move`` and ``claim``: a worker takes an id from a queue into its in-progress list in one
-atomic step (``BLMOVE``), so an id is never held only in memory, then ``claim.lua`` makes it the
-worker's (owner, attempt) and hands over its data; with free slots, the same round trip moves
-more ids, claimed together next. ``progress`` and ``output`` are a running task's reports.
+``take``: a worker takes an id from a queue in one atomic step (``BLMOVE``), so an id is never
+held only in memory, and ``claim.lua`` makes it the worker's (owner, attempt) and hands over its
+data, both in one write: the server runs the claim right after the move returns. With free
+slots, the same round trip moves more ids, claimed together next. ``move`` and ``claim`` do the
+same in two round trips (a session's calls). ``progress`` and ``output`` are a running task's reports.
 
 ``finish``: a small outcome goes through ``finish.lua`` alone, batched with the outcomes of
 tasks ending together (:class:`~rtq.backend.batching.GroupCommit`); one with extra frames (hash
@@ -94,14 +95,59 @@ class Claims:
         can write to Redis), False (cancelled: skipped), the reason it was dead-lettered
         (bytes), or the exception that claim raised.
         """
-        script = self.store.scripts["claim"]
-        keys_, dead = self.keys, self.keys.dead()
-        first, extra = call_script(
-            channel,
-            script,
-            [keys_.task(task_id), self.running_key, dead, keys_.queue(queue)],
-            [task_id, self.worker_id, repr(time.time()), queue, more],
+        keys_ = self.keys
+        keys = [keys_.task(task_id), self.running_key, keys_.dead(), keys_.queue(queue)]
+        first, extra, _ = call_script(
+            channel, self.store.scripts["claim"], keys, [task_id, self.worker_id, repr(time.time()), queue, more]
         )
+        return self._with_extra(channel, task_id, first, extra, queue, on_moved)
+
+    def take(
+        self,
+        channel: Channel,
+        queue: str,
+        landing: str,
+        wait: float,
+        more: int,
+        on_moved: Callable[[list[str]], object],
+        *,
+        register: bool = False,
+    ) -> list[tuple[str, Any]]:
+        """Wait up to ``wait`` s for the next id of queue ``queue`` and claim it, in one round trip.
+
+        One write carries the blocking move (``BLMOVE`` into the thread's own ``landing`` list)
+        and ``claim.lua``, which the server runs right after the move returns: the id goes on into
+        this worker's list and is claimed with no round trip in between, and up to ``more`` queued
+        ids are moved too (claimed next, as :meth:`claim` does). ``register`` adds ``landing`` to
+        the worker's set of landing lists in the same write (its first use), so that recovery finds
+        an id left there by a worker that died between the two. Returns what :meth:`claim` does;
+        ``[]`` when nothing came.
+        """
+        script, keys_ = self.store.scripts["claim"], self.keys
+        source = keys_.queue(queue)
+        keys = [keys_.task(""), self.running_key, keys_.dead(), source, landing]
+        args = ["", self.worker_id, repr(time.time()), queue, more]
+        commands: list[tuple[Any, ...]] = [("SADD", keys_.landings(self.worker_id), landing)] if register else []
+        commands += [
+            ("BLMOVE", source, landing, "LEFT", "RIGHT", max(0.01, wait)),
+            ("EVALSHA", script.sha, len(keys), *keys, *args),
+        ]
+        *before, reply = channel.pipeline(commands)
+        if isinstance(reply, redis_py.exceptions.NoScriptError):  # Redis restarted or flushed
+            reply = call_script(channel, script, keys, args)  # claims what the move landed
+        elif isinstance(reply, Exception):
+            raise reply
+        first, extra, task_id = reply
+        if not task_id:
+            raise_errors(before, f"waiting on queue {queue}")  # the move failed (a wrong type…)
+            return []
+        return self._with_extra(channel, text(task_id), first, extra, queue, on_moved)
+
+    def _with_extra(
+        self, channel: Channel, task_id: str, first: Any, extra: list[Any], queue: str, on_moved: Callable[..., object]
+    ) -> list[tuple[str, Any]]:
+        """``(task_id, first)``, then the claims of the ``extra`` ids claim.lua moved (one pipeline)."""
+        script, keys_, dead = self.store.scripts["claim"], self.keys, self.keys.dead()
         extra = [text(i) for i in extra]
         on_moved(extra)
         claims: list[tuple[str, Any]] = [(task_id, first)]

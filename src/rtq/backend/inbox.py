@@ -136,22 +136,28 @@ class Inbox:
         """For each ``(task_id, queue)``: whether its record says ``expected`` while its id is in no list.
 
         One atomic snapshot (MULTI/EXEC) of each record's state, its queue and every known
-        worker's in-progress list, so an id moving between lists is never missed.
+        worker's in-progress and landing lists, so an id moving between lists is never missed.
         """
         if not tasks:
             return []
         keys = self.keys
         workers = [text(w) for w in channel.execute("ZRANGE", keys.workers(), 0, -1)]
+        lists = [keys.running(w) for w in workers]
+        if workers:  # and the lists their claim threads land ids in, for the instant before a claim
+            for landings in channel.pipeline([("SMEMBERS", keys.landings(w)) for w in workers]):
+                if isinstance(landings, Exception):
+                    raise landings
+                lists += sorted(text(k) for k in landings)
         commands: list[tuple[Any, ...]] = [("MULTI",)]
         for task_id, queue in tasks:
             commands.append(("HGET", keys.task(task_id), "state"))
             commands.append(("LPOS", keys.queue(queue), task_id))
-            commands += [("LPOS", keys.running(w), task_id) for w in workers]
+            commands += [("LPOS", key, task_id) for key in lists]
         commands.append(("EXEC",))
         snapshot = channel.pipeline(commands)[-1]
         if isinstance(snapshot, Exception):
             raise snapshot
-        per = 2 + len(workers)
+        per = 2 + len(lists)
         out = []
         for i in range(len(tasks)):
             state, *places = snapshot[i * per : (i + 1) * per]

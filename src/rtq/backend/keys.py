@@ -16,6 +16,9 @@ key                                            type      holds
 ``<p>|<s>|task-done:<id>``                     list      one token pushed when the task ends
 ``<p>|<s>|task-events:<id>``                   stream    progress and output events, in order
 ``<p>|<s>|task-running|<worker>``              list      ids a worker has claimed (in progress)
+``<p>|<s>|task-landing|<worker>|<n>``          list      the id a worker's claim thread was just handed,
+                                                         for the instant before claim.lua claims it
+``<p>|<s>|task-landing|<worker>``              set       the names of that worker's landing lists
 ``<p>|<s>|worker:<worker>``                    string    worker heartbeat + info (JSON), expires
 ``<p>|<s>|workers``                            zset      worker ids scored by when their lease ends
 ``<p>|<s>|task-dead``                          list      JSON entries of tasks that failed for good
@@ -115,6 +118,14 @@ class Keys:
 
     def running(self, worker_id: str) -> str:
         return f"{self.head}task-running{SEPARATOR}{worker_id}"
+
+    def landing(self, worker_id: str, n: int) -> str:
+        """Where claim thread ``n`` of a worker is handed an id (its wake-up and claim share a write)."""
+        return f"{self.landings(worker_id)}{SEPARATOR}{n}"
+
+    def landings(self, worker_id: str) -> str:
+        """The set of a worker's landing lists (what recovery empties when the worker dies)."""
+        return f"{self.head}task-landing{SEPARATOR}{worker_id}"
 
     def worker(self, worker_id: str) -> str:
         return f"{self.head}worker:{worker_id}"

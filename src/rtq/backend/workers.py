@@ -95,6 +95,7 @@ class WorkerRegistry:
         pipe.zrem(keys.workers(), worker_id)
         pipe.delete(*(keys.listen(name) for name in names))
         pipe.execute()
+        self.drop_landings(worker_id)
 
     def lapsed(self, exclude: str | None = None) -> list[str]:
         """Ids of workers whose lease ended (checked against the server-side key, not clocks)."""
@@ -152,6 +153,20 @@ class WorkerRegistry:
         """The ids in ``worker_id``'s in-progress list."""
         return [text(i) for i in self.redis.lrange(self.keys.running(worker_id), 0, -1)]
 
+    def land(self, worker_id: str) -> list[str]:
+        """Move what ``worker_id``'s landing lists hold into its in-progress list; returns those ids.
+
+        An id sits in a landing list only between a claim thread's blocking move and the claim
+        sent with it, unless the claim never ran (the worker died, or its connection dropped,
+        right between): from the in-progress list, recovery gives it back like any other.
+        """
+        keys, moved = self.keys, []
+        running = keys.running(worker_id)
+        for landing in sorted(text(k) for k in self.redis.smembers(keys.landings(worker_id))):
+            while (task_id := self.redis.lmove(landing, running, "LEFT", "RIGHT")) is not None:
+                moved.append(text(task_id))
+        return moved
+
     def forget(self, worker_id: str) -> None:
         """Drop a lapsed worker from the ``workers`` set once its in-progress list is empty."""
         running = self.keys.running(worker_id)
@@ -161,6 +176,21 @@ class WorkerRegistry:
         pipe.zrem(self.keys.workers(), worker_id)
         pipe.delete(running)
         pipe.execute()
+        self.drop_landings(worker_id)
+
+    def drop_landings(self, worker_id: str) -> None:
+        """Delete a worker's landing lists and their set, those that are empty (what is left is kept)."""
+        keys = self.keys
+        landings = [text(k) for k in self.redis.smembers(keys.landings(worker_id))]
+        if not landings:
+            return
+        pipe = self.redis.pipeline(transaction=False)
+        for landing in landings:
+            pipe.llen(landing)
+        full = [k for k, n in zip(landings, pipe.execute(), strict=True) if n]
+        if full:
+            return
+        self.redis.delete(keys.landings(worker_id), *landings)
 
     # -- tasks of workers ------------------------------------------------------------------
     def owner(self, task_id: str) -> tuple[str, str]:

@@ -10,20 +10,38 @@ So up to :data:`WAITING` threads wait on a queue at once. The one Redis hands a 
 the other waiting, and nobody has to be woken; only a thread that takes a task while no other
 waits hands the waiting on. Once its task has ended, a thread goes back to waiting if fewer
 than :data:`WAITING` do, else it returns to the pool.
+
+Each thread claims through a :class:`Lane`: its connection, and the landing list its blocking
+move puts an id in for the claim sent in the same write (:meth:`Claims.take
+<rtq.backend.claims.Claims.take>`). A lane is one thread's at a time, so the claim always finds
+the id its own move landed.
 """
 
 from __future__ import annotations
 
 import threading
 from collections.abc import Callable
+from dataclasses import dataclass
 
 from ..backend.wire import Channel
 from ..backoff import Backoff
 
-__all__ = ["WAITING", "Claiming"]
+__all__ = ["WAITING", "Claiming", "Lane"]
 
 WAITING = 2
 """Most threads waiting on one queue at once (each holding a free slot and a connection)."""
+
+
+@dataclass
+class Lane:
+    """What one claiming thread waits with: its connection and its landing list.
+
+    ``registered``: the landing list is in the worker's set of them (recovery's to empty).
+    """
+
+    channel: Channel
+    landing: str
+    registered: bool = False
 
 
 class Claiming:
@@ -36,10 +54,10 @@ class Claiming:
         name: The queue.
         key: Its list.
         wait_cap: Longest BLMOVE, in seconds.
-        connect: Makes a connection (a :class:`Channel` of the worker's client).
+        connect: Makes a lane (a :class:`Channel` of the worker's client, a landing list of its own).
     """
 
-    def __init__(self, name: str, key: str, wait_cap: float, connect: Callable[[], Channel]) -> None:
+    def __init__(self, name: str, key: str, wait_cap: float, connect: Callable[[], Lane]) -> None:
         self.name = name
         self.key = key
         self.wait_cap = wait_cap
@@ -48,12 +66,12 @@ class Claiming:
         self.ended = threading.Event()  # set when it stopped (the worker shuts down)
         self.waiting = 1  # the first thread, started with the worker
         self._lock = threading.Lock()
-        self._channels: list[Channel] = []  # the idle ones
+        self._lanes: list[Lane] = []  # the idle ones
 
-    def channel(self) -> Channel:
-        """A connection for one claiming thread (BLMOVE and the claims); give it back with :meth:`leave`."""
+    def lane(self) -> Lane:
+        """A lane for one claiming thread (BLMOVE and the claims); give it back with :meth:`leave`."""
         with self._lock:
-            return self._channels.pop() if self._channels else self.connect()
+            return self._lanes.pop() if self._lanes else self.connect()
 
     def taken(self) -> bool:
         """A waiting thread took a task: True when none waits now, and it must start one.
@@ -80,21 +98,21 @@ class Claiming:
             self.waiting += 1
             return True
 
-    def leave(self, channel: Channel) -> None:
+    def leave(self, lane: Lane) -> None:
         """A waiting thread stops claiming (the worker stops); the last one ends the claiming."""
         with self._lock:
-            self._channels.append(channel)
+            self._lanes.append(lane)
             self.waiting -= 1
             self._end_if_done()
 
-    def idle(self, channel: Channel) -> None:
-        """A thread that ran a task returns to the pool: its connection waits for the next one."""
+    def idle(self, lane: Lane) -> None:
+        """A thread that ran a task returns to the pool: its lane waits for the next one."""
         with self._lock:
-            self._channels.append(channel)
+            self._lanes.append(lane)
 
     def _end_if_done(self) -> None:
         if self.waiting <= 0:
-            for channel in self._channels:
-                channel.close()
-            self._channels.clear()
+            for lane in self._lanes:
+                lane.channel.close()
+            self._lanes.clear()
             self.ended.set()

@@ -1,9 +1,10 @@
 """The loop behind :meth:`RedisTaskQueue.listen`: claim, run, report, recover.
 
 Claim threads (up to two per queue, :mod:`rtq.worker.claiming`) take a task only while a slot
-is free, and move its id atomically (BLMOVE) from the queue into this listener's in-progress
-list, so an id is never held only in memory; claim.lua then makes it this worker's (owner,
-attempt) and hands over its data, and the thread that claimed it runs it. Around that loop:
+is free, and move its id atomically (BLMOVE) from the queue, so an id is never held only in
+memory; claim.lua, sent in the same write and run by the server right after the move, puts it in
+this listener's in-progress list, makes it this worker's (owner, attempt) and hands over its
+data, and the thread that claimed it runs it. Around that loop:
 
 * :mod:`rtq.worker.watchdog` keeps the worker's lease and its queues' markers fresh (with a helper
   process a task holding the GIL cannot starve), gives back the tasks of lapsed workers, and
@@ -16,6 +17,7 @@ attempt) and hands over its data, and the thread that claimed it runs it. Around
 
 from __future__ import annotations
 
+import itertools
 import logging
 import os
 import socket
@@ -35,7 +37,7 @@ from ..buffercache import BufferCache, default_cache_bytes
 from ..errors import RtqError, SerializationError, SignatureError, TaskCancelled
 from ..task import RedisTask, Reporter, TaskState, outcome_stored_by_runner, running
 from .capture import capturing
-from .claiming import WAITING, Claiming
+from .claiming import WAITING, Claiming, Lane
 from .heartbeat import HelperSettings
 from .outcome import OutcomeWriter
 from .recovery import Reaper
@@ -183,7 +185,12 @@ class Listener:
         pool = ThreadPoolExecutor(self.workers + WAITING * len(self.names), thread_name_prefix="rtq-task")
         contended = self.workers < len(self.names)
         wait_cap = min(self.interval, self.store.cap, 0.1 if contended else float("inf"))
-        claims = [Claiming(name, self.keys.queue(name), wait_cap, lambda: Channel(self.redis)) for name in self.names]
+        lanes = itertools.count()
+
+        def lane() -> Lane:  # a connection, and a landing list no other thread uses
+            return Lane(Channel(self.redis), self.keys.landing(self.id, next(lanes)))
+
+        claims = [Claiming(name, self.keys.queue(name), wait_cap, lane) for name in self.names]
         for claiming in claims:
             pool.submit(self._claim_and_run, claiming, pool)
         logger.info("worker %s listening on %s with %d slots", self.id, ", ".join(self.names), self.workers)
@@ -195,6 +202,7 @@ class Listener:
                 self.watchdog.draining()
                 for claiming in claims:
                     claiming.ended.wait()
+                self._give_back_landed()
                 self._drain(pool)
                 host = self.info["host"]
                 self.sessions.close_all(f"worker stopped: its worker {self.id} on {host} was shut down")
@@ -204,6 +212,15 @@ class Listener:
 
     def stop(self) -> None:
         self.event.set()
+
+    def _give_back_landed(self) -> None:
+        """Requeue what the claim threads left in their landing lists (a claim that never ran)."""
+        try:
+            landed = self.registry.land(self.id)
+            if landed:
+                self.reaper.give_back(self.id, refund=True, only=landed)
+        except RedisError as exc:  # they stay listed: any worker requeues them once this lease lapses
+            logger.warning("could not requeue the ids moved but not claimed (%s)", exc)
 
     def _drain(self, pool: ThreadPoolExecutor) -> None:
         with self.idle:
@@ -231,15 +248,15 @@ class Listener:
         thread wake-up and a GIL switch on every task's path), while its queue is served on
         without a pause by another thread waiting on it (see :mod:`rtq.worker.claiming`).
         """
-        channel = claiming.channel()
+        lane = claiming.lane()
         while True:
             try:
-                run = self._claim_next(claiming, channel, pool)
+                run = self._claim_next(claiming, lane, pool)
             except BaseException:
-                claiming.leave(channel)
+                claiming.leave(lane)
                 raise
             if run is None:  # stopped: this thread's claiming ends here
-                claiming.leave(channel)
+                claiming.leave(lane)
                 return
             if claiming.taken():  # nobody else waits on the queue: start someone
                 try:
@@ -249,11 +266,11 @@ class Listener:
                     claiming.not_started()
             self._execute(run)
             if not claiming.rejoin(self.event.is_set()):
-                claiming.idle(channel)
+                claiming.idle(lane)
                 return
 
-    def _claim_next(self, claiming: Claiming, channel: Channel, pool: ThreadPoolExecutor) -> Run | None:
-        """The next attempt claimed from ``claiming``'s queue on ``channel`` (None once stopped).
+    def _claim_next(self, claiming: Claiming, lane: Lane, pool: ThreadPoolExecutor) -> Run | None:
+        """The next attempt claimed from ``claiming``'s queue through ``lane`` (None once stopped).
 
         It takes a task only while a slot is free, and with more free slots claims more queued
         tasks in the same round trips; those go to the pool. The task returned holds a slot.
@@ -270,14 +287,11 @@ class Listener:
                     self.event.wait(claiming.backoff.delay)
                     if self.event.is_set():
                         break
-                moved = self.claims.move(channel, claiming.name, claiming.wait_cap)
-                claiming.backoff.succeeded()
-                if moved is None:
-                    continue
-                # More free slots: take more queued ids now, in the first claim's round trip.
+                # More free slots: take more queued ids in the same round trip.
                 while slots < CLAIM_BATCH and self.free.acquire(blocking=False):
                     slots += 1
-                runs = self._claim_batch(channel, claiming.name, moved, slots - 1)
+                runs = self._take(lane, claiming, slots - 1)
+                claiming.backoff.succeeded()
                 for run in runs[1:]:
                     pool.submit(self._execute, run)
                     slots -= 1
@@ -295,46 +309,60 @@ class Listener:
                     self.free.release()
         return None
 
-    def _claim_batch(
-        self, channel: Channel, queue_name: str, task_id: str, more: int, *, stopping: bool = False
-    ) -> list[Run]:
-        """Claim ``task_id`` (just moved into our list) and up to ``more`` ids still queued.
+    def _take(self, lane: Lane, claiming: Claiming, more: int) -> list[Run]:
+        """Wait for the next id of ``claiming``'s queue and claim it (and up to ``more`` others), in one round trip."""
+        moved: list[str] = []
 
-        Two round trips at most (:meth:`Claims.claim`); returns the attempts now ours, in queue order.
-        """
-        moved = [task_id]
+        def hold(ids: list[str]) -> None:  # ids in our list: ours to claim, not the audit's
+            with self.lock:
+                self.claiming.update(ids)
+            moved.extend(ids)
+
+        if self.pause_after_move and self._pause_for_tests(lane, claiming):
+            return []
+        try:
+            claims = self.claims.take(
+                lane.channel, claiming.name, lane.landing, claiming.wait_cap, more, hold, register=not lane.registered
+            )
+            lane.registered = True
+            if claims and self.event.is_set():  # stopped during the blocking move: put them back
+                self.reaper.give_back(self.id, refund=True, only=[i for i, _ in claims])
+                return []
+            return self._runs(claims, claiming.name)
+        finally:
+            with self.lock:
+                self.claiming.difference_update(moved)
+
+    def _runs(self, claims: list[tuple[str, Any]], queue_name: str) -> list[Run]:
+        """The attempts now ours among ``claims`` (:meth:`Claims.claim`), in queue order; held in ``active``."""
+        runs = []
+        for claimed_id, reply in claims:
+            try:
+                if isinstance(reply, Exception):
+                    raise reply
+                run = self._run_of_claim(claimed_id, queue_name, reply)
+            except Exception as exc:  # this id stays listed; the audit gives it back
+                logger.warning("could not claim task %s (%s)", claimed_id, exc)
+                continue
+            if run is None:
+                continue
+            with self.lock:
+                self.active[run.id] = run
+            runs.append(run)
+        return runs
+
+    def _claim_batch(self, channel: Channel, queue_name: str, task_id: str, *, stopping: bool = False) -> list[Run]:
+        """Claim ``task_id``, just moved into our list (a session's call); the attempt, if now ours."""
         with self.lock:
             self.claiming.add(task_id)
-
-        def hold(extra: list[str]) -> None:  # ids moved into our list: ours to claim, not the audit's
-            with self.lock:
-                self.claiming.update(extra)
-            moved.extend(extra)
-
         try:
             if self.event.is_set() and not stopping:  # stopped during the blocking move: put it back
                 self.reaper.give_back(self.id, refund=True, only=[task_id])
                 return []
-            if self.pause_after_move:
-                self._pause_for_tests(task_id)
-            runs = []
-            for claimed_id, reply in self.claims.claim(channel, task_id, queue_name, more, hold):
-                try:
-                    if isinstance(reply, Exception):
-                        raise reply
-                    run = self._run_of_claim(claimed_id, queue_name, reply)
-                except Exception as exc:  # this id stays listed; the audit gives it back
-                    logger.warning("could not claim task %s (%s)", claimed_id, exc)
-                    continue
-                if run is None:
-                    continue
-                with self.lock:
-                    self.active[run.id] = run
-                runs.append(run)
-            return runs
+            return self._runs(self.claims.claim(channel, task_id, queue_name, 0, lambda extra: None), queue_name)
         finally:
             with self.lock:
-                self.claiming.difference_update(moved)
+                self.claiming.discard(task_id)
 
     def claim_from(
         self, channel: Channel, key: str, queue_name: str, wait: float, *, stopping: bool = False
@@ -347,7 +375,7 @@ class Listener:
         moved = self.claims.move_from(channel, key, wait)
         if moved is None:
             return None
-        runs = self._claim_batch(channel, queue_name, moved, 0, stopping=stopping)
+        runs = self._claim_batch(channel, queue_name, moved, stopping=stopping)
         if not runs:
             return None
         runs[0].slot = False
@@ -366,11 +394,23 @@ class Listener:
                 self.active.pop(run.id, None)
                 self.idle.notify_all()
 
-    def _pause_for_tests(self, task_id: str) -> None:
-        """Hold a moved-but-unclaimed id until stopped, so a test can kill the worker right here."""
+    def _pause_for_tests(self, lane: Lane, claiming: Claiming) -> bool:
+        """Move an id into ``lane``'s landing list alone and hold it there, unclaimed, until stopped.
+
+        A test kills the worker right there (the id in no queue and no worker's list), or stops
+        it: then the id goes back to its queue. True when an id came.
+        """
+        keys = self.keys
+        channel = lane.channel
+        channel.execute("SADD", keys.landings(self.id), lane.landing)
+        lane.registered = True
+        moved = channel.execute("BLMOVE", claiming.key, lane.landing, "LEFT", "RIGHT", claiming.wait_cap)
+        if moved is None:
+            return False
         with open(self.pause_after_move, "a") as fh:  # type: ignore[arg-type]
-            fh.write(f"{task_id}\n")
+            fh.write(f"{text(moved)}\n")
         self.event.wait()
+        return True
 
     def _run_of_claim(self, task_id: str, queue_name: str, reply: Any) -> Run | None:
         """The attempt claim.lua handed over, or None when it was skipped or refused (then failed)."""

@@ -7,6 +7,8 @@ its claimed tasks goes back to the front of its queue, or fails with ``WorkerLos
 used up its ``max_attempts`` (the limit it was submitted under, stored with it, whoever reaps) —
 except a call to a session, whose state died with the worker: it fails with ``SessionLost`` at
 once and never runs again (at most once).
+An id the worker had moved but not yet claimed (left in one of its landing lists) joins its
+in-progress list first and goes back to its queue with the rest, having used no attempt.
 Each step is one Lua call that first removes the id from the dead worker's list, so two reapers
 never requeue the same task twice. A worker that died while sending a result leaves none of it:
 a result with extra frames is one transaction with ``finish.lua`` (see :mod:`rtq.worker.outcome`).
@@ -65,6 +67,8 @@ class Reaper:
         Returns how many tasks were requeued or failed.
         """
         moved = 0
+        if only is None:
+            self.registry.land(worker)  # ids moved but never claimed: given back with the rest
         for task_id in self.registry.claimed(worker) if only is None else only:
             name, notify, attempt, limit, session = self.registry.lost_task(task_id)
             error: BaseException

@@ -2,23 +2,47 @@
 -- optionally move more queued ids into that list for the worker to claim next (a batch).
 --
 -- KEYS[1]  hash  the task               <p>|<s>|task-result:<id>
+--                (with KEYS[5]: the head <p>|<s>|task-result: the id taken is appended to)
 -- KEYS[2]  list  the worker's claims    <p>|<s>|task-running|<worker>
 -- KEYS[3]  list  the dead-letter list   <p>|<s>|task-dead: gets an entry for an id that cannot be claimed
 -- KEYS[4]  list  the task's queue (optional, with ARGV[5])  <p>|<s>|task-queue|<name>
--- ARGV[1]  the task id
+-- KEYS[5]  list  a landing list (optional)   <p>|<s>|task-landing|<worker>|<n>
+-- ARGV[1]  the task id ('' with KEYS[5])
 -- ARGV[2]  the worker id
 -- ARGV[3]  now, in seconds since the epoch
 -- ARGV[4]  the name of the queue the id came from (for the dead-letter entry)
 -- ARGV[5]  how many more ids to move from the queue's head into the worker's list (optional;
 --          the worker has that many free slots, and claims them with this script next)
 --
--- Returns {claim, moved}. claim is {attempt, token, expiry, params, params#, name, notify} when
--- the task is now this worker's (everything the worker needs to run it, in this one round trip);
--- false when it was cancelled (its caller knows: nothing more to say); or, when it cannot be
--- claimed, the reason, as text: its data is gone, its deadline passed while queued, it already
+-- With KEYS[5], the id is the one a BLMOVE sent in the same write just put in that landing
+-- list (this script runs right after it, with no round trip between): it moves on into the
+-- worker's list and is claimed. Anything else found there was left by a wake-up whose claim
+-- never ran (a dropped connection): it goes back to the front of KEYS[4], unclaimed. An empty
+-- landing list (the BLMOVE timed out) claims nothing.
+--
+-- Returns {claim, moved, id}. claim is {attempt, token, expiry, params, params#, name, notify}
+-- when the task is now this worker's (everything the worker needs to run it, in this one round
+-- trip); false when it was cancelled (its caller knows: nothing more to say); or, when it cannot
+-- be claimed, the reason, as text: its data is gone, its deadline passed while queued, it already
 -- runs or ended (a duplicate entry), or its record is not one rtq wrote. Such an id is
 -- dead-lettered with that reason. Either way a skipped id is dropped from the worker's list.
--- moved lists the further ids now in the worker's list, in queue order.
+-- moved lists the further ids now in the worker's list, in queue order; id is the id claimed
+-- (false when a landing list was empty).
+if KEYS[5] then
+  local id = redis.call('LMOVE', KEYS[5], KEYS[2], 'LEFT', 'RIGHT')
+  if not id then
+    return {false, {}, false}
+  end
+  while true do
+    local stray = redis.call('RPOP', KEYS[5])
+    if not stray then
+      break
+    end
+    redis.call('LPUSH', KEYS[4], stray)
+  end
+  ARGV[1] = id
+  KEYS[1] = KEYS[1] .. id
+end
 local moved = {}
 local more = tonumber(ARGV[5] or '0') or 0
 if KEYS[4] then
@@ -36,7 +60,7 @@ local expiry = tonumber(cur[2] or '0') or 0  -- garbage: expired
 if state ~= 'queued' or expiry < tonumber(ARGV[3]) then
   redis.call('LREM', KEYS[2], -1, ARGV[1])
   if state == 'cancelled' then
-    return {false, moved}
+    return {false, moved, ARGV[1]}
   end
   local reason
   if state == 'queued' then
@@ -58,9 +82,9 @@ if state ~= 'queued' or expiry < tonumber(ARGV[3]) then
   })
   redis.call('LPUSH', KEYS[3], entry)
   redis.call('LTRIM', KEYS[3], 0, 9999)
-  return {reason, moved}
+  return {reason, moved, ARGV[1]}
 end
 local attempt = redis.call('HINCRBY', KEYS[1], 'attempt', 1)
 redis.call('HSET', KEYS[1], 'state', 'running', 'owner', ARGV[2], 'claimed', ARGV[3])
 local data = redis.call('HMGET', KEYS[1], 'token', 'expiry', 'params', 'params#', 'name', 'notify')
-return {{attempt, data[1], data[2], data[3], data[4] or '', data[5] or '', data[6] or ''}, moved}
+return {{attempt, data[1], data[2], data[3], data[4] or '', data[5] or '', data[6] or ''}, moved, ARGV[1]}
