@@ -274,6 +274,25 @@ def test_close_frees_it_and_later_calls_raise(r: redis.Redis, workers: Workers) 
         other.add()
 
 
+def test_a_closed_sessions_landing_list_is_forgotten(r: redis.Redis, workers: Workers) -> None:
+    # Each session's thread claims its calls through a landing list of its own; a worker that
+    # opens sessions all day must not keep the lists of those that closed.
+    _start(workers)
+    ex = _executor(r)
+    keys = ex.queue.keys
+    wait_for(lambda: r.zcard(keys.workers()) == 1, 15, "the worker's lease")
+    worker = r.zrange(keys.workers(), 0, -1)[0].decode()
+    lanes = keys.landings(worker)
+    wait_for(lambda: r.scard(lanes) >= 2, 15, "the claim and session-opening threads' landing lists")
+    before = r.smembers(lanes)
+    counters = [ex.actor(Counter) for _ in range(3)]
+    assert [c.add().result(30) for c in counters] == [(0, 1)] * 3
+    assert len(r.smembers(lanes) - before) == 3
+    for counter in counters:
+        counter.close()
+    wait_for(lambda: r.smembers(lanes) == before, 15, "the closed sessions' landing lists to be forgotten")
+
+
 def test_bad_input(r: redis.Redis, workers: Workers) -> None:
     ex = _executor(r, "nobody")
     with pytest.raises(TypeError, match="needs a class"):

@@ -65,7 +65,7 @@ def test_an_id_a_claim_never_took_from_a_landing_list_goes_back_to_the_front_of_
     r.lmove(queue_key("q"), landing, "LEFT", "RIGHT")
     channel = Channel(q.store.redis)
     try:
-        taken = claims.take(channel, "q", landing, 1.0, 0, lambda extra: None, register=True)
+        taken = claims.take(channel, queue_key("q"), "q", landing, 1.0, 0, lambda extra: None, register=True)
     finally:
         channel.close()
     assert [task_id for task_id, _ in taken] == ["a"]
@@ -86,7 +86,7 @@ def test_a_wake_up_that_times_out_claims_nothing(r) -> None:
     claims = Claims(q.store, "w-test")
     channel = Channel(q.store.redis)
     try:
-        assert claims.take(channel, "q", q.keys.landing("w-test", 0), 0.05, 0, lambda extra: None) == []
+        assert claims.take(channel, queue_key("q"), "q", q.keys.landing("w-test", 0), 0.05, 0, lambda e: None) == []
     finally:
         channel.close()
     assert r.llen(q.keys.running("w-test")) == 0

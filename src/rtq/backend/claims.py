@@ -105,6 +105,7 @@ class Claims:
     def take(
         self,
         channel: Channel,
+        source: str,
         queue: str,
         landing: str,
         wait: float,
@@ -113,9 +114,10 @@ class Claims:
         *,
         register: bool = False,
     ) -> list[tuple[str, Any]]:
-        """Wait up to ``wait`` s for the next id of queue ``queue`` and claim it, in one round trip.
+        """Wait up to ``wait`` s for the next id of the list ``source`` and claim it, in one round trip.
 
-        One write carries the blocking move (``BLMOVE`` into the thread's own ``landing`` list)
+        ``source`` is queue ``queue``'s list, or a session's calls (``queue`` names their queue, or
+        is ''). One write carries the blocking move (``BLMOVE`` into the thread's own ``landing`` list)
         and ``claim.lua``, which the server runs right after the move returns: the id goes on into
         this worker's list and is claimed with no round trip in between, and up to ``more`` queued
         ids are moved too (claimed next, as :meth:`claim` does). ``register`` adds ``landing`` to
@@ -124,7 +126,6 @@ class Claims:
         ``[]`` when nothing came.
         """
         script, keys_ = self.store.scripts["claim"], self.keys
-        source = keys_.queue(queue)
         keys = [keys_.task(""), self.running_key, keys_.dead(), source, landing]
         args = ["", self.worker_id, repr(time.time()), queue, more]
         commands: list[tuple[Any, ...]] = [("SADD", keys_.landings(self.worker_id), landing)] if register else []
@@ -139,7 +140,7 @@ class Claims:
             raise reply
         first, extra, task_id = reply
         if not task_id:
-            raise_errors(before, f"waiting on queue {queue}")  # the move failed (a wrong type…)
+            raise_errors(before, f"waiting on {source}")  # the move failed (a wrong type…)
             return []
         return self._with_extra(channel, text(task_id), first, extra, queue, on_moved)
 

@@ -178,6 +178,11 @@ class WorkerRegistry:
         pipe.execute()
         self.drop_landings(worker_id)
 
+    def drop_landing(self, worker_id: str, landing: str) -> None:
+        """Forget one landing list of a worker (its thread ended), unless an id was left in it."""
+        if not self.redis.llen(landing):
+            self.redis.srem(self.keys.landings(worker_id), landing)
+
     def drop_landings(self, worker_id: str) -> None:
         """Delete a worker's landing lists and their set, those that are empty (what is left is kept)."""
         keys = self.keys

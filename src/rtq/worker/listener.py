@@ -12,7 +12,7 @@ data, and the thread that claimed it runs it. Around that loop:
 * :mod:`rtq.worker.outcome` stores each task's result or exception, fenced by its claim;
 * :mod:`rtq.worker.capture` sends what a task prints, and progress goes through ``progress.lua``;
 * :mod:`rtq.worker.sessions` holds the sessions and actors opened here, each served by a thread
-  of its own from its own call list (:meth:`Listener.claim_from`).
+  of its own from its own call list (:meth:`Listener.take_from`).
 """
 
 from __future__ import annotations
@@ -156,6 +156,7 @@ class Listener:
         helper = HelperSettings.of(self.redis, self.keys) if heartbeat_process else None
         self.watchdog = Watchdog(self.state, self.registry, self.reaper, helper)
         self.sessions = SessionHost(self, store, limit=sessions, idle=session_idle)
+        self._landings = itertools.count()  # numbers the landing lists of this worker's threads
         # Test hook: pause right after BLMOVE, before claim.lua, writing the id to this file.
         self.pause_after_move = os.environ.get("RTQ_TEST_PAUSE_AFTER_MOVE")
 
@@ -185,12 +186,7 @@ class Listener:
         pool = ThreadPoolExecutor(self.workers + WAITING * len(self.names), thread_name_prefix="rtq-task")
         contended = self.workers < len(self.names)
         wait_cap = min(self.interval, self.store.cap, 0.1 if contended else float("inf"))
-        lanes = itertools.count()
-
-        def lane() -> Lane:  # a connection, and a landing list no other thread uses
-            return Lane(Channel(self.redis), self.keys.landing(self.id, next(lanes)))
-
-        claims = [Claiming(name, self.keys.queue(name), wait_cap, lane) for name in self.names]
+        claims = [Claiming(name, self.keys.queue(name), wait_cap, self.lane) for name in self.names]
         for claiming in claims:
             pool.submit(self._claim_and_run, claiming, pool)
         logger.info("worker %s listening on %s with %d slots", self.id, ", ".join(self.names), self.workers)
@@ -322,7 +318,14 @@ class Listener:
             return []
         try:
             claims = self.claims.take(
-                lane.channel, claiming.name, lane.landing, claiming.wait_cap, more, hold, register=not lane.registered
+                lane.channel,
+                claiming.key,
+                claiming.name,
+                lane.landing,
+                claiming.wait_cap,
+                more,
+                hold,
+                register=not lane.registered,
             )
             lane.registered = True
             if claims and self.event.is_set():  # stopped during the blocking move: put them back
@@ -376,6 +379,38 @@ class Listener:
         if moved is None:
             return None
         runs = self._claim_batch(channel, queue_name, moved, stopping=stopping)
+        if not runs:
+            return None
+        runs[0].slot = False
+        return runs[0]
+
+    def lane(self) -> Lane:
+        """A connection, and a landing list no other thread uses (give it back with :meth:`release`)."""
+        return Lane(Channel(self.redis), self.keys.landing(self.id, next(self._landings)))
+
+    def release(self, lane: Lane) -> None:
+        """A thread is done with ``lane`` for good (a session closed): close it, forget its landing list."""
+        lane.channel.close()
+        if lane.registered:
+            try:
+                self.registry.drop_landing(self.id, lane.landing)
+            except RedisError as exc:  # it stays in the set, empty, until the worker retires
+                logger.debug("could not forget landing list %s (%s)", lane.landing, exc)
+
+    def take_from(self, lane: Lane, key: str, queue_name: str, wait: float) -> Run | None:
+        """Claim the next id of the list ``key`` (a session's calls) through ``lane``, in one round trip; None if none.
+
+        Waits up to ``wait`` s. The attempt returned is held (in ``active``) but takes no task
+        slot: a session's thread runs it.
+        """
+        claims = self.claims.take(
+            lane.channel, key, queue_name, lane.landing, wait, 0, lambda extra: None, register=not lane.registered
+        )
+        lane.registered = True
+        if claims and self.event.is_set():  # stopped during the blocking move: put it back
+            self.reaper.give_back(self.id, refund=True, only=[i for i, _ in claims])
+            return None
+        runs = self._runs(claims, queue_name)
         if not runs:
             return None
         runs[0].slot = False

@@ -41,6 +41,7 @@ from ..backend.sessions import SessionRecords
 from ..backend.wire import Channel
 from ..errors import RtqError, SessionLost, SessionRefused
 from ..task import current_task
+from .claiming import Lane
 from .held import HeldResults, is_large
 
 if TYPE_CHECKING:
@@ -86,6 +87,12 @@ class _Runs(Protocol):
     def claim_from(
         self, channel: Channel, key: str, queue: str, wait: float, *, stopping: bool = False
     ) -> Run | None: ...
+
+    def lane(self) -> Lane: ...
+
+    def release(self, lane: Lane) -> None: ...
+
+    def take_from(self, lane: Lane, key: str, queue: str, wait: float) -> Run | None: ...
 
     def execute(self, run: Run) -> None: ...
 
@@ -262,12 +269,12 @@ class SessionHost:
         """Open the sessions queued to this process, one at a time (a model loads onto the GPU in turn)."""
         listener = self.listener
         key = self.store.keys.session_opens(self.worker_id)
-        channel = Channel(self.store.redis)
+        lane = listener.lane()
         wait = max(0.05, min(listener.interval, self.store.cap, WAIT_S))
         try:
             while not listener.event.is_set():
                 try:
-                    run = listener.claim_from(channel, key, "", wait)
+                    run = listener.take_from(lane, key, "", wait)
                 except RedisError as exc:
                     logger.warning("cannot take sessions to open (%s); retrying", exc)
                     listener.event.wait(min(1.0, wait))
@@ -277,14 +284,14 @@ class SessionHost:
         except BaseException:  # never silently: its callers would wait for their deadlines
             logger.exception("the opening of sessions stopped")
         finally:
-            channel.close()
+            listener.release(lane)
 
     # -- serving ---------------------------------------------------------------------------
     def _serve(self, session: Session) -> None:
         """The session's thread: its calls one at a time, in order, until it closes."""
         listener = self.listener
         key = self.store.keys.session_queue(self.worker_id, session.id)
-        channel = Channel(self.store.redis)
+        lane = listener.lane()
         wait = max(0.05, min(listener.interval, self.store.cap, WAIT_S, self.idle / 4))
         try:
             while not listener.event.is_set() and not session.closing:
@@ -295,7 +302,7 @@ class SessionHost:
                     )
                     break
                 try:
-                    run = listener.claim_from(channel, key, session.queue, wait)
+                    run = listener.take_from(lane, key, session.queue, wait)
                 except RedisError as exc:
                     logger.warning("cannot take calls of session %s (%s); retrying", session.id, exc)
                     listener.event.wait(min(1.0, wait))
@@ -313,7 +320,7 @@ class SessionHost:
             failed = f"worker error: the session's thread in {self.worker_id} on {self.host} failed"
             session.closing = session.closing or failed
         finally:
-            channel.close()
+            listener.release(lane)
         if session.closing:
             self._end(session, session.closing)
 
