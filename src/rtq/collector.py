@@ -184,10 +184,12 @@ class Collector:
                 self._reset()
             for wait in waits:
                 self._waits[wait.task_id] = wait
-            if any(w.wake is None for w in waits) and (self._thread is None or not self._thread.is_alive()):
-                self._thread = threading.Thread(target=self._run, name="rtq-collector", daemon=True)
-                self._thread.start()
-            self._cond.notify_all()
+            if any(w.wake is None for w in waits):  # the collector thread's to serve
+                if self._thread is None or not self._thread.is_alive():
+                    self._thread = threading.Thread(target=self._run, name="rtq-collector", daemon=True)
+                    self._thread.start()
+                # Only such waiters wake it: one per query() would cost a thread switch each.
+                self._cond.notify_all()
             return self.inbox
 
     def remove(self, task_ids: Sequence[str]) -> None:
