@@ -628,3 +628,33 @@ def test_blocking_waits_stay_below_the_clients_socket_timeout(redis_url):
             assert q.store.cap < q.interval
         finally:
             client.close()
+
+
+# -- fork safety -------------------------------------------------------------------------------
+
+
+def test_a_forked_child_and_its_parent_use_one_queue_object_at_once(r, workers):
+    # A notebook that forks (multiprocessing's default on Linux) copies the queue object with its
+    # connections: the child must open its own, or the two would read each other's replies.
+    workers.start("q", args=("--workers", "4"))
+    q = make_queue(r)
+    assert q.query("before-fork", "q", {"action": "echo", "value": -1}, policy=P.Remote) == -1
+    channel = q.store.submitter.channel  # the connection the parent's submits went through
+    parent_id = channel.execute("CLIENT", "ID")
+    read, write = os.pipe()
+    child = os.fork()
+    if child == 0:  # pragma: no cover - the child reports through the pipe
+        try:
+            os.write(write, b"%d\n" % channel.execute("CLIENT", "ID"))
+            got = [q.query(f"child-{i}", "q", {"action": "echo", "value": i}, policy=P.Remote) for i in range(40)]
+            os.write(write, repr(got).encode())
+        finally:
+            os._exit(0)
+    os.close(write)
+    with os.fdopen(read) as pipe:
+        assert int(pipe.readline()) != parent_id  # its own connection
+        got = [q.query(f"parent-{i}", "q", {"action": "echo", "value": 100 + i}, policy=P.Remote) for i in range(40)]
+        assert got == [100 + i for i in range(40)]
+        assert pipe.read() == repr(list(range(40)))
+    assert os.waitpid(child, 0)[1] == 0
+    assert channel.execute("CLIENT", "ID") == parent_id  # and the parent kept its own

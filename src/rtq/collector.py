@@ -36,7 +36,6 @@ inbox is busy:
 from __future__ import annotations
 
 import logging
-import os
 import threading
 import time
 import uuid
@@ -47,7 +46,7 @@ from typing import TYPE_CHECKING, Any
 from .backend.connections import TRANSIENT
 from .backend.inbox import End, Inbox
 from .backend.sessions import CLOSED, OPEN, SessionRecords, died_reason
-from .backend.wire import Channel
+from .backend.wire import Channel, pid
 from .backoff import Backoff
 from .errors import TaskLost, TaskTimeout
 from .task import FINAL_STATES, TaskState
@@ -160,7 +159,7 @@ class Collector:
 
     def _reset(self) -> None:
         # A forked child must not pop its parent's inbox, nor wait on its parent's thread.
-        self._pid = os.getpid()
+        self._pid = pid()
         self.client_id = uuid.uuid4().hex
         self.inbox = self.queue.keys.inbox(self.client_id)
         self._waits: dict[str, Wait] = {}
@@ -180,7 +179,7 @@ class Collector:
         settled by a callback (futures) are served by the collector thread, started here.
         """
         with self._cond:
-            if self._pid != os.getpid():
+            if self._pid != pid():
                 self._reset()
             for wait in waits:
                 self._waits[wait.task_id] = wait

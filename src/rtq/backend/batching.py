@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import atexit
 import logging
-import os
 import threading
 import time
 import weakref
@@ -32,7 +31,7 @@ from typing import Any
 import redis as redis_py
 
 from .durability import Ack
-from .wire import Channel, call_script
+from .wire import Channel, call_script, pid
 
 __all__ = ["GroupCommit", "SendAhead"]
 
@@ -165,7 +164,7 @@ class SendAhead:
 
     def _reset(self) -> None:
         # A forked child starts afresh: its parent's calls and connection are not its own.
-        self._pid = os.getpid()
+        self._pid = pid()
         self.channel = Channel(self.client)
         self._pending: list[_Call] = []
         self._busy = False  # someone owns the channel: writing, or a written batch is unread
@@ -180,7 +179,7 @@ class SendAhead:
         """
         call = _Call(script, keys, args, replied)
         with self._cond:
-            if self._pid != os.getpid():
+            if self._pid != pid():
                 self._reset()
             if self._busy:
                 self._pending.append(call)  # the helper sends it with the next batch
@@ -197,7 +196,7 @@ class SendAhead:
         """Wait until every call made so far has its reply; False if ``timeout`` passed first."""
         end = time.monotonic() + timeout
         with self._cond:
-            while self._busy and self._pid == os.getpid():
+            while self._busy and self._pid == pid():
                 left = end - time.monotonic()
                 if left <= 0:
                     return False

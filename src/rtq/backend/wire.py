@@ -37,7 +37,26 @@ import redis as redis_py
 from . import resp
 from .routing import first_key, follow, is_cluster, lost_master, node_pool, slot_of
 
-__all__ = ["Channel", "ChannelPool", "call_script"]
+__all__ = ["Channel", "ChannelPool", "call_script", "pid"]
+
+_pid = os.getpid()
+
+
+def _forked() -> None:  # pragma: no cover - runs in a forked child
+    global _pid
+    _pid = os.getpid()
+
+
+os.register_at_fork(after_in_child=_forked)
+
+
+def pid() -> int:
+    """This process's id, kept across forks without a system call each time.
+
+    Channels, batchers and the collector check it on every command, so a forked child never
+    shares its parent's socket; ``os.getpid()`` is a system call per check.
+    """
+    return _pid
 
 
 class Channel:
@@ -55,11 +74,11 @@ class Channel:
         self._conn: Any = None
         self._reader: resp.Reader | None = None
         self._encoding = "utf-8"
-        self._pid = os.getpid()
+        self._pid = pid()
 
     def _connection(self, commands: Sequence[Sequence[Any]] = ()) -> Any:
-        if self._pid != os.getpid():  # a forked child must not share the parent's socket
-            self._conn, self._pid = None, os.getpid()
+        if self._pid != pid():  # a forked child must not share the parent's socket
+            self._conn, self._pid = None, pid()
         if self._conn is None:
             if self.cluster:
                 if self.slot is None:
@@ -229,7 +248,7 @@ class Channel:
     def close(self) -> None:
         """Give the held connection back to the pool."""
         conn, self._conn = self._conn, None
-        if conn is not None and self._pid == os.getpid():
+        if conn is not None and self._pid == pid():
             self.pool.release(conn)
 
 
