@@ -28,7 +28,7 @@ from rtq.backend.keys import Keys
 from rtq.errors import RedisFull, RtqError, TaskCancelled, TaskLost, WorkerLost
 from rtq.server import EmbeddedServer
 from rtq.task import RedisTask
-from rtq.task_queue import RedisTaskQueue
+from rtq.task_queue import RedisTaskQueue, TaskExecutePolicy
 
 FN = "relfns:task"
 LEASE = "1.5"
@@ -165,13 +165,15 @@ def test_sigstop_past_the_lease_keeps_only_the_newer_result(r, workers, tmp_path
         release.touch()
         box["thread"].join(20)
         assert box.get("value") == b.pid, box
+        # B's notification, unless the caller found the outcome in the record first.
+        notified = r.llen(K.done("f1"))
     finally:
         a.send_signal(signal.SIGCONT)
     # A resumes with a stale claim: its outcome must be discarded, not overwrite B's.
     wait_for(lambda: (record_of(r, a.pid) or {}).get("done", 0) >= 1, 20, "worker A to end its stale run")
     assert queue.get_task("f1").result == b.pid
     assert field(r, "f1", "attempt") == "2"
-    assert r.llen(K.done("f1")) == 0  # no second notification
+    assert r.llen(K.done("f1")) == notified  # A's stale end notified no one
     assert a.poll() is None  # and A lives on
 
 
@@ -193,6 +195,50 @@ def test_sigterm_lets_running_tasks_finish_and_exits_0(r, workers, tmp_path):
     assert field(r, t3.id, "state") == "queued"  # taken by no one: the worker stopped claiming
     assert r.lrange(K.queue(Q), 0, -1) == [b"g3"]
     assert not r.exists(K.listen(Q))
+
+
+def patient_worker(workers: Workers) -> Any:
+    """A one-slot worker whose claim thread blocks on the queue for 10 s at a time."""
+    return start(workers, "--workers", "1", "--interval", "10")
+
+
+def stop_while_it_waits(r: redis.Redis, a: Any) -> str:
+    """SIGTERM worker ``a`` while its claim thread blocks on the queue; its id."""
+    wait_for(lambda: r.info("clients")["blocked_clients"] >= 1, what="the worker to wait on its queue")
+    a_id = (record_of(r, a.pid) or {})["id"]
+    a.send_signal(signal.SIGTERM)
+    wait_for(lambda: (record_of(r, a.pid) or {}).get("stopping"), what="the worker to start stopping")
+    return a_id
+
+
+def test_a_task_that_lands_as_the_worker_stops_goes_back_unrun(r, workers):
+    # The move that wakes the claim thread carries the claim: the task is claimed already when
+    # the thread sees the worker stopping. It must go back to its queue with no attempt used.
+    queue = make_queue(r)
+    a = patient_worker(workers)
+    a_id = stop_while_it_waits(r, a)
+    task = submit(queue, "late", {"action": "echo", "value": "delivered"})
+    assert a.wait(30) == 0
+    assert r.lrange(K.queue(Q), 0, -1) == [b"late"]
+    assert field(r, "late", "state") == "queued"
+    assert field(r, "late", "attempt") in (None, "0")
+    assert r.llen(K.running(a_id)) == 0
+    start(workers)
+    assert queue.wait(task) == "delivered"
+
+
+def test_a_stale_entry_that_lands_as_the_worker_stops_is_still_dead_lettered_and_logged(r, workers):
+    queue = make_queue(r)
+    a = patient_worker(workers)
+    assert queue.query("twice", Q, {"action": "echo", "value": 1}, policy=TaskExecutePolicy.Remote) == 1
+    stop_while_it_waits(r, a)
+    r.rpush(K.queue(Q), "twice")
+    out, _ = a.communicate(timeout=30)
+    assert a.returncode == 0
+    assert "dropped task twice from queue rel" in out, out
+    entries = [json.loads(e) for e in r.lrange(K.dead(), 0, -1)]
+    assert [e["id"] for e in entries] == ["twice"] and "already ended (done)" in entries[0]["error"]
+    assert queue.get_task("twice").result == 1  # the outcome stands
 
 
 @pytest.mark.parametrize("action", ["wait", "sleep"])

@@ -328,10 +328,7 @@ class Listener:
                 register=not lane.registered,
             )
             lane.registered = True
-            if claims and self.event.is_set():  # stopped during the blocking move: put them back
-                self.reaper.give_back(self.id, refund=True, only=[i for i, _ in claims])
-                return []
-            return self._runs(claims, claiming.name)
+            return self._unless_stopped(self._runs(claims, claiming.name))
         finally:
             with self.lock:
                 self.claiming.difference_update(moved)
@@ -353,6 +350,25 @@ class Listener:
                 self.active[run.id] = run
             runs.append(run)
         return runs
+
+    def _unless_stopped(self, runs: list[Run]) -> list[Run]:
+        """``runs``, or none when the worker stopped while their claim was on its way: those go back, unrun.
+
+        The claim rode the blocking move, so the attempts are already ours; a stopping worker
+        requeues them with the attempt refunded. Entries the claim skipped or dead-lettered
+        were handled (and logged) by :meth:`_runs` before this.
+        """
+        if not runs or not self.event.is_set():
+            return runs
+        ids = [run.id for run in runs]
+        try:
+            self.reaper.give_back(self.id, refund=True, only=ids)
+        finally:  # on a Redis error they stay in our list: any worker requeues them once the lease lapses
+            with self.idle:
+                for task_id in ids:
+                    self.active.pop(task_id, None)
+                self.idle.notify_all()
+        return []
 
     def _claim_batch(self, channel: Channel, queue_name: str, task_id: str, *, stopping: bool = False) -> list[Run]:
         """Claim ``task_id``, just moved into our list (a session's call); the attempt, if now ours."""
@@ -407,10 +423,7 @@ class Listener:
             lane.channel, key, queue_name, lane.landing, wait, 0, lambda extra: None, register=not lane.registered
         )
         lane.registered = True
-        if claims and self.event.is_set():  # stopped during the blocking move: put it back
-            self.reaper.give_back(self.id, refund=True, only=[i for i, _ in claims])
-            return None
-        runs = self._runs(claims, queue_name)
+        runs = self._unless_stopped(self._runs(claims, queue_name))
         if not runs:
             return None
         runs[0].slot = False
