@@ -8,10 +8,16 @@ hands each to its waiter: a blocked ``query()`` thread or a ``TaskFuture``. So a
 threads waiting in ``query()`` on one client hold one connection between them, not a thousand
 (redis-py's pool would refuse the 101st), and nobody polls.
 
-Who collects (leader and followers): a thread blocked in ``query()`` collects itself while nobody
-else does — a lone call's outcome rides along its own wake-up, with no hand-off between threads
-— and, once settled, wakes another blocked caller to take over. Futures, which have no thread of
-their own, are served by a collector thread that runs while any future is pending.
+Who collects (leader and followers): a thread blocked in ``query()`` or in a future's
+``result()`` collects itself while nobody else does — a lone call's outcome rides along its own
+wake-up, with no hand-off between threads — and, once settled, wakes another blocked caller to
+take over. Futures nobody blocks on are served by a collector thread that runs while any is
+pending (a future sent ahead summons it only once Redis answered the submit: by then a
+``result()`` called right after ``submit()`` collects, and the thread stays asleep).
+
+A consumed task's clean-up (its record, done list and events) rides the next wake-up's write
+rather than costing a round trip of its own after the outcome is handed over; when no wake-up
+follows within :data:`CHECK_PERIOD`, the collector thread runs it. Big frames go at once.
 
 A waiter is settled only by its task's *final* state read from the record: an id that arrives
 in the inbox while the record still says queued or running (a stray push) changes nothing.
@@ -72,6 +78,8 @@ IDLE_EXIT = 30.0
 """Seconds the collector thread lingers with nothing to wait for before it ends."""
 EVENTS_KEEP_S = 10.0
 """Seconds a consumed task's events (its output and progress) stay readable for late watchers."""
+CONSUME_BACKLOG = 1000
+"""Most consumed tasks whose clean-up waits for the next wake-up; past it, it runs at once."""
 
 
 @dataclass(frozen=True)
@@ -151,7 +159,7 @@ class Collector:
 
     def __init__(self, queue: RedisTaskQueue) -> None:
         self.queue = queue
-        self.ends = Inbox(queue.store)  # the Redis half
+        self.ends = Inbox(queue.store, EVENTS_KEEP_S)  # the Redis half
         self._sessions = SessionRecords(queue.store)  # the records of sessions that calls are pinned to
         self._cond = threading.Condition()
         self._here = threading.local()  # .settling: this thread runs a waiter's callback now
@@ -165,6 +173,9 @@ class Collector:
         self._waits: dict[str, Wait] = {}
         self._thread: threading.Thread | None = None
         self._leader = threading.Lock()  # held by whoever collects now: a blocked caller or the thread
+        self._guests = 0  # callers collecting (or about to) in their own thread: the collector thread waits
+        self._unconsumed: list[tuple[str, End]] = []  # consumed tasks whose clean-up rides the next wake-up
+        self._sweep = False  # the collector thread runs those clean-ups if no wake-up comes soon
         self._backoff = Backoff(0.1, 2.0)
         self._last_check = time.monotonic()
 
@@ -172,24 +183,38 @@ class Collector:
         return len(self._waits)
 
     # -- waiters ---------------------------------------------------------------------------
-    def add(self, waits: Sequence[Wait]) -> str:
+    def add(self, waits: Sequence[Wait], *, summon: bool = True) -> str:
         """Expect the ends of these tasks (call before submitting them); returns the inbox key.
 
         The tasks must be submitted with the returned inbox as their ``notify`` list. Waiters
-        settled by a callback (futures) are served by the collector thread, started here.
+        settled by a callback (futures) are served by the collector thread, started here —
+        or, with ``summon=False``, by the :meth:`summon` that must follow (once the submit is
+        answered: by then a caller about to block on it collects itself, with no hand-off).
         """
         with self._cond:
             if self._pid != pid():
                 self._reset()
             for wait in waits:
                 self._waits[wait.task_id] = wait
-            if any(w.wake is None for w in waits):  # the collector thread's to serve
-                if self._thread is None or not self._thread.is_alive():
-                    self._thread = threading.Thread(target=self._run, name="rtq-collector", daemon=True)
-                    self._thread.start()
-                # Only such waiters wake it: one per query() would cost a thread switch each.
-                self._cond.notify_all()
+            if summon and any(w.wake is None for w in waits):  # not per query(): a thread switch each
+                self._summon()
             return self.inbox
+
+    def summon(self) -> None:
+        """Start or wake the collector thread if futures wait and no caller collects for them now."""
+        with self._cond:
+            self._summon()
+
+    def _summon(self) -> None:
+        """Start or wake the collector thread if it has waiters to serve (call holding ``_cond``)."""
+        if self._serves():  # else none, or a caller collects for now (it summons the thread when done)
+            self._wake_thread()
+
+    def _wake_thread(self) -> None:
+        if self._thread is None or not self._thread.is_alive():
+            self._thread = threading.Thread(target=self._run, name="rtq-collector", daemon=True)
+            self._thread.start()
+        self._cond.notify_all()
 
     def remove(self, task_ids: Sequence[str]) -> None:
         """Stop waiting for these tasks (their waiter gave up or settled them itself)."""
@@ -224,14 +249,7 @@ class Collector:
         """
         end = time.monotonic() + timeout
         while blocking.ended is None:
-            if self._leader.acquire(blocking=False):
-                try:
-                    with self.queue.store.channels.channel() as channel:
-                        while blocking.ended is None and time.monotonic() < end:
-                            self._round(channel)
-                finally:
-                    self._leader.release()
-                    self._hand_on()
+            if self.lead(blocking.wait.task_id, lambda: blocking.ended is not None, end):
                 break
             left = end - time.monotonic()
             if left <= 0:
@@ -240,6 +258,34 @@ class Collector:
             blocking.wake.wait(min(left, CHECK_PERIOD))
             blocking.wake.clear()
         return blocking.ended is not None
+
+    def lead(self, task_id: str, done: Callable[[], bool], end: float | None) -> bool:
+        """Collect in the calling thread until ``done()`` or the monotonic time ``end``, if nobody collects now.
+
+        Stops as well once ``task_id`` is no longer waited for (settled, or its wait removed).
+
+        A thread about to block on one of its tasks (``query()``, a future's ``result()``)
+        collects itself, so its outcome rides along its own wake-up: no thread is woken to hand
+        it over. The collector thread stands aside meanwhile. False when another thread
+        collects (then the caller waits to be settled, or handed the lead).
+        """
+        with self._cond:
+            self._guests += 1
+        led = self._leader.acquire(blocking=False)
+        try:
+            if led:
+                with self.queue.store.channels.channel() as channel:
+                    while not done() and task_id in self._waits and (end is None or time.monotonic() < end):
+                        self._round(channel)
+        finally:
+            if led:
+                self._leader.release()
+            with self._cond:
+                self._guests -= 1
+                self._summon()  # the futures left are the collector thread's again
+            if led:
+                self._hand_on()
+        return led
 
     def _hand_on(self) -> None:
         """Wake one blocked caller to collect next, now that this one is done."""
@@ -250,16 +296,27 @@ class Collector:
 
     # -- collecting ------------------------------------------------------------------------
     def _run(self) -> None:
-        """The collector thread: collects while waiters settled by callbacks (futures) remain."""
+        """The collector thread: collects while futures wait, and sweeps up consumed tasks left behind.
+
+        A consumed task's clean-up rides the next wake-up's write; when none came within
+        :data:`CHECK_PERIOD` (its caller went quiet), this thread runs it.
+        """
         channel = Channel(self.queue.store.redis)  # the thread's own connection
         try:
             while True:
+                sweep = False
                 with self._cond:
-                    if not self._serves():
-                        self._cond.wait_for(self._serves, timeout=IDLE_EXIT)
-                        if not self._serves():
+                    if not self._serves() and not self._sweep:
+                        self._cond.wait_for(lambda: self._serves() or self._sweep, timeout=IDLE_EXIT)
+                        if not self._serves() and not self._sweep:
                             self._thread = None  # the next add() of a future starts a new one
                             return
+                    if not self._serves():  # clean-ups are due: a wake-up has a while to take them along
+                        self._cond.wait_for(self._serves, timeout=CHECK_PERIOD)
+                        sweep = not self._serves()
+                if sweep:
+                    self._sweep_up(channel)
+                    continue
                 with self._leader:
                     self._round(channel)
         except BaseException:  # never silently: every waiter would hang
@@ -268,8 +325,22 @@ class Collector:
         finally:
             channel.close()
 
+    def _sweep_up(self, channel: Channel) -> None:
+        """Run the clean-ups no wake-up took along, unless someone collects now (theirs will)."""
+        if not self._leader.acquire(blocking=False):
+            return
+        try:
+            self._clean_up(channel)
+        except TRANSIENT as exc:  # kept for the next wake-up, or the next sweep
+            logger.debug("could not remove consumed tasks (%s)", exc)
+        finally:
+            self._leader.release()
+            with self._cond:
+                self._sweep = bool(self._unconsumed)
+
     def _serves(self) -> bool:
-        return any(w.wake is None for w in self._waits.values())
+        """Whether the collector thread has waiters to collect for (futures, while no caller collects itself)."""
+        return not self._guests and any(w.wake is None for w in self._waits.values())
 
     def _round(self, channel: Channel) -> None:
         """One wake-up: block on the inbox, settle what ended; or the periodic checks. Never raises."""
@@ -288,9 +359,17 @@ class Collector:
         try:
             if now - self._last_check >= CHECK_PERIOD:
                 self._last_check = now
+                self._clean_up(channel)
                 self._check(channel)
                 return
-            ids, sole_read = self.ends.wake(channel, inbox, lists, block, sole)
+            with self._cond:
+                consumed, self._unconsumed = self._unconsumed, []
+            try:
+                ids, sole_read = self.ends.wake(channel, inbox, lists, block, sole, consumed)
+            except BaseException:
+                with self._cond:  # whether they ran is unknown: they run (again, harmlessly) next time
+                    self._unconsumed[:0] = consumed
+                raise
             self._backoff.succeeded()
             if not ids:
                 self._last_check = time.monotonic()
@@ -304,6 +383,16 @@ class Collector:
         except Exception:  # a collector that dies would hang every waiter: log and go on
             logger.exception("error while collecting results")
             time.sleep(0.1)  # never a hot loop on a persistent error
+
+    def _clean_up(self, channel: Channel) -> None:
+        with self._cond:
+            taken, self._unconsumed = self._unconsumed, []
+        try:
+            self.ends.consume(channel, taken)
+        except BaseException:
+            with self._cond:
+                self._unconsumed[:0] = taken
+            raise
 
     def _settle(self, task_ids: list[str], channel: Channel, read: dict[str, Any]) -> None:
         """Settle the waiters of tasks that ended, from their records (one round trip).
@@ -347,8 +436,29 @@ class Collector:
                 wait.on_end(how)
             except Exception:
                 logger.exception("a waiter of task %s failed", wait.task_id)
-        # After the waiters were woken: the clean-up holds nobody up.
-        self.ends.consume(channel, consumed, EVENTS_KEEP_S)
+        # After the waiters were woken: the clean-up holds nobody up. Small ones ride along the
+        # next wake-up's write (no round trip of their own); big frames are freed at once.
+        now = [c for c in consumed if c[1].frames]
+        with self._cond:
+            self._unconsumed += [c for c in consumed if not c[1].frames]
+            if len(self._unconsumed) >= CONSUME_BACKLOG:
+                now += self._unconsumed
+                self._unconsumed = []
+            if self._unconsumed and not self._sweep:  # the collector thread sweeps up if no wake-up comes
+                self._sweep = True
+                self._wake_thread()
+        self.ends.consume(channel, now)
+
+    def clean_up(self) -> None:
+        """Remove now what consumed tasks left, instead of with the next wake-up (an Executor's shutdown)."""
+        with self._cond:
+            taken, self._unconsumed = self._unconsumed, []
+        if taken:
+            try:
+                with self.queue.store.channels.channel() as channel:
+                    self.ends.consume(channel, taken)
+            except TRANSIENT as exc:  # they expire with their records' retention
+                logger.debug("could not remove %d consumed task(s) (%s)", len(taken), exc)
 
     # -- checks ----------------------------------------------------------------------------
     def _check(self, channel: Channel) -> None:

@@ -93,7 +93,8 @@ class TaskFuture(concurrent.futures.Future):  # type: ignore[type-arg]
         """
         timeout = check_wait("timeout", timeout)
         end = None if timeout is None else time.monotonic() + timeout
-        value = super().result(timeout)
+        self._collect(end)
+        value = super().result(None if end is None else max(0.0, end - time.monotonic()))
         if isinstance(value, HeldResult) and self._session is not None:
             return self._fetched(value, None if end is None else max(0.0, end - time.monotonic()))
         return value
@@ -117,7 +118,19 @@ class TaskFuture(concurrent.futures.Future):  # type: ignore[type-arg]
 
     def exception(self, timeout: float | None = None) -> BaseException | None:
         """The exception the call raised (None if it returned), waiting as :meth:`result` does."""
-        return super().exception(check_wait("timeout", timeout))
+        timeout = check_wait("timeout", timeout)
+        end = None if timeout is None else time.monotonic() + timeout
+        self._collect(end)
+        return super().exception(None if end is None else max(0.0, end - time.monotonic()))
+
+    def _collect(self, end: float | None) -> None:
+        """Before blocking: collect outcomes in this thread while nobody else does (see :meth:`Collector.lead`).
+
+        The call's end then wakes this very thread, not the collector thread that would hand
+        it over. A future settled elsewhere (or whose wait ran out) returns at once.
+        """
+        if not self.done() and (end is None or time.monotonic() < end):
+            self._executor.queue.collector.lead(self.task_id, self.done, end)
 
     @property
     def progress(self) -> tuple[float, float]:
@@ -276,9 +289,10 @@ class Executor(concurrent.futures.Executor):
             Wait(f.task_id, self.name, expiry, self.timeout, partial(self._ended, f), consume=True, pin=pin)
             for f in futures
         ]
-        inbox = collector.add(waits)
+        ahead = soon and pin is None and extra is None
+        inbox = collector.add(waits, summon=not ahead)  # a call sent ahead summons it once Redis answers
         try:
-            if soon and pin is None and extra is None:
+            if ahead:
                 (task,), (fut,), (wait,) = tasks, futures, waits
                 self.queue.store.submit_soon(task, new_id(), inbox, partial(self._stored, fut, wait))
             else:
@@ -299,6 +313,8 @@ class Executor(concurrent.futures.Executor):
         if error is None:
             wait.submitted = True
             fut._mark_sent()
+            # Only now: a result() called right after submit() collects in its own thread meanwhile.
+            self.queue.collector.summon()
             return
         self._unsubmitted([fut])
         if isinstance(error, TRANSIENT):
@@ -360,6 +376,7 @@ class Executor(concurrent.futures.Executor):
                 fut.cancel()
         if wait:
             concurrent.futures.wait(pending)
+            self.queue.collector.clean_up()  # what the last results left, now rather than at the next wake-up
 
     # -- collecting ------------------------------------------------------------------------
     def _forget(self, task_id: str) -> None:

@@ -59,23 +59,40 @@ class Inbox:
         store: The namespace's task records.
     """
 
-    def __init__(self, store: TaskStore) -> None:
+    def __init__(self, store: TaskStore, events_keep_s: float = 10.0) -> None:
         self.store = store
         self.keys: Keys = store.keys
+        self.events_keep_s = events_keep_s
 
     def wake(
-        self, channel: Channel, inbox: str, lists: Sequence[str], block: float, sole: str | None
+        self,
+        channel: Channel,
+        inbox: str,
+        lists: Sequence[str],
+        block: float,
+        sole: str | None,
+        consumed: Sequence[tuple[str, End]] = (),
     ) -> tuple[list[str], Any]:
         """Block up to ``block`` seconds on ``inbox`` (and ``lists``); the ids that ended.
 
         One round trip: the pop of every id already waiting runs right after the blocking
         one, and with ``sole`` (the one task awaited) its record is read after both, so it is
-        final if ``sole`` is among the ids. Returns the ids and that read (pass it to :meth:`ends`).
+        final if ``sole`` is among the ids. The clean-up of ``consumed`` tasks (see
+        :meth:`consume`) goes first, in the same write. Returns the ids and that read (pass it
+        to :meth:`ends`).
         """
-        commands: list[tuple[Any, ...]] = [("BLPOP", inbox, *lists, max(0.01, block)), ("LPOP", inbox, COLLECT_BATCH)]
+        cleanups = self._consume_commands(consumed)
+        commands: list[tuple[Any, ...]] = [
+            *cleanups,
+            ("BLPOP", inbox, *lists, max(0.01, block)),
+            ("LPOP", inbox, COLLECT_BATCH),
+        ]
         if sole is not None:
             commands.append(("HMGET", self.keys.task(sole), *_READ))
-        item, more, *ahead = channel.pipeline(commands)
+        replies = channel.pipeline(commands)
+        done, (item, more, *ahead) = replies[: len(cleanups)], replies[len(cleanups) :]
+        if any(isinstance(r, redis_py.exceptions.NoScriptError) for r in done):  # a restarted server
+            self.consume(channel, consumed)  # loads the script, then runs them all again (idempotent)
         for reply in (item, more, *ahead):
             if isinstance(reply, Exception):
                 raise reply
@@ -111,19 +128,30 @@ class Inbox:
             end.error = exc
         return end
 
-    def consume(self, channel: Channel, ended: Sequence[tuple[str, End]], events_keep_s: float) -> None:
-        """Remove what consumed tasks left (record, done list, frames; events unless worth keeping)."""
-        script = self.store.scripts["consume"]
-        commands = []
-        for task_id, end in ended:
-            keys = [self.keys.task(task_id), self.keys.events(task_id), self.keys.done(task_id), *end.frames]
-            commands.append(("EVALSHA", script.sha, len(keys), *keys, int(events_keep_s * 1000)))
+    def consume(self, channel: Channel, ended: Sequence[tuple[str, End]], events_keep_s: float | None = None) -> None:
+        """Remove what consumed tasks left (record, done list, frames; events unless worth keeping).
+
+        Their events stay readable ``events_keep_s`` seconds (by default :attr:`events_keep_s`).
+        """
+        commands = self._consume_commands(ended, events_keep_s)
         if not commands:
             return
+        script = self.store.scripts["consume"]
         replies = channel.pipeline(commands)
         if any(isinstance(r, redis_py.exceptions.NoScriptError) for r in replies):  # a restarted server
             channel.load(script)
             channel.pipeline(commands)
+
+    def _consume_commands(
+        self, ended: Sequence[tuple[str, End]], events_keep_s: float | None = None
+    ) -> list[tuple[Any, ...]]:
+        script = self.store.scripts["consume"]
+        keep = int((self.events_keep_s if events_keep_s is None else events_keep_s) * 1000)
+        commands: list[tuple[Any, ...]] = []
+        for task_id, end in ended:
+            keys = [self.keys.task(task_id), self.keys.events(task_id), self.keys.done(task_id), *end.frames]
+            commands.append(("EVALSHA", script.sha, len(keys), *keys, keep))
+        return commands
 
     def lapsed(self, channel: Channel, owners: Sequence[str]) -> set[str]:
         """Which of these workers' leases ended."""
