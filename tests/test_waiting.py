@@ -250,3 +250,13 @@ def test_results_awaited_in_many_threads_and_by_callbacks_all_arrive(r, workers)
         ]
         wait_for(lambda: len(called) == 50, 60, "every callback to run")
         assert sorted(called) == list(range(50))
+
+
+def test_a_consumed_call_is_gone_once_the_next_call_returns(r, workers):
+    workers.start("q", task_fn=None)
+    q = make_queue(r, task_fn=None)
+    with rtq.Executor(q, "q", check_versions=False) as ex:
+        first = ex.submit(abs, -1)
+        assert first.result(30) == 1
+        assert ex.submit(abs, -2).result(30) == 2  # its wake-up carried the first one's clean-up
+        assert not r.exists(K.task(first.task_id)) and not r.exists(K.done(first.task_id))
