@@ -319,6 +319,10 @@ class Collector:
                     continue
                 with self._leader:
                     self._round(channel)
+                with self._cond:
+                    done = not self._serves()
+                if done:  # a blocked caller collects next, at once rather than at its next try
+                    self._hand_on()
         except BaseException:  # never silently: every waiter would hang
             logger.exception("the result collector stopped")
             raise
@@ -326,17 +330,20 @@ class Collector:
             channel.close()
 
     def _sweep_up(self, channel: Channel) -> None:
-        """Run the clean-ups no wake-up took along, unless someone collects now (theirs will)."""
-        if not self._leader.acquire(blocking=False):
-            return
+        """Run the clean-ups no wake-up took along, unless someone collects now (their wake-ups will)."""
+        led = self._leader.acquire(blocking=False)
         try:
-            self._clean_up(channel)
+            if led:
+                self._clean_up(channel)
         except TRANSIENT as exc:  # kept for the next wake-up, or the next sweep
             logger.debug("could not remove consumed tasks (%s)", exc)
         finally:
-            self._leader.release()
+            if led:
+                self._leader.release()
             with self._cond:
                 self._sweep = bool(self._unconsumed)
+            if led:
+                self._hand_on()  # a caller that found the lead taken meanwhile takes it now
 
     def _serves(self) -> bool:
         """Whether the collector thread has waiters to collect for (futures, while no caller collects itself)."""
@@ -385,6 +392,7 @@ class Collector:
             time.sleep(0.1)  # never a hot loop on a persistent error
 
     def _clean_up(self, channel: Channel) -> None:
+        """Run the clean-ups waiting for a wake-up now; on failure they wait again."""
         with self._cond:
             taken, self._unconsumed = self._unconsumed, []
         try:
@@ -451,14 +459,13 @@ class Collector:
 
     def clean_up(self) -> None:
         """Remove now what consumed tasks left, instead of with the next wake-up (an Executor's shutdown)."""
-        with self._cond:
-            taken, self._unconsumed = self._unconsumed, []
-        if taken:
-            try:
-                with self.queue.store.channels.channel() as channel:
-                    self.ends.consume(channel, taken)
-            except TRANSIENT as exc:  # they expire with their records' retention
-                logger.debug("could not remove %d consumed task(s) (%s)", len(taken), exc)
+        if not self._unconsumed:
+            return
+        try:
+            with self.queue.store.channels.channel() as channel:
+                self._clean_up(channel)
+        except TRANSIENT as exc:  # kept for the next wake-up; else they expire with their records
+            logger.debug("could not remove consumed tasks (%s)", exc)
 
     # -- checks ----------------------------------------------------------------------------
     def _check(self, channel: Channel) -> None:
