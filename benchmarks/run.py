@@ -341,14 +341,17 @@ def bench_rtq(url: str, procs: Processes, logs: Path, args: argparse.Namespace) 
 def footprint(ex: Any, client: Any, n: int) -> dict[str, Any]:
     """Server memory (``INFO memory``) before and after ``n`` no-op calls whose results were consumed.
 
-    What a finished, consumed task leaves in Redis: the clean-up runs right after each future
-    settles, so the figure is taken once the key count stops falling (at most a few seconds).
+    What a finished, consumed task leaves in Redis: its clean-up rides the client's next wake-up
+    (or runs within a second), so the calls before are cleaned up first, those measured once all
+    settled, and the figure is taken once the key count stops falling (at most a few seconds).
     """
     gc.collect()
+    ex.queue.collector.clean_up()  # what the calls before this one left
     before = client.info("memory")["used_memory"]
     keys_before = client.dbsize()
     results = list(ex.map(bench_tasks.noop, range(n), timeout=600))
     assert len(results) == n
+    ex.queue.collector.clean_up()
     settled, last = time.monotonic() + 10, -1
     while time.monotonic() < settled and client.dbsize() != last:
         last = client.dbsize()
