@@ -31,7 +31,7 @@ from typing import Any
 
 import cloudpickle
 
-from . import outofband
+from . import funcpickles, outofband
 
 __all__ = ["MAX_SOURCES", "Pickler", "dumps", "register_source"]
 
@@ -57,17 +57,46 @@ def _reduce_code(code: types.CodeType) -> Any:
     return _load_code, (blob, lines)
 
 
-class Pickler(cloudpickle.CloudPickler):
-    """cloudpickle's pickler, whose code objects keep their file name and bring in-memory source.
-
-    Takes the arguments of ``pickle.Pickler``; pickles whatever cloudpickle pickles.
-    """
+class _CodePickler(cloudpickle.CloudPickler):
+    """cloudpickle's pickler, whose code objects keep their file name and bring in-memory source."""
 
     # Dispatch table entries, not a reducer_override: the other objects pay nothing.
+    # One ChainMap over cloudpickle's maps (not over its ChainMap): pickle looks every object's
+    # type up here, and each level is a Python-level lookup. Still live: a reducer registered with
+    # copyreg later is seen.
     dispatch_table = collections.ChainMap(
         {types.CodeType: _reduce_code, memoryview: outofband.reduce_memoryview},
-        cloudpickle.CloudPickler.dispatch_table,
+        *cloudpickle.CloudPickler.dispatch_table.maps,
     )
+
+
+class Pickler(_CodePickler):
+    """cloudpickle's pickler, whose code objects keep their file name and bring in-memory source.
+
+    A function shipped by value is pickled once and its pickle reused while nothing in it
+    changed (:mod:`rtq.funcpickles`). Takes the arguments of ``pickle.Pickler``; pickles
+    whatever cloudpickle pickles.
+    """
+
+    _world: tuple[Any, ...] | None = None
+
+    def reducer_override(self, obj: Any) -> Any:
+        kind = type(obj)
+        if kind is types.FunctionType or issubclass(kind, type):
+            world = self._world
+            if world is None:
+                world = self._world = funcpickles.world()  # once per pickler: a payload
+            if funcpickles.by_reference(obj, world):
+                return NotImplemented  # pickle's own: the worker imports it by name
+            if kind is types.FunctionType:
+                blob = funcpickles.pickled(obj, _CodePickler, world)
+                if blob is not None:
+                    return funcpickles.load, (blob,)
+            reduced = super().reducer_override(obj)
+            if reduced is NotImplemented:
+                funcpickles.remember_by_reference(obj, world)
+            return reduced
+        return super().reducer_override(obj)
 
 
 def dumps(obj: Any, *, buffer_callback: Callable[[Any], Any] | None = None) -> bytes:
