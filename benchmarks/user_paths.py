@@ -4,7 +4,8 @@
   ``Executor.map`` on the same workers;
 * a ``bytes`` echo and a DataFrame echo (numeric columns; and one ``object`` column of strings,
   as it pickles item by item), each alternating with raw SET+GET of as many bytes, next to
-  the numpy echo of the same size. The DataFrame rows need pandas (the ``bench`` extra).
+  the numpy echo of the same size (the ``bytes`` samples alternate with numpy echoes too, so
+  that their ratio compares like with like). The DataFrame rows need pandas (the ``bench`` extra).
 """
 
 from __future__ import annotations
@@ -37,25 +38,40 @@ def _rate(size: int, samples: list[float]) -> dict[str, float]:
 
 
 def _echo(
-    ex: Any, make: Callable[[int], Any], same: Callable[[Any, Any], bool], raw: Callable[[], None], size: int, reps: int
+    ex: Any,
+    make: Callable[[int], Any],
+    same: Callable[[Any, Any], bool],
+    raw: Callable[[], None],
+    size: int,
+    reps: int,
+    numpy: Callable[[int], Any] | None = None,
 ) -> Any:
-    """Echo a fresh value each sample (``make(i)``): digests (#19) would make a repeat a second send."""
+    """Echo a fresh value each sample (``make(i)``): digests (#19) would make a repeat a second send.
+
+    With ``numpy`` (a maker of arrays of as many bytes), each sample also echoes a fresh array,
+    so that the two rates come from the same minutes of the machine.
+    """
     first = make(0)
     back = ex.submit(bench_tasks.echo, first).result(300)
     assert same(first, back), "the echoed value differs"
     del back, first
-    rtq_s: list[float] = []
-    raw_s: list[float] = []
+    samples: dict[str, list[float]] = {"rtq": [], "raw": [], "numpy": []}
+
+    def timed(name: str, fn: Callable[[], Any]) -> None:
+        start = time.perf_counter()
+        fn()
+        samples[name].append(time.perf_counter() - start)
+
     for i in range(1, reps + 1):  # alternating with the floor, as benchmarks/run.py does
         value = make(i)
-        start = time.perf_counter()
-        raw()
-        raw_s.append(time.perf_counter() - start)
-        start = time.perf_counter()
-        ex.submit(bench_tasks.echo, value).result(300)
-        rtq_s.append(time.perf_counter() - start)
+        timed("raw", raw)
+        timed("rtq", lambda value=value: ex.submit(bench_tasks.echo, value).result(300))
         del value
-    return {"rtq": _rate(size, rtq_s), "raw": _rate(size, raw_s)}
+        if numpy is not None:
+            array = numpy(i)
+            timed("numpy", lambda array=array: ex.submit(bench_tasks.echo, array).result(300))
+            del array
+    return {name: _rate(size, taken) for name, taken in samples.items() if taken}
 
 
 def echoes(ex: Any, floor: Any, size: int, reps: int) -> dict[str, Any]:
@@ -70,7 +86,11 @@ def echoes(ex: Any, floor: Any, size: int, reps: int) -> dict[str, Any]:
     def same_bytes(sent: Any, back: Any) -> bool:
         return type(back) is bytes and back == sent
 
-    out: dict[str, Any] = {"bytes": _echo(ex, fresh_bytes, same_bytes, lambda: floor.set_get(data, size), size, reps)}
+    def fresh_array(i: int) -> Any:
+        return np.random.default_rng(i).integers(0, 256, size, dtype=np.uint8)
+
+    raw = lambda: floor.set_get(data, size)  # noqa: E731
+    out: dict[str, Any] = {"bytes": _echo(ex, fresh_bytes, same_bytes, raw, size, reps, numpy=fresh_array)}
     if importlib.util.find_spec("pandas") is None:
         out["dataframe"] = {"skipped": 'pandas is not installed (pip install -e ".[bench]")'}
         return out
@@ -107,7 +127,7 @@ def render(rtq: dict[str, Any]) -> list[str]:
         ]
     paths = rtq.get("user_echo") or {}
     if paths:
-        numpy_rate = rtq.get("echo", {}).get(str(paths["size"]), {}).get("mb_s")
+        numpy_rate = numpy_echo_rate(rtq)
         lines += ["", "| payload | raw SET+GET | rtq echo (`Executor.submit`) | rtq / raw | rtq / numpy echo |"]
         lines.append("|---|---|---|---|---|")
         names = {
@@ -125,7 +145,16 @@ def render(rtq: dict[str, Any]) -> list[str]:
             vs = f"{b / numpy_rate:.0%}" if numpy_rate else "—"
             size = row["rtq"]["bytes"] / (1 << 20)
             lines.append(f"| {label} ({size:.0f} MiB) | {a:.0f} MB/s | {b:.0f} MB/s | {b / a:.0%} | {vs} |")
+        if numpy_rate:
+            lines += ["", f"The numpy echo they are compared with: {numpy_rate:.0f} MB/s (beside the `bytes` ones)."]
     return lines
+
+
+def numpy_echo_rate(rtq: dict[str, Any]) -> float | None:
+    """The numpy echo the user paths compare with: the one measured alongside the ``bytes`` echo, else the echo row."""
+    paths = rtq.get("user_echo") or {}
+    paired = paths.get("bytes", {}).get("numpy", {}).get("mb_s")
+    return paired or rtq.get("echo", {}).get(str(paths.get("size")), {}).get("mb_s")
 
 
 def targets(rtq: dict[str, Any], raw: dict[str, Any]) -> dict[str, Any]:
@@ -140,7 +169,7 @@ def targets(rtq: dict[str, Any], raw: dict[str, Any]) -> dict[str, Any]:
         r = rtq["submit_loop"]["tasks_s"] / rtq["throughput"]["tasks_s"]
         out["loop_map"] = {"value": r, "limit": 0.8, "ok": r >= 0.8}
     paths = rtq.get("user_echo") or {}
-    numpy_rate = rtq.get("echo", {}).get(str(paths.get("size")), {}).get("mb_s")
+    numpy_rate = numpy_echo_rate(rtq)
     if numpy_rate and "rtq" in paths.get("bytes", {}):
         r = paths["bytes"]["rtq"]["mb_s"] / numpy_rate
         out["bytes_numpy"] = {"value": r, "limit": 0.8, "ok": r >= 0.8}

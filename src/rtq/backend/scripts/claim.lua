@@ -54,7 +54,9 @@ if KEYS[4] then
     moved[i] = id
   end
 end
-local cur = redis.call('HMGET', KEYS[1], 'state', 'expiry', 'owner')
+-- One read of everything the claim checks and hands over (each redis.call costs more than the
+-- fields it reads).
+local cur = redis.call('HMGET', KEYS[1], 'state', 'expiry', 'owner', 'attempt', 'token', 'params', 'params#', 'name', 'notify')
 local state = cur[1]
 local expiry = tonumber(cur[2] or '0') or 0  -- garbage: expired
 if state ~= 'queued' or expiry < tonumber(ARGV[3]) then
@@ -84,7 +86,6 @@ if state ~= 'queued' or expiry < tonumber(ARGV[3]) then
   redis.call('LTRIM', KEYS[3], 0, 9999)
   return {reason, moved, ARGV[1]}
 end
-local attempt = redis.call('HINCRBY', KEYS[1], 'attempt', 1)
-redis.call('HSET', KEYS[1], 'state', 'running', 'owner', ARGV[2], 'claimed', ARGV[3])
-local data = redis.call('HMGET', KEYS[1], 'token', 'expiry', 'params', 'params#', 'name', 'notify')
-return {{attempt, data[1], data[2], data[3], data[4] or '', data[5] or '', data[6] or ''}, moved, ARGV[1]}
+local attempt = math.floor(tonumber(cur[4] or '0') or 0) + 1  -- garbage counts as no attempt yet
+redis.call('HSET', KEYS[1], 'state', 'running', 'owner', ARGV[2], 'claimed', ARGV[3], 'attempt', attempt)
+return {{attempt, cur[5], cur[2], cur[6], cur[7] or '', cur[8] or '', cur[9] or ''}, moved, ARGV[1]}

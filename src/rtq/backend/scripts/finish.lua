@@ -49,16 +49,22 @@ end
 if ARGV[7] ~= '' and cur[4] ~= ARGV[7] then
   return discard()
 end
-redis.call('HDEL', KEYS[1], 'result', 'result#', 'error', 'error#', 'error_text')
+if ARGV[3] ~= '1' then
+  -- An earlier attempt's outcome (stored, then requeued): the first attempt of a submission
+  -- has none (submit.lua wrote its record afresh).
+  redis.call('HDEL', KEYS[1], 'result', 'result#', 'error', 'error#', 'error_text')
+end
 redis.call('HSET', KEYS[1], 'state', ARGV[4], 'finished', ARGV[5], unpack(ARGV, 9))
 local keep = tonumber(ARGV[6])
-if redis.call('PTTL', KEYS[1]) < keep then
+local ttl = redis.call('PTTL', KEYS[1])
+if ttl < keep then
   redis.call('PEXPIRE', KEYS[1], keep)
+  ttl = keep
 end
 -- After the last output and progress entries, before the caller is woken: a watcher that
 -- reads up to this entry has seen everything the task wrote.
 redis.call('XADD', KEYS[4], '*', 'state', ARGV[4])
-redis.call('PEXPIRE', KEYS[4], redis.call('PTTL', KEYS[1]))
+redis.call('PEXPIRE', KEYS[4], ttl)
 if ARGV[8] ~= '' then
   redis.call('LPUSH', KEYS[5], ARGV[8])
   redis.call('LTRIM', KEYS[5], 0, 9999)
