@@ -61,7 +61,7 @@ MB = 1_000_000
 QUEUE = "bench"
 PREFIX = "bench"
 PEERS = ("rq-simple", "rq-fork", "celery", "arq")
-ROUNDS = 5
+ROUNDS = 20
 """Rounds of the round-trip measures, each alternating the floor's PINGs with rtq's trips."""
 
 

@@ -119,7 +119,7 @@ class Pin:
     opening: bool = False
 
 
-@dataclass(eq=False)
+@dataclass(eq=False, slots=True)
 class Wait:
     """One caller waiting for one task.
 

@@ -178,6 +178,7 @@ class Serializer:
             raise ValueError(f"max_payload must be a positive number of bytes, not {max_payload!r}")
         self.secrets = normalize_secrets(secret)
         self.max_payload = max_payload
+        self._none: bytes | None = None  # the envelope of None, unsigned: what a task without a result sends
 
     @property
     def signed(self) -> bool:
@@ -203,6 +204,14 @@ class Serializer:
                 where it sits inside ``obj``), or what it sends besides the buffers named by
                 digest is larger than ``max_payload``.
         """
+        if obj is None and not self.secrets:  # the same bytes every time (a signed one names its key)
+            none = self._none
+            if none is None:
+                none = self._none = bytes(self._pack(None, key, field, what, by_digest).frames[0])
+            return Packed([none])
+        return self._pack(obj, key, field, what, by_digest)
+
+    def _pack(self, obj: Any, key: str, field: str, what: str, by_digest: bool) -> Packed:
         buffers: list[pickle.PickleBuffer] = []
         try:
             # Code shipped by value keeps its file name, and a notebook cell's lines go with it.
