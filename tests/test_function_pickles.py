@@ -53,6 +53,28 @@ def counted():
     return COUNT
 
 
+def tagged():
+    tagged.calls = getattr(tagged, "calls", 0) + 1
+    return tagged.calls
+
+
+def through_globals():
+    space = globals()
+    space["calls"] = space.get("calls", 0) + 1
+    return space["calls"]
+
+
+def bumper():
+    n = 0
+
+    def bump():
+        nonlocal n
+        n += 1
+        return n
+
+    return bump
+
+
 def with_default(x, k=3):
     return x * k
 
@@ -74,9 +96,14 @@ def fresh_globals():
     with_default.__defaults__ = (3,)
 
 
-def blob(fn):
+def reduced(fn):
     ship_local_modules()  # this module goes by value, as an Executor would ship it
     return funcpickles.pickled(fn, sources._CodePickler, funcpickles.world())
+
+
+def blob(fn):
+    kept = reduced(fn)
+    return None if kept is None else kept[1]
 
 
 def test_a_function_reading_only_constants_is_pickled_once():
@@ -128,9 +155,25 @@ def test_changed_defaults_and_closure_values_reach_the_worker(ex):
     assert ex.submit(add, 1).result(30) == 42
 
 
-def test_a_task_writing_its_globals_changes_nothing_for_the_next_call(ex):
-    # Each call unpickles its own copy of the function and its globals, as before.
-    assert [ex.submit(counted).result(30) for _ in range(3)] == [1, 1, 1]
+def test_a_function_that_cannot_change_itself_is_unpickled_once_per_worker():
+    assert reduced(scaled)[0] is funcpickles.load_shared
+    assert reduced(through_helper)[0] is funcpickles.load_shared
+    shipped = blob(scaled)
+    assert funcpickles.load_shared(shipped) is funcpickles.load_shared(shipped)
+    assert funcpickles.load(shipped) is not funcpickles.load(shipped)
+
+
+@pytest.mark.parametrize(
+    "make",
+    [lambda: counted, lambda: tagged, lambda: through_globals, bumper],
+    ids=["global", "attribute", "globals()", "nonlocal"],
+)
+def test_a_task_changing_its_function_changes_nothing_for_the_next_call(ex, make):
+    # Each call unpickles its own copy of a function that can change itself (its globals, its
+    # attributes, its closure), as before: the worker does not share one between calls.
+    fn = make()
+    assert reduced(fn)[0] is funcpickles.load
+    assert [ex.submit(fn).result(30) for _ in range(3)] == [1, 1, 1]
 
 
 def test_a_module_no_longer_shipped_by_value_changes_what_travels(tmp_path, monkeypatch):

@@ -21,13 +21,19 @@ whether it goes by reference (a name the worker imports) or by value: :func:`by_
 keeps a "by reference" answer while the module still holds that very object under that name.
 
 The check is a few identity comparisons per function, a small fraction of pickling it again.
-The pickle travels inside the payload's as bytes (:func:`load`), so each call still unpickles
-its own fresh copy of the function on the worker, as before: nothing a task does to its
-function's globals outlives the call.
+The pickle travels inside the payload's as bytes. Each call unpickles its own fresh copy of the
+function on the worker (:func:`load`), so nothing a task does to its function's globals outlives
+the call — unless the function provably cannot change anything of its own: when no code in it
+(nor in its helpers) assigns or deletes a global, an attribute or a closure variable of its
+own, nor names a way around that (``globals()``, ``setattr``, ``__globals__``, frames…), the
+worker unpickles it once and reuses it (:func:`load_shared`), since every call would see
+exactly the same function anyway. Unpickling a function costs a short task's worker more than
+any other step before it runs.
 """
 
 from __future__ import annotations
 
+import dis
 import io
 import pickle
 import sys
@@ -43,8 +49,10 @@ __all__ = [
     "MAX_CONSTANT",
     "MAX_KEPT",
     "MAX_PICKLE",
+    "MAX_SHARED",
     "by_reference",
     "load",
+    "load_shared",
     "pickled",
     "remember_by_reference",
     "world",
@@ -56,6 +64,8 @@ MAX_KEPT = 1024
 """Most functions whose answers are kept (more, and all are forgotten)."""
 MAX_CONSTANT = 4096
 """Longest ``str`` or ``bytes`` a kept function may read (a longer one is not kept alive here)."""
+MAX_SHARED = 256
+"""Most functions a worker process keeps unpickled for reuse (more, and all are forgotten)."""
 
 _MISSING = object()  # a name the code reads that its globals do not hold (a builtin, or not yet defined)
 _SCALARS = frozenset({type(None), bool, int, float, complex, type(Ellipsis), type(NotImplemented)})
@@ -77,13 +87,14 @@ class _Entry:
     a wrong one, and a big array a function read is never kept alive by this cache.
     """
 
-    __slots__ = ("blob", "ids", "inputs", "world")
+    __slots__ = ("blob", "ids", "inputs", "loader", "world")
 
     def __init__(self, world: tuple[Any, ...]) -> None:
         self.world = world
         self.inputs: list[tuple[types.FunctionType | None, tuple[Any, ...]]] = []
         self.ids: tuple[int, ...] | None = None
         self.blob: bytes | None = None
+        self.loader: Callable[[bytes], types.FunctionType] = load
 
     def holds(self, fn: types.FunctionType, world: tuple[Any, ...]) -> bool:
         """True while every input is still the very object it was (and the world is the same)."""
@@ -156,22 +167,28 @@ def remember_by_reference(obj: Any, world: tuple[Any, ...]) -> None:
         pass
 
 
-def pickled(fn: types.FunctionType, pickler: type[pickle.Pickler], world: tuple[Any, ...]) -> bytes | None:
-    """The pickle of ``fn`` (made by ``pickler``), reused while nothing in it changed; None when not kept.
+Pickled = tuple[Callable[[bytes], types.FunctionType], bytes]
 
-    None means ``fn`` is pickled with the payload as usual: it goes by reference, reads
-    something mutable, or its pickle is over :data:`MAX_PICKLE`. ``world`` is :func:`world`'s
-    answer, taken once per payload.
+
+def pickled(fn: types.FunctionType, pickler: type[pickle.Pickler], world: tuple[Any, ...]) -> Pickled | None:
+    """``(loader, pickle)`` of ``fn`` (made by ``pickler``), reused while nothing in it changed; None when not kept.
+
+    The payload pickles ``loader(pickle)`` in place of ``fn``: :func:`load_shared` when ``fn``
+    cannot change anything of its own, else :func:`load`. None means ``fn`` is pickled with the
+    payload as usual: it goes by reference, reads something mutable, or its pickle is over
+    :data:`MAX_PICKLE`. ``world`` is :func:`world`'s answer, taken once per payload.
     """
     if _code_globals is None or _by_reference is None:
         return None
     entry = _entries.get(fn)
     if entry is not None and entry.holds(fn, world):
-        return entry.blob
+        return None if entry.blob is None else (entry.loader, entry.blob)
     entry = _Entry(world)
     inputs: list[tuple[types.FunctionType, tuple[Any, ...]]] = []
     if _qualifies(fn, inputs):
         entry.blob = _dumps(fn, pickler)
+        if entry.blob is not None and not any(_writes(owner) for owner, _ in inputs):
+            entry.loader = load_shared
     if entry.blob is None:
         entry.ids = tuple(map(id, inputs[0][1])) if inputs and inputs[0][0] is fn else None
     else:
@@ -182,7 +199,7 @@ def pickled(fn: types.FunctionType, pickler: type[pickle.Pickler], world: tuple[
         if len(_entries) >= MAX_KEPT:  # functions made in a loop (lambdas): never an unbounded cache
             _entries.clear()
         _entries[fn] = entry
-    return entry.blob
+    return None if entry.blob is None else (entry.loader, entry.blob)
 
 
 def load(blob: bytes) -> types.FunctionType:
@@ -190,6 +207,25 @@ def load(blob: bytes) -> types.FunctionType:
     fn = pickle.loads(blob)
     if not isinstance(fn, types.FunctionType):
         raise TypeError(f"expected a pickled function, got {type(fn).__name__}")
+    return fn
+
+
+_shared: dict[bytes, types.FunctionType] = {}
+
+
+def load_shared(blob: bytes) -> types.FunctionType:
+    """The function a :func:`pickled` pickle holds, unpickled once per process and reused.
+
+    Only for a function that cannot change anything of its own (see the module docstring), so
+    that every call sees the very function a fresh copy would be.
+    """
+    fn = _shared.get(blob)
+    if fn is None:
+        fn = load(blob)
+        with _lock:
+            if len(_shared) >= MAX_SHARED:
+                _shared.clear()
+            _shared[blob] = fn
     return fn
 
 
@@ -263,6 +299,58 @@ def _fixed(value: Any, inputs: list[tuple[types.FunctionType, tuple[Any, ...]]],
         return value.__self__ is None or isinstance(value.__self__, types.ModuleType)
     if isinstance(value, (types.ModuleType, type)):
         return bool(_by_reference(value))  # type: ignore[misc]
+    return False
+
+
+# What lets a function change something of its own, which a copy shared between calls would keep:
+# assigning or deleting a global or an attribute (of itself, of a helper: attributes are not
+# told apart), and names of ways around the bytecode (as names or as strings, for getattr).
+_WRITES = frozenset({"STORE_GLOBAL", "DELETE_GLOBAL", "STORE_ATTR", "DELETE_ATTR"})
+_CELL_WRITES = frozenset({"STORE_DEREF", "DELETE_DEREF"})
+_REFLECTIVE = frozenset(
+    {
+        "globals",
+        "vars",
+        "locals",
+        "eval",
+        "exec",
+        "compile",
+        "setattr",
+        "delattr",
+        "__globals__",
+        "__dict__",
+        "__closure__",
+        "__code__",
+        "__defaults__",
+        "__kwdefaults__",
+        "__annotations__",
+        "__builtins__",
+        "_getframe",
+        "currentframe",
+        "f_globals",
+        "f_locals",
+        "f_back",
+        "tb_frame",
+        "gi_frame",
+        "cr_frame",
+        "stack",
+        "cell_contents",
+    }
+)
+
+
+def _writes(fn: types.FunctionType) -> bool:
+    """True unless no code of ``fn`` (its nested code included) can change its globals, attributes or closure."""
+    free = set(fn.__code__.co_freevars)
+    pending = [fn.__code__]
+    while pending:
+        code = pending.pop()
+        if _REFLECTIVE.intersection(code.co_names) or any(type(c) is str and c in _REFLECTIVE for c in code.co_consts):
+            return True
+        for ins in dis.get_instructions(code):
+            if ins.opname in _WRITES or (ins.opname in _CELL_WRITES and ins.argval in free):
+                return True
+        pending.extend(c for c in code.co_consts if isinstance(c, types.CodeType))
     return False
 
 

@@ -89,9 +89,10 @@ class Pickler(_CodePickler):
             if funcpickles.by_reference(obj, world):
                 return NotImplemented  # pickle's own: the worker imports it by name
             if kind is types.FunctionType:
-                blob = funcpickles.pickled(obj, _CodePickler, world)
-                if blob is not None:
-                    return funcpickles.load, (blob,)
+                reduced = funcpickles.pickled(obj, _CodePickler, world)
+                if reduced is not None:
+                    loader, blob = reduced
+                    return loader, (blob,)
             reduced = super().reducer_override(obj)
             if reduced is NotImplemented:
                 funcpickles.remember_by_reference(obj, world)
