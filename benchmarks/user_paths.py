@@ -87,7 +87,8 @@ def echoes(ex: Any, floor: Any, size: int, reps: int) -> dict[str, Any]:
         return type(back) is bytes and back == sent
 
     def fresh_array(i: int) -> Any:
-        return np.random.default_rng(i).integers(0, 256, size, dtype=np.uint8)
+        # Not the same bytes as fresh_bytes(i) (a seed of its own): Redis would hold them already.
+        return np.random.default_rng([i, 1]).integers(0, 256, size, dtype=np.uint8)
 
     raw = lambda: floor.set_get(data, size)  # noqa: E731
     out: dict[str, Any] = {"bytes": _echo(ex, fresh_bytes, same_bytes, raw, size, reps, numpy=fresh_array)}
