@@ -21,7 +21,7 @@ from conftest import wait_for
 from rtq.errors import NotReplicated, RtqConnectionError, TaskLost
 from topologies import REDIS_SERVER, Sentinels, start_worker, stop_workers, supports
 
-pytestmark = pytest.mark.timeout(120)
+pytestmark = pytest.mark.timeout(180)
 
 FAILOVERS = int(os.environ.get("RTQ_TEST_FAILOVERS", "1"))
 """Failovers the durable test goes through (each waits for the sentinels to allow the next)."""

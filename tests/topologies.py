@@ -277,7 +277,13 @@ class Sentinels(Deployment):
 
         wait_for(following, 30, f"the server on {old} to replicate the new master")
 
-    def wait_new_master(self, old: int, timeout: float = 30) -> int:
+    def wait_new_master(self, old: int, timeout: float = 30, agree: float = 45) -> int:
+        """The port of the master that replaced ``old``, once every sentinel names it.
+
+        ``agree`` outlasts a sentinel's TILT mode (30 s without acting, entered when its timer
+        stalls for 2 s, as it can on a loaded machine) plus a round of hello messages.
+        """
+
         def promoted() -> int | None:
             try:
                 port = self.current_master()
@@ -293,13 +299,32 @@ class Sentinels(Deployment):
             finally:
                 role.close()
 
-        new = int(wait_for(promoted, timeout, "a replica to be promoted"))  # type: ignore[arg-type]
-        # A client asks the sentinels in turn and takes the first healthy answer: until each has
-        # learnt of the switch (their hello messages, every 2 s) one may still name the old master.
-        wait_for(
-            lambda: all(_names_master(p, self.service, new) for p in self.sentinels), timeout, "the sentinels to agree"
-        )
+        try:
+            new = int(wait_for(promoted, timeout, "a replica to be promoted"))  # type: ignore[arg-type]
+            # A client asks the sentinels in turn and takes the first healthy answer: until each
+            # has learnt of the switch (their hello messages, every 2 s) one may name the old master.
+            wait_for(
+                lambda: all(_names_master(p, self.service, new) for p in self.sentinels),
+                agree,
+                f"the sentinels to agree on {new} as the master",
+            )
+        except AssertionError as exc:
+            raise AssertionError(f"{exc}\n{self.describe()}") from None
         return new
+
+    def describe(self) -> str:
+        """What each sentinel says of the service, and the end of its log: why a wait ran out."""
+        lines = []
+        for port in self.sentinels:
+            fields = _master_fields(port, self.service)
+            if isinstance(fields, dict):
+                keep = ("port", "flags", "config-epoch", "role-reported", "num-slaves", "num-other-sentinels")
+                fields = {k: fields.get(k, "?") for k in keep}
+            lines.append(f"sentinel {port}: {fields}, tilt: {_tilt(port)}")
+            log = self.folder / str(port) / "log"
+            tail = log.read_text(errors="replace").splitlines()[-15:] if log.exists() else []
+            lines += [f"  {line}" for line in tail]
+        return "\n".join(lines)
 
     def kill_master(self) -> int:
         """SIGKILL the master, wait for a replica to take over, and start the old one again (as a
@@ -322,17 +347,33 @@ def _replicated(port: int) -> bool:
         client.close()
 
 
-def _names_master(port: int, service: str, master: int) -> bool:
-    """Whether the sentinel at ``port`` names ``master`` as ``service``'s master, and reaches it."""
-    client = redis.Redis(host="127.0.0.1", port=port, decode_responses=True)
+def _master_fields(port: int, service: str) -> dict[str, str] | str:
+    """``SENTINEL MASTER service`` from the sentinel at ``port``, or why it did not answer."""
+    client = redis.Redis(host="127.0.0.1", port=port, decode_responses=True, socket_timeout=2)
     try:
         state = client.execute_command("SENTINEL", "MASTER", service)
-        fields = dict(zip(state[::2], state[1::2], strict=True)) if isinstance(state, list) else state
-        return int(fields["port"]) == master and fields["flags"] == "master"
-    except redis.RedisError:
-        return False
+        return dict(zip(state[::2], state[1::2], strict=True)) if isinstance(state, list) else state
+    except redis.RedisError as exc:
+        return repr(exc)
     finally:
         client.close()
+
+
+def _tilt(port: int) -> str:
+    """Whether the sentinel at ``port`` is in TILT mode (``INFO sentinel``), or why it did not say."""
+    client = redis.Redis(host="127.0.0.1", port=port, socket_timeout=2)
+    try:
+        return str(client.info("sentinel").get("sentinel_tilt"))
+    except redis.RedisError as exc:
+        return repr(exc)
+    finally:
+        client.close()
+
+
+def _names_master(port: int, service: str, master: int) -> bool:
+    """Whether the sentinel at ``port`` names ``master`` as ``service``'s master, and reaches it."""
+    fields = _master_fields(port, service)
+    return isinstance(fields, dict) and int(fields["port"]) == master and fields["flags"] == "master"
 
 
 def _watching(port: int, service: str, replicas: int) -> bool:
