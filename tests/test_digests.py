@@ -7,6 +7,7 @@ digest keys are read as they are. Workers are real ``rtq worker`` processes.
 
 from __future__ import annotations
 
+import hashlib
 import operator
 import os
 import re
@@ -124,6 +125,40 @@ def _same(value: Any) -> Any:
     return value
 
 
+def _made(size: int) -> bytes:
+    return numpy.random.default_rng(size).bytes(size)
+
+
+def test_a_bytes_result_is_read_straight_into_the_bytes_object_it_comes_back_as(r, workers):
+    import tracemalloc
+
+    workers.start("dig", task_fn=None)
+    size = 32 * MiB
+    with executor(r) as ex:
+        assert len(ex.submit(_made, MiB).result(timeout=60)) == MiB  # connections and code warmed up
+        tracemalloc.start()
+        try:
+            back = ex.submit(_made, size).result(timeout=60)  # made on the worker: all the caller holds is this
+            peak = tracemalloc.get_traced_memory()[1]
+        finally:
+            tracemalloc.stop()
+    assert type(back) is bytes and back == _made(size)
+    # Read into a bytearray, then copied into the bytes object, it would take twice its size.
+    assert peak < 1.5 * size, f"reading a {size >> 20} MiB bytes result took {peak / MiB:.0f} MiB at its peak"
+
+
+def _kind_and_id(value: Any) -> tuple[str, int, bool, str]:
+    import hashlib
+
+    writable = not memoryview(value).readonly
+    return type(value).__name__, id(value), writable, hashlib.sha256(value).hexdigest()
+
+
+def _zero_and_sum(values: numpy.ndarray) -> int:
+    values[:] = 0
+    return int(values.sum())
+
+
 def _fill_and_sum(values: numpy.ndarray) -> int:
     total = int(values.sum())
     values += 1
@@ -144,6 +179,27 @@ def test_with_a_cache_the_second_task_reads_nothing_from_redis(r, workers, cache
         assert read > 16 * MiB, f"without a cache the worker read only {read} bytes"
     else:
         assert read < MiB, f"with a cache the worker still read {read} bytes"
+
+
+def test_the_cache_gives_a_bytes_argument_as_itself_and_the_same_bytes_as_an_array_a_copy(r, workers):
+    workers.start("dig", task_fn=None, args=("--workers", "1"))
+    data = numpy.random.default_rng(7).bytes(4 * MiB)
+    with executor(r) as ex:
+        first = ex.submit(_kind_and_id, data).result(timeout=60)
+        before = sent_by_redis(r)
+        second = ex.submit(_kind_and_id, data).result(timeout=60)
+        assert sent_by_redis(r) - before < MiB  # from the cache
+        assert first[0] == second[0] == "bytes" and first[1] == second[1]  # the very same immutable object
+        # The same bytes as an array: a writable copy of its own, the cached bytes untouched.
+        as_array = numpy.frombuffer(data, numpy.uint8).copy()
+        assert ex.submit(_zero_and_sum, as_array).result(timeout=60) == 0
+        assert ex.submit(_kind_and_id, data).result(timeout=60) == first
+        assert first[3] == hashlib.sha256(data).hexdigest()
+        # An array cached first, then its bytes as bytes: read from the cache into a new bytes object.
+        other = array(4, seed=8)
+        assert ex.submit(_zero_and_sum, other).result(timeout=60) == 0
+        kind, _, writable, digest = ex.submit(_kind_and_id, other.tobytes()).result(timeout=60)
+        assert (kind, writable, digest) == ("bytes", False, hashlib.sha256(other).hexdigest())
 
 
 def test_cache_bytes_must_be_a_size(redis_url):
@@ -172,6 +228,17 @@ def test_the_cache_is_bounded_and_drops_the_least_recently_used():
     assert cache.used == 3 * MiB and cache.get("b") is None
     assert bytes(cache.get("a")[:2]) == b"aa" and cache.get("c") is not None
     assert BufferCache(0).fits(1) is False
+    # A bytes object is kept as itself, counted alike, and evicted alike.
+    data = b"e" * MiB
+    assert cache.put_bytes("e", data) is data and cache.used == 3 * MiB and cache.get("d") is None
+    assert cache.get("e", as_bytes=True) is data
+    copy = cache.get("e")  # asked for as a writable buffer: a copy of its own
+    assert type(copy) is bytearray and copy == data
+    copy[0] = 0
+    assert cache.get("e", as_bytes=True) == data
+    assert cache.get("a", as_bytes=True) == b"a" * MiB  # a file entry read into a new bytes object
+    cache.clear()
+    assert cache.used == 0 and len(cache) == 0
 
 
 # -- safety ----------------------------------------------------------------------------------

@@ -694,7 +694,10 @@ def test_garbage_in_redis_is_logged_and_the_worker_keeps_serving(r, workers):
         "garbage": ({"params": b"\x00\xffnot an envelope"}, "is not an rtq envelope \\(bad magic\\)"),
         "truncated": ({"params": MAGIC + b"\x01"}, "is not an rtq envelope \\(too short\\)"),
         "missing": ({"params": None}, "no payload stored"),
-        "version": ({"params": envelope(pickle.dumps(1), version=9)}, "envelope version 9; this rtq reads version 1"),
+        "version": (
+            {"params": envelope(pickle.dumps(1), version=9)},
+            "envelope version 9; this rtq reads versions 1 and 2",
+        ),
         "not-a-pickle": ({"params": envelope(b"\x80\x05junk")}, "cannot be unpickled here"),
         "bad-frames": ({"params": sound, "params#": "nonsense"}, "malformed frame list"),
         "huge-frames": ({"params": sound, "params#": "t 1000000000000"}, "lists 1000000000000 frames"),

@@ -26,10 +26,12 @@ from rtq.errors import SerializationError, SignatureError
 from rtq.outofband import MIN_SIZE
 from rtq.serialization import (
     DEFAULT_MAX_PAYLOAD,
+    FLAG_BYTES,
     FLAG_SIGNED,
     MAC_SIZE,
     MAGIC,
     VERSION,
+    VERSION_BYTES,
     Serializer,
     normalize_secrets,
 )
@@ -48,11 +50,17 @@ class MakesDir:
 
 
 def envelope(
-    body: bytes, *, flags: int = 0, version: int = VERSION, mac: bytes = b"", sizes: tuple[int, ...] = ()
+    body: bytes,
+    *,
+    flags: int = 0,
+    version: int = VERSION,
+    mac: bytes = b"",
+    sizes: tuple[int, ...] = (),
+    kinds: bytes = b"",
 ) -> bytes:
     """An envelope built by hand, as an attacker with write access to Redis would."""
     head = MAGIC + struct.pack(">BBI", version, flags, len(sizes)) + b"".join(struct.pack(">Q", s) for s in sizes)
-    return head + mac + body
+    return head + kinds + mac + body
 
 
 def load(serializer: Serializer, frames: list[Any], key: str = KEY, field: str = FIELD) -> Any:
@@ -103,6 +111,19 @@ def test_big_bytes_like_objects_travel_out_of_band_as_their_own_type(secret):
     assert out["readonly"].readonly and out["readonly"] == value["readonly"]
     assert out["strided"].tobytes() == value["strided"].tobytes() and not out["strided"].readonly
     assert out["small"] == value["small"] and out["text"] == value["text"]
+
+
+def test_an_envelope_says_which_buffers_were_bytes_objects_and_stays_version_1_without_them():
+    s = Serializer()
+    data, array = blob(MIN_SIZE), numpy.arange(MIN_SIZE // 8)
+    first, *rest = s.dumps([array, data, bytearray(data)], key=KEY, field=FIELD)
+    assert first[3] == VERSION_BYTES and first[4] & FLAG_BYTES
+    assert s.inline_bytes(first) == [False, True, False]  # the array's and the bytearray's may be written to
+    back = load(s, [first, *rest])
+    assert type(back[1]) is bytes and back[1] == data and (back[0] == array).all()
+    back[0][0] = 7  # an array's memory is still its own to write
+    plain = s.dumps([array, bytearray(data), b"small"], key=KEY, field=FIELD)
+    assert plain[0][3] == VERSION and not plain[0][4] & FLAG_BYTES  # what a version-1 reader reads
 
 
 def test_small_memoryviews_pickle_in_band_and_odd_formats_come_back_as_bytes():
@@ -221,13 +242,18 @@ def test_secret_lists():
         ([None], "no payload stored"),
         ([b"garbage bytes"], "not an rtq envelope \\(bad magic\\)"),
         ([b"RT"], "not an rtq envelope \\(too short\\)"),
-        ([envelope(b"", version=9)], "envelope version 9; this rtq reads version 1"),
+        ([envelope(b"", version=9)], "envelope version 9; this rtq reads versions 1 and 2"),
         ([envelope(b"", sizes=(10,))[:-8]], "truncated header"),
         ([envelope(pickle.dumps(1), sizes=(10,))], "missing a frame"),
         ([envelope(pickle.dumps(1), sizes=(10,)), b"short"], "wrong size"),
         ([envelope(pickle.dumps(1)), b"extra"], "extra frames"),
         ([envelope(b"\x80\x05not a pickle")], "cannot be unpickled here"),
         ([envelope(b"\x80\x05\x8c\x0bno_such_mod\x94\x8c\x01x\x94\x93\x94.")], "cannot be unpickled here"),
+        # Buffer kinds: version 2 has them (FLAG_BYTES), version 1 never; each is 0 or 1, one per buffer.
+        ([envelope(pickle.dumps(1), version=VERSION_BYTES)], "not an rtq envelope \\(version 2 without buffer kinds"),
+        ([envelope(pickle.dumps(1), flags=FLAG_BYTES, kinds=b"\x01", sizes=(3,))], "version 1 with buffer kinds"),
+        ([envelope(b"", version=VERSION_BYTES, flags=FLAG_BYTES, sizes=(3, 4), kinds=b"\x01")], "bad buffer kinds"),
+        ([envelope(b"", version=VERSION_BYTES, flags=FLAG_BYTES, sizes=(3,), kinds=b"\x02")], "bad buffer kinds"),
     ],
 )
 def test_malformed_payloads_name_the_problem(frames, message):
@@ -341,7 +367,8 @@ FORGERIES = [
 
 def _body_of(first: bytes) -> bytes:
     """The pickle stream of an unsigned envelope (what follows its head)."""
-    return first[len(envelope(b"", sizes=tuple(Serializer.buffer_sizes(first)))) :]
+    count = struct.unpack_from(">I", first, 5)[0]
+    return first[len(MAGIC) + 6 + 8 * count + (count if first[4] & FLAG_BYTES else 0) :]
 
 
 # A genuine stream that loads big bytes, a bytearray and a memoryview from out-of-band buffers:
@@ -356,10 +383,13 @@ _bodies = (
     | st.builds(lambda cut: OUT_OF_BAND[:cut], st.integers(0, len(OUT_OF_BAND)))
 )
 _random_envelopes = st.builds(
-    lambda version, flags, sizes, mac, body: envelope(body, flags=flags, version=version, mac=mac, sizes=tuple(sizes)),
-    st.just(VERSION) | st.integers(0, 255),
-    st.sampled_from([0, FLAG_SIGNED]) | st.integers(0, 255),
+    lambda version, flags, sizes, kinds, mac, body: envelope(
+        body, flags=flags, version=version, mac=mac, sizes=tuple(sizes), kinds=kinds
+    ),
+    st.sampled_from([VERSION, VERSION_BYTES]) | st.integers(0, 255),
+    st.sampled_from([0, FLAG_SIGNED, FLAG_BYTES, FLAG_SIGNED | FLAG_BYTES]) | st.integers(0, 255),
     st.just([]) | st.lists(st.integers(0, 2**64 - 1) | st.integers(0, 64), max_size=4),
+    st.just(b"") | st.binary(max_size=5),
     st.just(b"") | st.binary(min_size=MAC_SIZE, max_size=MAC_SIZE) | st.binary(max_size=MAC_SIZE + 2),
     _bodies,
 )

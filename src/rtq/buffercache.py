@@ -11,6 +11,10 @@ Evicting an entry closes the cache's file; pages a running task still maps stay 
 that task lets go of them (the kernel counts the references), so eviction never pulls memory
 out from under a task.
 
+A buffer that was a ``bytes`` object is kept as that ``bytes`` object (immutable, so every task
+can be given the very same one); asked for as a writable buffer it is copied, and a file entry
+asked for as ``bytes`` is read into a new one (``os.pread``: one copy, no mapping).
+
 What this is NOT: shared between processes (each worker process has its own), or a store of
 anything unverified (only a buffer whose bytes matched its digest is put in).
 """
@@ -93,53 +97,93 @@ class BufferCache:
         self.max_bytes = max_bytes
         self.used = 0
         self.hits = 0
-        self._entries: OrderedDict[str, tuple[int, int]] = OrderedDict()  # name: (file descriptor, size)
+        # name: (file descriptor, size), or the bytes object itself
+        self._entries: OrderedDict[str, tuple[int, int] | bytes] = OrderedDict()
         self._lock = threading.Lock()
 
     def fits(self, size: int) -> bool:
         """Whether a buffer of ``size`` bytes would be kept at all."""
         return 0 < size <= self.max_bytes
 
-    def get(self, name: str) -> Any | None:
-        """A copy-on-write mapping of the buffer named ``name``, or None when it is not here."""
+    def get(self, name: str, *, as_bytes: bool = False) -> Any | None:
+        """The buffer named ``name``, or None when it is not here.
+
+        A private, writable buffer (a copy-on-write mapping); with ``as_bytes``, a ``bytes``
+        object of its bytes.
+        """
         with self._lock:
             entry = self._entries.get(name)
             if entry is None:
                 return None
             self._entries.move_to_end(name)
             self.hits += 1
+            if isinstance(entry, bytes):
+                return entry if as_bytes else bytearray(entry)
             fd, size = entry
-            return _private(fd, size)
+            return _read_file(fd, size) if as_bytes else _private(fd, size)
 
     def put(self, name: str, slot: Slot) -> Any:
         """Keep ``slot``'s verified bytes as ``name``; returns the mapping the caller uses from now on."""
         buffer = slot.copy_on_write()
         slot.release()  # the file holds the pages; the cache needs no mapping of its own
-        with self._lock:
-            if name in self._entries or not self.fits(slot.size):
-                os.close(slot.fd)
-                return buffer
-            self._entries[name] = (slot.fd, slot.size)
-            self.used += slot.size
-            while self.used > self.max_bytes:
-                _, (fd, size) = self._entries.popitem(last=False)
-                os.close(fd)
-                self.used -= size
+        if not self._keep(name, (slot.fd, slot.size), slot.size):
+            os.close(slot.fd)
         return buffer
+
+    def put_bytes(self, name: str, data: bytes) -> bytes:
+        """Keep the verified ``bytes`` object ``data`` as ``name``; returns it."""
+        self._keep(name, data, len(data))
+        return data
+
+    def _keep(self, name: str, entry: tuple[int, int] | bytes, size: int) -> bool:
+        """Add ``entry`` unless ``name`` is here already or it does not fit; evict the least recently used."""
+        with self._lock:
+            if name in self._entries or not self.fits(size):
+                return False
+            self._entries[name] = entry
+            self.used += size
+            while self.used > self.max_bytes:
+                _, old = self._entries.popitem(last=False)
+                self.used -= _release(old)
+        return True
 
     def __len__(self) -> int:
         return len(self._entries)
 
     def clear(self) -> None:
         with self._lock:
-            for fd, _ in self._entries.values():
-                os.close(fd)
+            for entry in self._entries.values():
+                _release(entry)
             self._entries.clear()
             self.used = 0
 
     def __del__(self) -> None:
-        for fd, _ in getattr(self, "_entries", {}).values():
-            os.close(fd)
+        for entry in getattr(self, "_entries", {}).values():
+            _release(entry)
+
+
+def _release(entry: tuple[int, int] | bytes) -> int:
+    """Close an entry's file (a bytes entry has none); returns the bytes it held."""
+    if isinstance(entry, bytes):
+        return len(entry)
+    fd, size = entry
+    os.close(fd)
+    return size
+
+
+def _read_file(fd: int, size: int) -> bytes:
+    """The ``size`` bytes of the file ``fd`` as a new ``bytes`` object (read into it by the kernel)."""
+    data = os.pread(fd, size, 0)
+    if len(data) == size:
+        return data
+    parts, at = [data], len(data)  # a single read stops short of 2 GiB on Linux
+    while at < size:
+        part = os.pread(fd, size - at, at)
+        if not part:
+            raise OSError(f"the cached buffer ended after {at} of {size} bytes")
+        parts.append(part)
+        at += len(part)
+    return b"".join(parts)
 
 
 def _memory_file(size: int) -> int:

@@ -52,6 +52,8 @@ class Ref:
     size: int
     algo: int
     digest: bytes
+    as_bytes: bool = False
+    """The buffer was a ``bytes`` object: read it into one (the envelope's kinds say so)."""
 
     @property
     def name(self) -> str:

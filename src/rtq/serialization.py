@@ -11,7 +11,13 @@ value, so it may not exceed ``MAX_VALUE``.
 
 Layout of the first frame (all integers big-endian)::
 
-    b"RTQ" | version:u8 | flags:u8 | n_buffers:u32 | n_buffers x size:u64 | [digests] | [mac:32] | pickle
+    b"RTQ" | version:u8 | flags:u8 | n_buffers:u32 | n_buffers x size:u64 | [n_buffers x kind:u8]
+        | [digests] | [mac:32] | pickle
+
+The kinds (flag ``FLAG_BYTES``, envelope version 2; version 1 has none) say which buffers were
+``bytes`` objects (1) and which any other buffer (0): a reader reads a ``bytes`` one straight
+into a new ``bytes`` object (:func:`rtq.outofband.unfilled_bytes`), the others into memory the
+object built over it may write to.
 
 Buffers of at least ``DIGEST_MIN`` bytes are not among the frames: the ``digests`` list (flag
 ``FLAG_DIGESTS``, see :mod:`rtq.digests`) names each by a digest of its bytes, which the store
@@ -39,6 +45,7 @@ Python major.minor and cloudpickle version, within a task's lifetime.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import hmac
 import os
@@ -55,8 +62,11 @@ from .errors import ConfigurationError, SerializationError, SignatureError
 
 MAGIC = b"RTQ"
 VERSION = 1
+"""The envelope version of a payload without ``bytes`` buffers; one with them is ``VERSION_BYTES``."""
+VERSION_BYTES = 2
 FLAG_SIGNED = 0x01
 FLAG_DIGESTS = 0x02
+FLAG_BYTES = 0x04
 MAC_SIZE = hashlib.sha256().digest_size
 CHUNK = 64 * 1024 * 1024
 """Largest single frame written to Redis; bigger buffers are split into several fields."""
@@ -229,8 +239,13 @@ class Serializer:
             )
         algo = digests.algorithm(self.signed)
         blobs = [(Ref(i, raws[i].nbytes, algo, digests.digest(algo, raws[i])), raws[i]) for i in named]
+        kinds = bytes(type(r.obj) is bytes for r in raws)  # a bytes object's own buffer (rtq.outofband)
         flags = (FLAG_SIGNED if self.secrets else 0) | (FLAG_DIGESTS if blobs else 0)
-        head = _HEAD.pack(MAGIC, VERSION, flags, len(raws)) + b"".join(_SIZE.pack(r.nbytes) for r in raws)
+        flags |= FLAG_BYTES if any(kinds) else 0
+        version = VERSION_BYTES if flags & FLAG_BYTES else VERSION
+        head = _HEAD.pack(MAGIC, version, flags, len(raws)) + b"".join(_SIZE.pack(r.nbytes) for r in raws)
+        if flags & FLAG_BYTES:
+            head += kinds
         head += digests.pack_refs([ref for ref, _ in blobs])
         frames: Frames = []
         for raw in inline:
@@ -266,6 +281,13 @@ class Serializer:
     def buffer_sizes(first: bytes, where: str = "") -> list[int]:
         """Sizes of the out-of-band buffers the envelope ``first`` carries as frames (not by digest)."""
         return _parse_head(first, where).inline
+
+    @staticmethod
+    def inline_bytes(first: bytes, where: str = "") -> list[bool]:
+        """For each buffer ``first`` carries as frames, whether it was a ``bytes`` object."""
+        head = _parse_head(first, where)
+        named = {r.index for r in head.refs}
+        return [i in head.as_bytes for i in range(len(head.sizes)) if i not in named]
 
     def frame_sizes(self, first: bytes, where: str = "") -> list[int]:
         """The size of each frame stored after ``first``, as its envelope announces them.
@@ -391,6 +413,8 @@ class _Head:
     offset: int
     sizes: list[int]
     refs: list[Ref]
+    as_bytes: frozenset[int] = frozenset()
+    """The buffers that were ``bytes`` objects (their indices)."""
 
     @property
     def inline(self) -> list[int]:
@@ -405,10 +429,15 @@ def _parse_head(first: bytes, where: str = "") -> _Head:
     magic, version, flags, count = _HEAD.unpack_from(first)
     if magic != MAGIC:
         raise SerializationError(f"payload{where} is not an rtq envelope (bad magic)")
-    if version != VERSION:
+    if version not in (VERSION, VERSION_BYTES):
         raise SerializationError(
-            f"payload{where} has envelope version {version}; this rtq reads version {VERSION} "
+            f"payload{where} has envelope version {version}; this rtq reads versions {VERSION} and {VERSION_BYTES} "
             "(are client and worker running the same rtq?)"
+        )
+    if (version == VERSION_BYTES) != bool(flags & FLAG_BYTES):
+        raise SerializationError(
+            f"payload{where} is not an rtq envelope (version {version} "
+            f"{'without' if version == VERSION_BYTES else 'with'} buffer kinds)"
         )
     # The count comes from Redis: bound it before parsing (a payload has fewer buffers than frames).
     if count > MAX_FRAMES:
@@ -417,10 +446,18 @@ def _parse_head(first: bytes, where: str = "") -> _Head:
     if len(first) < offset:
         raise SerializationError(f"payload{where} is not an rtq envelope (truncated header)")
     sizes = list(struct.unpack_from(f">{count}Q", first, _HEAD.size))
+    as_bytes: frozenset[int] = frozenset()
+    if flags & FLAG_BYTES:
+        kinds = bytes(first[offset : offset + count])
+        if len(kinds) != count or kinds.strip(b"\x00\x01"):
+            raise SerializationError(f"payload{where} is not an rtq envelope (bad buffer kinds)")
+        as_bytes = frozenset(i for i, kind in enumerate(kinds) if kind)
+        offset += count
     refs: list[Ref] = []
     if flags & FLAG_DIGESTS:
         refs, offset = digests.unpack_refs(first, offset, sizes, where)
-    return _Head(flags, offset, sizes, refs)
+        refs = [dataclasses.replace(r, as_bytes=True) if r.index in as_bytes else r for r in refs]
+    return _Head(flags, offset, sizes, refs, as_bytes)
 
 
 def _frame_count(sizes: list[int], where: str) -> int:

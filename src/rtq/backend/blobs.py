@@ -34,6 +34,7 @@ import redis as redis_py
 from ..buffercache import BufferCache, Slot
 from ..digests import Ref, check
 from ..errors import SerializationError
+from ..outofband import read_target
 from ..serialization import CHUNK, size_text
 from .encoded import Encoded, frames_until
 from .keys import Keys
@@ -157,7 +158,7 @@ class Blobs:
         out: dict[int, Any] = {}
         missing = []
         for n, ref in enumerate(refs):
-            cached = self.cache.get(ref.name) if self.cache is not None else None
+            cached = self.cache.get(ref.name, as_bytes=ref.as_bytes) if self.cache is not None else None
             if cached is not None:
                 out[n] = cached
             else:
@@ -170,7 +171,7 @@ class Blobs:
     def _read(self, refs: list[Ref], where: str) -> list[Any]:
         keys = [self.part_keys(ref) for ref in refs]
         flat = [key for part_keys in keys for key in part_keys]
-        held: list[Slot | bytearray] = []
+        held: list[Slot | bytes | bytearray] = []
 
         def targets(lengths: list[Any]) -> list[memoryview]:
             at = 0
@@ -185,9 +186,13 @@ class Blobs:
                     )
             views = []
             for ref in refs:  # allocated only now that Redis holds what the envelope says
-                memory = Slot(ref.size) if self.cache is not None and self.cache.fits(ref.size) else bytearray(ref.size)
+                memory: Slot | bytes | bytearray
+                if ref.as_bytes or self.cache is None or not self.cache.fits(ref.size):
+                    memory, view = read_target(ref.size, ref.as_bytes)  # a bytes object's own: no copy later
+                else:
+                    memory = Slot(ref.size)
+                    view = memory.view()
                 held.append(memory)
-                view = memory.view() if isinstance(memory, Slot) else memoryview(memory)
                 views += [view[i : i + CHUNK] for i in range(0, ref.size, CHUNK)]
             return views
 
@@ -203,9 +208,11 @@ class Blobs:
                 except Exception:
                     self.redis.delete(*self.part_keys(ref))  # the next payload naming it sends it again
                     raise
-                out.append(
-                    self.cache.put(ref.name, memory) if isinstance(memory, Slot) and self.cache is not None else memory
-                )
+                if self.cache is not None and isinstance(memory, Slot):
+                    memory = self.cache.put(ref.name, memory)
+                elif self.cache is not None and isinstance(memory, bytes):
+                    memory = self.cache.put_bytes(ref.name, memory)
+                out.append(memory)
             held.clear()
             return out
         finally:

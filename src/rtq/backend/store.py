@@ -48,6 +48,7 @@ from typing import Any
 import redis as redis_py
 
 from ..errors import RemoteTaskError, SerializationError, TaskLost
+from ..outofband import read_target
 from ..serialization import CHUNK, Serializer, UnreadablePayload
 from ..task import FINAL_STATES, RedisTask, TaskState, current_task
 from . import scripts
@@ -202,7 +203,7 @@ class TaskStore:
         else:
             measure = [("HSTRLEN", key, n) for n in names]
             command = ("HMGET", key, *names)
-        buffers: list[bytearray] = []
+        buffers: list[bytes | bytearray] = []
 
         def targets(held: list[Any]) -> list[memoryview]:
             for i, (have, want) in enumerate(zip(held, lengths, strict=True)):
@@ -212,11 +213,12 @@ class TaskStore:
                         f"{where} is missing a frame, or one has the wrong size (frame {i}: {stored} in Redis, "
                         f"{want} announced)"
                     )
-            buffers.extend(bytearray(size) for size in self.serializer.buffer_sizes(first))
+            sizes, kinds = self.serializer.buffer_sizes(first), self.serializer.inline_bytes(first)
             views = []
-            for buffer in buffers:
-                view = memoryview(buffer)
-                views += [view[i : i + CHUNK] for i in range(0, max(len(buffer), 1), CHUNK)]
+            for size, as_bytes in zip(sizes, kinds, strict=True):
+                buffer, view = read_target(size, as_bytes)
+                buffers.append(buffer)
+                views += [view[i : i + CHUNK] for i in range(0, max(size, 1), CHUNK)]
             return views
 
         with self.channels.channel() as channel:
