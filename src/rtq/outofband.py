@@ -24,7 +24,7 @@ and come back as the same type:
 
 A ``bytes`` object comes back as ``bytes`` without a copy either: its envelope marks its buffer
 as a ``bytes`` one, and the reader reads it from the socket straight into a new ``bytes`` object
-(:func:`unfilled_bytes`) instead of into a ``bytearray`` it would then have to copy (for 32 MiB,
+(:func:`read_target`) instead of into a ``bytearray`` it would then have to copy (for 32 MiB,
 about 16 ms on a 2-core VM, most of it faulting in the copy's fresh pages). A ``bytearray`` or a
 ``memoryview`` comes back without a copy too.
 """
@@ -47,7 +47,6 @@ __all__ = [
     "restore_bytearray",
     "restore_bytes",
     "restore_memoryview",
-    "unfilled_bytes",
 ]
 
 MIN_SIZE = 1 << 20
@@ -126,35 +125,22 @@ def _c_api() -> tuple[Any, Any] | None:
 _C_API = _c_api()
 
 
-def unfilled_bytes(size: int) -> tuple[bytes | bytearray, memoryview]:
-    """A new ``bytes`` object of ``size`` bytes and a writable view of them, to read it from a socket.
-
-    C code makes a ``bytes`` object it fills itself with ``PyBytes_FromStringAndSize(NULL, n)``,
-    whose contents the C API documents as uninitialized and writable until the object is shared;
-    this does the same through ``ctypes``, so that a frame read from Redis lands in the very
-    ``bytes`` object the payload gets. The object must be filled in full through the view, and
-    the view dropped, before the object is handed on; it must outlive the view. Off CPython, and
-    for objects under ``MIN_SIZE`` (the empty and one-byte ones are shared), a ``bytearray`` (which
-    :func:`restore_bytes` copies).
-    """
-    if _C_API is None or size < MIN_SIZE:
-        memory = bytearray(size)
-        return memory, memoryview(memory)
-    new, data = _C_API
-    obj = new(None, size)
-    view = memoryview((ctypes.c_char * size).from_address(data(obj))).cast("B")
-    return obj, view
-
-
 def read_target(size: int, as_bytes: bool) -> tuple[bytes | bytearray, memoryview]:
-    """Memory to read a buffer of ``size`` bytes into, and a writable view of it.
+    """Memory to read a buffer of ``size`` bytes into from a socket, and a writable view of it.
 
-    A buffer that was a ``bytes`` object lands in a new ``bytes`` object (:func:`unfilled_bytes`:
-    rebuilt without a copy); any other in a ``bytearray``, which what is built over it (an
-    array) may write to.
+    A buffer that was a ``bytes`` object lands in a new ``bytes`` object, rebuilt without a copy:
+    C code makes a ``bytes`` object it fills itself with ``PyBytes_FromStringAndSize(NULL, n)``,
+    whose contents the C API documents as uninitialized and writable until the object is shared,
+    and this does the same through ``ctypes``. Such an object must be filled in full through the
+    view, and the view dropped, before it is handed on; it must outlive the view. Any other
+    buffer, and a ``bytes`` one off CPython or under ``MIN_SIZE`` (the empty and one-byte objects
+    are shared), lands in a ``bytearray``, which what is built over it (an array) may write to
+    (and which :func:`restore_bytes` copies).
     """
-    if as_bytes:
-        return unfilled_bytes(size)
+    if as_bytes and _C_API is not None and size >= MIN_SIZE:
+        new, data = _C_API
+        obj = new(None, size)
+        return obj, memoryview((ctypes.c_char * size).from_address(data(obj))).cast("B")
     memory = bytearray(size)
     return memory, memoryview(memory)
 

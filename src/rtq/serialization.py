@@ -16,7 +16,7 @@ Layout of the first frame (all integers big-endian)::
 
 The kinds (flag ``FLAG_BYTES``, envelope version 2; version 1 has none) say which buffers were
 ``bytes`` objects (1) and which any other buffer (0): a reader reads a ``bytes`` one straight
-into a new ``bytes`` object (:func:`rtq.outofband.unfilled_bytes`), the others into memory the
+into a new ``bytes`` object (:func:`rtq.outofband.read_target`), the others into memory the
 object built over it may write to.
 
 Buffers of at least ``DIGEST_MIN`` bytes are not among the frames: the ``digests`` list (flag
